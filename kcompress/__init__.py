@@ -1,0 +1,19 @@
+"""kcompress: post-training tensor-decomposition compression for recurrent networks."""
+
+from .errors import KCompressError, KCompressWarning
+from .formats import FORMATS, Factorization, build, get_format
+from .tensorize import Tensorization, choose_tensorization
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORMATS",
+    "Factorization",
+    "KCompressError",
+    "KCompressWarning",
+    "Tensorization",
+    "__version__",
+    "build",
+    "choose_tensorization",
+    "get_format",
+]

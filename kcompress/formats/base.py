@@ -1,0 +1,216 @@
+"""The one interface every weight format implements.
+
+A format is a small ``nn.Module`` holding the factors of one ``(M, N)`` matrix as ``nn.Parameter``s, so
+layers, fine-tuning and ``state_dict`` need no special cases. Layers and the converter use only what is
+defined here and never ask which format they hold.
+
+Subclasses implement ``_allocate`` (parameters of the right shapes), ``_fit`` (fill them from a dense
+matrix), ``_multiply`` (``(B, N') -> (B, M')`` on padded sizes, never building W), ``_reconstruct``
+(padded dense matrix, for tests and inspection), and the closed forms ``param_count``, ``max_rank`` and
+``macs_per_vector``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .._threads import blas_threads
+from ..errors import KCompressError
+from ..tensorize import Tensorization, choose_tensorization
+
+Rank = Union[int, Sequence[int]]
+#: progress callback: ``(iteration, max_iterations, relative_error)``; called during fits
+ProgressFn = Callable[[int, int, float], None]
+
+
+@dataclass
+class FitInfo:
+    """What a fit did. ``relative_error`` is ``‖W − Ŵ‖_F / ‖W‖_F`` computed explicitly in float64."""
+
+    relative_error: float
+    seconds: float
+    iterations: int = 0
+    error_curve: list[float] = field(default_factory=list)
+
+
+class Factorization(nn.Module):
+    """Base class of every format: a factorized ``(M, N)`` matrix acting as ``x -> x @ W.T``."""
+
+    name: ClassVar[str] = ""
+    #: one line for ``kcompress inspect`` and the docs
+    summary: ClassVar[str] = ""
+
+    def __init__(self, tensorization: Tensorization, rank: Rank, **options: Any) -> None:
+        super().__init__()
+        self.tensorization = tensorization
+        self.rank = self.normalize_rank(tensorization, rank)
+        self.options = dict(options)
+        self.fit_info: Optional[FitInfo] = None
+        self._allocate()
+
+    # ----------------------------------------------------------------- to implement in each format
+    def _allocate(self) -> None:
+        """Create the factor parameters (uninitialised) for ``self.tensorization`` and ``self.rank``."""
+        raise NotImplementedError
+
+    def _fit(self, weight: Tensor, seed: int, progress: Optional[ProgressFn]) -> tuple[int, list[float]]:
+        """Fill the parameters from the padded float64 ``weight`` (M', N'); return (iterations, error curve)."""
+        raise NotImplementedError
+
+    def _multiply(self, x: Tensor) -> Tensor:
+        """``(B, N') -> (B, M')`` with the factors only."""
+        raise NotImplementedError
+
+    def _reconstruct(self) -> Tensor:
+        """Padded dense matrix ``(M', N')``."""
+        raise NotImplementedError
+
+    @classmethod
+    def param_count(cls, tensorization: Tensorization, rank: Rank) -> int:
+        """Number of stored values for this shape and rank (closed form)."""
+        raise NotImplementedError
+
+    @classmethod
+    def max_rank(cls, tensorization: Tensorization) -> int:
+        """Largest rank that makes sense: exact representation (svd, tt, ht) or no larger than dense (kcp)."""
+        raise NotImplementedError
+
+    def macs_per_vector(self) -> int:
+        """Multiply-accumulates of :meth:`multiply` for one input vector (closed form)."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- shared behaviour
+    @classmethod
+    def normalize_rank(cls, tensorization: Tensorization, rank: Rank) -> Any:
+        """Validate ``rank``; formats with per-bond ranks override this. Returns a JSON-able value."""
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise KCompressError(f"{cls.name} takes one integer rank, got {rank!r}")
+        if rank <= 0:
+            raise KCompressError(f"rank must be a positive integer, got {rank}")
+        return rank
+
+    @classmethod
+    def default_tensorization(
+        cls,
+        out_features: int,
+        in_features: int,
+        order: Optional[int] = None,
+        out_modes: Optional[Sequence[int]] = None,
+        in_modes: Optional[Sequence[int]] = None,
+        out_group: int = 1,
+    ) -> Tensorization:
+        """Mode shapes this format uses for an ``(out_features, in_features)`` matrix."""
+        return choose_tensorization(out_features, in_features, order, out_modes, in_modes, out_group)
+
+    @classmethod
+    def clamp_rank(cls, tensorization: Tensorization, rank: Rank) -> Any:
+        """``rank`` limited to :meth:`max_rank` (per bond where ranks are lists)."""
+        limit = cls.max_rank(tensorization)
+        if isinstance(rank, int):
+            return min(rank, limit)
+        return [min(int(r), limit) for r in rank]
+
+    @classmethod
+    def rank_for_ratio(cls, tensorization: Tensorization, ratio: float) -> int:
+        """Largest uniform rank whose parameter count is at most ``M·N / ratio``."""
+        if not ratio > 0:
+            raise KCompressError(f"compression ratio must be positive, got {ratio}")
+        budget = tensorization.out_features * tensorization.in_features / ratio
+        best = 0
+        for rank in range(1, cls.max_rank(tensorization) + 1):
+            if cls.param_count(tensorization, rank) > budget:
+                break
+            best = rank
+        if best == 0:
+            raise KCompressError(
+                f"{cls.name}: even rank 1 ({cls.param_count(tensorization, 1)} parameters) is above "
+                f"{budget:.0f} parameters (ratio {ratio:g}) for a {tensorization.out_features}x"
+                f"{tensorization.in_features} matrix"
+            )
+        return best
+
+    @classmethod
+    def fit(
+        cls,
+        weight: Tensor,
+        tensorization: Tensorization,
+        rank: Rank,
+        *,
+        seed: int = 0,
+        progress: Optional[ProgressFn] = None,
+        **options: Any,
+    ) -> "Factorization":
+        """Fit the factors to a dense ``weight`` of shape ``(M, N)``; parameters get ``weight``'s dtype.
+
+        Numeric work runs in float64 with numpy's BLAS pinned (see :mod:`kcompress._threads`).
+        """
+        expected = (tensorization.out_features, tensorization.in_features)
+        if tuple(weight.shape) != expected:
+            raise KCompressError(f"weight of shape {tuple(weight.shape)} does not match the modes' {expected}")
+        dense = weight.detach().to("cpu", torch.float64)
+        if not torch.isfinite(dense).all():
+            raise KCompressError("weight contains NaN or Inf values")
+        module = cls(tensorization, rank, **options)
+        start = time.perf_counter()
+        with blas_threads(), torch.no_grad():
+            module.double()
+            iterations, curve = module._fit(tensorization.pad_weight(dense), seed, progress)
+            error = relative_error(dense, module.reconstruct())
+        module.to(dtype=weight.dtype if weight.is_floating_point() else torch.float32, device=weight.device)
+        module.fit_info = FitInfo(error, time.perf_counter() - start, iterations, curve)
+        return module
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Same as :meth:`multiply`."""
+        return self.multiply(x)
+
+    def multiply(self, x: Tensor) -> Tensor:
+        """``y = x @ W.T`` for ``x`` of shape ``(..., N)`` -> ``(..., M)``, never building ``W``."""
+        tz = self.tensorization
+        leading = x.shape[:-1]
+        flat = tz.pad_input(x.reshape(-1, x.shape[-1]))
+        out = tz.crop_output(self._multiply(flat))
+        return out.reshape(leading + (tz.out_features,))
+
+    def reconstruct(self) -> Tensor:
+        """Dense ``(M, N)`` matrix (tests and inspection; layers never call it to multiply)."""
+        return self.tensorization.crop_weight(self._reconstruct())
+
+    def num_params(self) -> int:
+        return self.param_count(self.tensorization, self.rank)
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able description from which :func:`kcompress.formats.build` recreates the module."""
+        return {
+            "format": self.name,
+            "tensorization": self.tensorization.to_dict(),
+            "rank": self.rank,
+            "options": self.options,
+        }
+
+    def extra_repr(self) -> str:
+        tz = self.tensorization
+        return f"{tz.out_features}x{tz.in_features}, modes={tz.describe()}, rank={self.rank}"
+
+
+def relative_error(reference: Tensor, approximation: Tensor) -> float:
+    """``‖reference − approximation‖_F / ‖reference‖_F`` in float64 (0 for an all-zero reference)."""
+    reference = reference.detach().double()
+    norm = torch.linalg.norm(reference)
+    diff = torch.linalg.norm(reference - approximation.detach().double())
+    return float(diff / norm) if norm > 0 else float(diff)
+
+
+def dense_macs(tensorization: Tensorization) -> int:
+    """MACs of the dense product ``W x`` for one vector."""
+    return tensorization.out_features * tensorization.in_features
+
+
+def prod(values: Sequence[int]) -> int:
+    return math.prod(values)

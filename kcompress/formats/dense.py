@@ -1,0 +1,60 @@
+"""``dense``: the matrix kept as it is. Layers hold untouched matrices (e.g. hidden-to-hidden) in this format,
+so they treat every matrix the same way."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..tensorize import Tensorization
+from .base import Factorization, ProgressFn, Rank
+
+
+class Dense(Factorization):
+    """The uncompressed ``(M, N)`` matrix; ``rank`` is ignored (stored as 1)."""
+
+    name = "dense"
+    summary = "uncompressed matrix (reference)"
+
+    def _allocate(self) -> None:
+        tz = self.tensorization
+        self.weight = nn.Parameter(torch.empty(tz.out_features, tz.in_features))
+
+    @classmethod
+    def normalize_rank(cls, tensorization: Tensorization, rank: Rank) -> Any:
+        return 1
+
+    @classmethod
+    def default_tensorization(
+        cls,
+        out_features: int,
+        in_features: int,
+        order: Optional[int] = None,
+        out_modes: Optional[Sequence[int]] = None,
+        in_modes: Optional[Sequence[int]] = None,
+        out_group: int = 1,
+    ) -> Tensorization:
+        return Tensorization(out_features, in_features, (out_features,), (in_features,))
+
+    @classmethod
+    def param_count(cls, tensorization: Tensorization, rank: Rank) -> int:
+        return tensorization.out_features * tensorization.in_features
+
+    @classmethod
+    def max_rank(cls, tensorization: Tensorization) -> int:
+        return 1
+
+    def macs_per_vector(self) -> int:
+        return self.param_count(self.tensorization, 1)
+
+    def _fit(self, weight: Tensor, seed: int, progress: Optional[ProgressFn]) -> tuple[int, list[float]]:
+        self.weight.copy_(self.tensorization.crop_weight(weight))
+        return 0, [0.0]
+
+    def _multiply(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.linear(x, self.weight)
+
+    def _reconstruct(self) -> Tensor:
+        return self.weight

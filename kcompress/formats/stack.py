@@ -1,0 +1,61 @@
+"""Row blocks of one matrix, each in its own format: the gates of an LSTM/GRU matrix fitted separately.
+
+``Stack([W_i, W_f, W_g, W_o])`` acts as the ``(4H, N)`` matrix ``[W_i; W_f; W_g; W_o]``. It offers the same
+public methods as a :class:`~kcompress.formats.base.Factorization`, so layers never know whether the gates
+were fitted together or apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .base import FitInfo
+
+
+class Stack(nn.Module):
+    """Concatenation along the output dimension of several matrix modules with the same input size."""
+
+    name = "stack"
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].tensorization.in_features
+        self.out_features = sum(part.tensorization.out_features for part in parts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.multiply(x)
+
+    def multiply(self, x: Tensor) -> Tensor:
+        """``(..., N) -> (..., Σ M_i)``."""
+        return torch.cat([part.multiply(x) for part in self.parts], dim=-1)
+
+    def reconstruct(self) -> Tensor:
+        return torch.cat([part.reconstruct() for part in self.parts], dim=0)
+
+    def num_params(self) -> int:
+        return sum(part.num_params() for part in self.parts)
+
+    def macs_per_vector(self) -> int:
+        return sum(part.macs_per_vector() for part in self.parts)
+
+    @property
+    def fit_info(self) -> Optional[FitInfo]:
+        """Combined over the parts: error of the stacked matrix from the parts' errors, summed time."""
+        infos = [part.fit_info for part in self.parts]
+        if any(info is None for info in infos):
+            return None
+        norms = [float(part.reconstruct().detach().double().norm()) for part in self.parts]
+        squared = sum((info.relative_error * norm) ** 2 for info, norm in zip(infos, norms))
+        total = sum(norm**2 for norm in norms)
+        return FitInfo(
+            relative_error=(squared / total) ** 0.5 if total > 0 else 0.0,
+            seconds=sum(info.seconds for info in infos),
+            iterations=max(info.iterations for info in infos),
+        )
+
+    def config(self) -> dict[str, Any]:
+        return {"format": self.name, "parts": [part.config() for part in self.parts]}

@@ -1,0 +1,67 @@
+"""Truncated SVD, the baseline users compare against: ``W ≈ U V`` with ``U (M, r)`` and ``V (r, N)``.
+
+Eckart–Young: the rank-r truncation is the best rank-r approximation in Frobenius norm. The format uses
+no modes (order 1, no padding).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..tensorize import Tensorization
+from .base import Factorization, ProgressFn
+
+
+class SVD(Factorization):
+    """``W ≈ U @ V``; multiply is two thin GEMMs, ``(x @ V.T) @ U.T``."""
+
+    name = "svd"
+    summary = "truncated SVD, W ≈ U·V (baseline)"
+
+    def _allocate(self) -> None:
+        tz = self.tensorization
+        self.left = nn.Parameter(torch.empty(tz.out_features, self.rank))
+        self.right = nn.Parameter(torch.empty(self.rank, tz.in_features))
+
+    @classmethod
+    def default_tensorization(
+        cls,
+        out_features: int,
+        in_features: int,
+        order: Optional[int] = None,
+        out_modes: Optional[Sequence[int]] = None,
+        in_modes: Optional[Sequence[int]] = None,
+        out_group: int = 1,
+    ) -> Tensorization:
+        return Tensorization(out_features, in_features, (out_features,), (in_features,))
+
+    @classmethod
+    def param_count(cls, tensorization: Tensorization, rank: int) -> int:
+        return rank * (tensorization.out_features + tensorization.in_features)
+
+    @classmethod
+    def max_rank(cls, tensorization: Tensorization) -> int:
+        return min(tensorization.out_features, tensorization.in_features)
+
+    def macs_per_vector(self) -> int:
+        return self.param_count(self.tensorization, self.rank)
+
+    def _fit(self, weight: Tensor, seed: int, progress: Optional[ProgressFn]) -> tuple[int, list[float]]:
+        weight = self.tensorization.crop_weight(weight)
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        root = s[: self.rank].sqrt()
+        self.left.copy_(u[:, : self.rank] * root)
+        self.right.copy_(root[:, None] * vh[: self.rank])
+        tail = s[self.rank :].square().sum().sqrt() / s.square().sum().sqrt().clamp_min(1e-300)
+        if progress is not None:
+            progress(1, 1, float(tail))
+        return 1, [float(tail)]
+
+    def _multiply(self, x: Tensor) -> Tensor:
+        return (x @ self.right.T) @ self.left.T
+
+    def _reconstruct(self) -> Tensor:
+        return self.left @ self.right
