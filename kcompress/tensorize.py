@@ -21,7 +21,7 @@ from torch import Tensor
 from .errors import KCompressError
 
 #: a factorization is accepted when its largest factor is at most this times the ideal ``n**(1/d)``
-BALANCE_TOLERANCE = 1.6
+BALANCE_TOLERANCE = 2.0
 #: padding is never more than this fraction of the dimension
 MAX_PADDING_FRACTION = 0.25
 
