@@ -99,8 +99,8 @@ class ContractionPlan:
 
     The layout starts as ``(batch, n_1, …, n_d)``. The first step multiplies the stacked factors
     ``(R·m_k, n_k)`` into the input viewed as ``(batch·pre, n_k, post)`` (no copy of the input) and leaves the
-    rank axis just before mode k. Modes right of the rank axis are batched left-multiplications
-    ``(R, 1, m, n) @ (·, R, ·, n, post)`` that need no permutation either. The rest (modes left of the rank
+    rank axis just before mode k. Modes right of the rank axis are batched multiplications that need no
+    permutation either: ``(R, 1, m, n) @ (·, R, ·, n, post)``, or ``(·, R, ·, n) @ (R, n, m)`` for the last axis. The rest (modes left of the rank
     axis, and the last mode, whose einsum also sums over the rank) runs as einsum on tensors that are small
     by then.
     """
@@ -134,7 +134,7 @@ class ContractionPlan:
         if rank_position < 0:
             pre = math.prod(sizes[axis] for axis in layout[:position])
             return Step("first", mode, shape, pre=pre, post=post)
-        if rank_position < position and post > 1 and not last:
+        if rank_position < position and not last:
             between = math.prod(sizes[axis] for axis in layout[rank_position + 1 : position])
             return Step("right", mode, shape, pre=between, post=post)
         source = "z" + "".join(layout)
@@ -176,6 +176,10 @@ class ContractionPlan:
                 grouped = state.reshape(-1, n, step.post)
                 stacked = factor.reshape(1, rank * m, n).expand(grouped.shape[0], rank * m, n)
                 state = torch.bmm(stacked, grouped)
+            elif step.kind == "right" and step.post == 1:
+                grouped = state.reshape(-1, rank, step.pre, n)
+                blocks = factor.transpose(1, 2).unsqueeze(0).expand(grouped.shape[0], rank, n, m)
+                state = torch.bmm(grouped.reshape(-1, step.pre, n), blocks.reshape(-1, n, m))
             elif step.kind == "right":
                 grouped = state.reshape(-1, rank, step.pre, n, step.post)
                 blocks = factor.reshape(1, rank, 1, m, n).expand(grouped.shape[0], rank, step.pre, m, n)
