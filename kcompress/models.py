@@ -43,15 +43,18 @@ class SequenceClassifier(nn.Module):
         self.head = nn.Linear(hidden_size * (2 if bidirectional else 1), num_classes)
 
     def forward(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
+        """Without ``lengths`` every sequence is taken as full length (no packing: traceable/exportable)."""
         batch = x.shape[0]
-        if lengths is None:
-            lengths = torch.full((batch,), x.shape[1], dtype=torch.long)
-        lengths = lengths.to("cpu", torch.long)
-        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        output, _ = self.rnn(packed)
-        output, _ = pad_packed_sequence(output, batch_first=True, total_length=x.shape[1])
         hidden = self.rnn.hidden_size
-        last = output[torch.arange(batch), lengths - 1, :hidden]
+        if lengths is None:
+            output, _ = self.rnn(x)
+            last = output[:, -1, :hidden]
+        else:
+            lengths = lengths.to("cpu", torch.long)
+            packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            output, _ = self.rnn(packed)
+            output, _ = pad_packed_sequence(output, batch_first=True, total_length=x.shape[1])
+            last = output[torch.arange(batch), lengths - 1, :hidden]
         if self.rnn.bidirectional:
             last = torch.cat([last, output[:, 0, hidden:]], dim=-1)
         return self.head(last)

@@ -299,7 +299,7 @@ class KCP(Factorization):
         algorithm = self.algorithm_for(x.shape[0])
         run = self.plan.run if algorithm == "rank_batch" else self._multiply_per_rank
         rows = self._chunk_rows(algorithm)
-        if x.shape[0] <= rows or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or x.shape[0] <= rows:
             return run(x, factors)
         return torch.cat([run(chunk, factors) for chunk in x.split(rows)])
 

@@ -1,0 +1,67 @@
+"""Drop-in compressed layers: ``CompressedLinear``, ``CompressedLSTM``, ``CompressedGRU``,
+``CompressedLSTMCell`` and ``CompressedGRUCell`` (same attributes and forward signatures as torch's).
+
+Each holds its matrices in ``self.matrices`` (keyed by torch's parameter names) and torch's biases as
+parameters. ``Cls.from_dense(dense, build)`` builds one from the dense module; :func:`rebuild` recreates
+an unfitted one from ``layer.layer_config()`` and the matrices' ``config()`` (to load a state dict into).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .. import formats
+from ..errors import KCompressError
+from .base import CompressedLayer, MatrixBuilder
+from .cells import CompressedGRUCell, CompressedLSTMCell
+from .linear import CompressedLinear
+from .recurrent import CompressedGRU, CompressedLSTM
+
+#: torch layer type -> its compressed drop-in
+COMPRESSED_TYPES: dict[type[nn.Module], type[CompressedLayer]] = {
+    nn.LSTM: CompressedLSTM,
+    nn.GRU: CompressedGRU,
+    nn.LSTMCell: CompressedLSTMCell,
+    nn.GRUCell: CompressedGRUCell,
+    nn.Linear: CompressedLinear,
+}
+
+
+def rebuild(layer_config: Mapping[str, Any], matrix_configs: Mapping[str, Mapping[str, Any]]) -> CompressedLayer:
+    """An unfitted compressed layer of the shapes described by ``layer.layer_config()`` and
+    ``{name: matrix.config()}``, ready for ``load_state_dict``.
+
+    The torch module is created on the ``meta`` device (its dense weights are never allocated) and passed
+    to ``from_dense`` with a builder that builds each matrix from its config (``formats.build``, on the
+    CPU, uninitialised). The biases copied from the meta module are then replaced by uninitialised CPU
+    tensors of the same shapes, so every parameter is real and ``load_state_dict`` fills them all.
+    """
+    by_name = {cls.dense_type.__name__: cls for cls in COMPRESSED_TYPES.values()}
+    kind = layer_config.get("type")
+    if kind not in by_name:
+        raise KCompressError(f"unknown layer type {kind!r}; expected one of {', '.join(sorted(by_name))}")
+    cls = by_name[kind]
+    dense = cls.dense_type(**layer_config["kwargs"], device="meta")
+    expected = cls.parameter_names(cls.dense_config(dense))[0]
+    if set(matrix_configs) != set(expected):
+        raise KCompressError(f"{kind} needs matrix configs for {sorted(expected)}, got {sorted(matrix_configs)}")
+    layer = cls.from_dense(dense, lambda name, weight, gates: formats.build(dict(matrix_configs[name])))
+    for name, bias in list(layer.named_parameters(recurse=False)):
+        setattr(layer, name, nn.Parameter(torch.empty(bias.shape, dtype=bias.dtype, device="cpu")))
+    return layer
+
+
+__all__ = [
+    "COMPRESSED_TYPES",
+    "CompressedGRU",
+    "CompressedGRUCell",
+    "CompressedLSTM",
+    "CompressedLSTMCell",
+    "CompressedLayer",
+    "CompressedLinear",
+    "MatrixBuilder",
+    "rebuild",
+]
