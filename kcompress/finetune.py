@@ -1,0 +1,296 @@
+"""Fine-tuning a (compressed) model: task loss, distillation from a teacher, or both, with early stopping.
+
+All trainable parameters are tuned (a compressed layer's factors are ``nn.Parameter``s). The run is seeded
+inside ``torch.random.fork_rng``, so the caller's RNG state is untouched, and the model is tuned in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data import Batch, SequenceData
+from .errors import KCompressError
+from .evaluate import (
+    check_task,
+    eval_mode,
+    evaluate,
+    higher_is_better,
+    kept_modes,
+    match_targets,
+    run_model,
+    split_batch,
+)
+from .progress import ProgressCallback, ProgressEvent, silent
+
+LOSSES = ("task", "distill", "both")
+
+Data = Union[SequenceData, Iterable[Batch]]
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One epoch: ``train_loss`` is the mean objective over its batches (None for epoch 0, the starting point)."""
+
+    epoch: int
+    train_loss: Optional[float]
+    val: float
+
+
+@dataclass
+class FinetuneResult:
+    """The tuned model (the same object, best state restored) and the monitored metric per epoch.
+
+    ``metric`` names what ``val`` measures: ``"accuracy"``/``"mse"`` (task metric on validation data),
+    ``"distill_loss"`` (distillation objective on validation data) or ``"train_loss"`` (objective on the
+    training batches, when there is no validation data).
+    """
+
+    model: nn.Module
+    history: list[EpochRecord]
+    best_epoch: int
+    best_val: float
+    metric: str
+    higher_is_better: bool
+    stopped_early: bool = False
+
+
+@dataclass(frozen=True)
+class _Objective:
+    """The training loss of one batch: task loss, distillation from ``teacher``, or their sum."""
+
+    loss: str
+    task: str
+    teacher: Optional[nn.Module]
+    temperature: float
+
+    def __call__(self, model: nn.Module, inputs: Union[Tensor, tuple[Tensor, ...]], targets: Tensor) -> Tensor:
+        """Mean loss of the batch, a scalar (``targets`` are never read for ``loss="distill"``)."""
+        outputs = run_model(model, inputs)
+        value = outputs.new_zeros(())
+        if self.loss in ("task", "both"):
+            value = value + _task_loss(outputs, targets.to(outputs.device), self.task)
+        if self.loss in ("distill", "both"):
+            assert self.teacher is not None
+            with torch.no_grad():
+                reference = run_model(self.teacher, inputs).to(outputs.device)
+            value = value + _distill_loss(outputs, reference, self.task, self.temperature)
+        return value
+
+
+@dataclass(frozen=True)
+class _Monitor:
+    """What early stopping watches: ``measure(model) -> float``, its name and direction."""
+
+    measure: Callable[[nn.Module], float]
+    metric: str
+    higher_is_better: bool
+
+    def improves(self, value: float, best: float) -> bool:
+        """Strictly better than ``best``."""
+        return value > best if self.higher_is_better else value < best
+
+
+def finetune(
+    model: nn.Module,
+    data: Data,
+    teacher: Optional[nn.Module] = None,
+    epochs: int = 10,
+    lr: float = 1e-3,
+    loss: str = "task",
+    task: str = "classification",
+    val_fraction: float = 0.2,
+    val_data: Optional[Data] = None,
+    patience: Optional[int] = 3,
+    seed: int = 0,
+    batch_size: int = 32,
+    temperature: float = 2.0,
+    progress: Optional[ProgressCallback] = None,
+) -> FinetuneResult:
+    """Tune ``model`` in place with Adam and return it with the best epoch's state restored.
+
+    ``data``: a ``SequenceData`` (``val_fraction`` of it split off, seeded, unless ``val_data`` is given) or a
+    re-iterable of ``(inputs, targets)`` batches such as a DataLoader (inputs may be a tuple of positional
+    arguments, e.g. ``(x (B, T, F), lengths (B,))``). ``loss``: ``"task"`` (cross entropy / MSE on the
+    targets), ``"distill"`` (KL at ``temperature`` to the teacher's logits for classification, MSE to its
+    outputs for regression; no labels read) or ``"both"`` (their sum). Early stopping after ``patience``
+    epochs without improvement (None: never) of the monitored metric (see ``FinetuneResult.metric``);
+    epoch 0 is the starting point, so a run that only hurts returns the model unchanged.
+    """
+    objective = _objective(loss, task, teacher, temperature, model)
+    _check_numbers(epochs, lr, batch_size, val_fraction, patience)
+    train_data, val_data = _split(data, val_data, val_fraction, seed)
+    monitor = _monitor(objective, train_data, val_data, batch_size)
+    teacher_mode = eval_mode(teacher) if teacher is not None else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=_cuda_devices(model)), kept_modes(model), teacher_mode:
+        torch.manual_seed(seed)
+        return _run(model, train_data, objective, monitor, epochs, lr, patience, seed, batch_size, progress)
+
+
+def _run(
+    model: nn.Module,
+    data: Data,
+    objective: _Objective,
+    monitor: _Monitor,
+    epochs: int,
+    lr: float,
+    patience: Optional[int],
+    seed: int,
+    batch_size: int,
+    progress: Optional[ProgressCallback],
+) -> FinetuneResult:
+    """The epoch loop with early stopping; restores the best state before returning."""
+    report = progress or silent
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if not parameters:
+        raise KCompressError("the model has no trainable parameters to fine-tune")
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    best_val = monitor.measure(model)
+    history = [EpochRecord(0, None, best_val)]
+    best_epoch, best_state = 0, _snapshot(model)
+    start = f"before fine-tuning: {monitor.metric} {best_val:.4g}"
+    report(ProgressEvent("epoch", "finetune", 0, epochs, best_val, start))
+    for epoch in range(1, epochs + 1):
+        train_loss = _train_epoch(model, _epoch_batches(data, batch_size, seed + epoch), objective, optimizer)
+        val = monitor.measure(model)
+        history.append(EpochRecord(epoch, train_loss, val))
+        if monitor.improves(val, best_val):
+            best_epoch, best_val, best_state = epoch, val, _snapshot(model)
+        message = f"train loss {train_loss:.4g}, {monitor.metric} {val:.4g} (best {best_val:.4g}, epoch {best_epoch})"
+        report(ProgressEvent("epoch", "finetune", epoch, epochs, val, message))
+        if patience is not None and epoch - best_epoch >= patience:
+            break
+    model.load_state_dict(best_state)
+    stopped = len(history) - 1 < epochs
+    return FinetuneResult(model, history, best_epoch, best_val, monitor.metric, monitor.higher_is_better, stopped)
+
+
+def _train_epoch(
+    model: nn.Module, batches: Iterable[Batch], objective: _Objective, optimizer: torch.optim.Optimizer
+) -> float:
+    """One pass of Adam steps in train mode; the sample-weighted mean loss."""
+    model.train()
+    total, count = 0.0, 0
+    for batch in batches:
+        inputs, targets = split_batch(batch)
+        optimizer.zero_grad(set_to_none=True)
+        value = objective(model, inputs, targets)
+        value.backward()
+        optimizer.step()
+        total += float(value.detach()) * len(targets)
+        count += len(targets)
+    if count == 0:
+        raise KCompressError("the training data yielded no batches")
+    return total / count
+
+
+def _mean_objective(model: nn.Module, batches: Iterable[Batch], objective: _Objective) -> float:
+    """The sample-weighted mean objective over ``batches``, in eval mode without gradients."""
+    total, count = 0.0, 0
+    with torch.no_grad(), eval_mode(model):
+        for batch in batches:
+            inputs, targets = split_batch(batch)
+            total += float(objective(model, inputs, targets)) * len(targets)
+            count += len(targets)
+    if count == 0:
+        raise KCompressError("the monitored data yielded no batches")
+    return total / count
+
+
+def _task_loss(outputs: Tensor, targets: Tensor, task: str) -> Tensor:
+    """Cross entropy of ``(B, C)`` logits against class indices ``(B,)``, or MSE for regression."""
+    if task == "regression":
+        return F.mse_loss(match_targets(outputs, targets), targets.to(outputs.dtype))
+    if targets.is_floating_point() or targets.is_complex():
+        raise KCompressError("classification targets must be integer class indices")
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= outputs.shape[-1]):
+        raise KCompressError(f"class targets must lie in 0..{outputs.shape[-1] - 1} (the model's classes)")
+    return F.cross_entropy(outputs, targets.long())
+
+
+def _distill_loss(outputs: Tensor, reference: Tensor, task: str, temperature: float) -> Tensor:
+    """KL(teacher || student) of temperature-softened ``(B, C)`` logits, times T², or MSE for regression."""
+    if outputs.shape != reference.shape:
+        shapes = f"{tuple(outputs.shape)} and {tuple(reference.shape)}"
+        raise KCompressError(f"student and teacher outputs differ in shape: {shapes}")
+    if task == "regression":
+        return F.mse_loss(outputs, reference)
+    student = F.log_softmax(outputs / temperature, dim=-1)
+    teacher = F.log_softmax(reference / temperature, dim=-1)
+    return F.kl_div(student, teacher, reduction="batchmean", log_target=True) * temperature**2
+
+
+def _objective(
+    loss: str, task: str, teacher: Optional[nn.Module], temperature: float, model: nn.Module
+) -> _Objective:
+    """The validated objective."""
+    check_task(task)
+    if loss not in LOSSES:
+        raise KCompressError(f"unknown loss {loss!r}; use one of: {', '.join(LOSSES)}")
+    if loss != "task" and teacher is None:
+        raise KCompressError(f'loss="{loss}" needs a teacher model to distill from')
+    if teacher is model:
+        raise KCompressError("the teacher must be a separate model (e.g. a copy taken before compression)")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise KCompressError(f"temperature must be positive, got {temperature}")
+    return _Objective(loss, task, teacher if loss != "task" else None, temperature)
+
+
+def _check_numbers(epochs: int, lr: float, batch_size: int, val_fraction: float, patience: Optional[int]) -> None:
+    """KCompressError for out-of-range settings."""
+    if epochs < 0:
+        raise KCompressError(f"epochs must be at least 0, got {epochs}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise KCompressError(f"learning rate must be positive, got {lr}")
+    if batch_size < 1:
+        raise KCompressError(f"batch size must be at least 1, got {batch_size}")
+    if not 0.0 < val_fraction < 1.0:
+        raise KCompressError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    if patience is not None and patience < 1:
+        raise KCompressError(f"patience must be at least 1 epoch (or None), got {patience}")
+
+
+def _split(data: Data, val_data: Optional[Data], val_fraction: float, seed: int) -> tuple[Data, Optional[Data]]:
+    """``(training data, validation data or None)``; a SequenceData without val_data is split, seeded."""
+    if isinstance(data, Iterator):
+        raise KCompressError("data must be re-iterable every epoch (SequenceData, DataLoader, list), not an iterator")
+    if val_data is None and isinstance(data, SequenceData):
+        return data.split(val_fraction, seed)
+    return data, val_data
+
+
+def _monitor(objective: _Objective, train_data: Data, val_data: Optional[Data], batch_size: int) -> _Monitor:
+    """Task metric on validation data; distillation loss on it for ``loss="distill"``; else the training loss."""
+    if val_data is not None and objective.loss != "distill":
+        task = objective.task
+        return _Monitor(
+            lambda m: evaluate(m, val_data, task, batch_size), _TASK_METRICS[task], higher_is_better(task)
+        )
+    watched, metric = (val_data, "distill_loss") if val_data is not None else (train_data, "train_loss")
+    return _Monitor(lambda m: _mean_objective(m, _epoch_batches(watched, batch_size), objective), metric, False)
+
+
+_TASK_METRICS = {"classification": "accuracy", "regression": "mse"}
+
+
+def _epoch_batches(data: Data, batch_size: int, seed: Optional[int] = None) -> Iterable[Batch]:
+    """A SequenceData's batches (shuffled with ``seed`` when given), or the iterable as it is."""
+    if isinstance(data, SequenceData):
+        return data.batches(batch_size, shuffle=seed is not None, seed=seed or 0)
+    return data
+
+
+def _snapshot(model: nn.Module) -> dict[str, Tensor]:
+    """A detached copy of the model's state."""
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def _cuda_devices(model: nn.Module) -> list[int]:
+    """CUDA device indices of the model's parameters, whose RNGs ``fork_rng`` must save."""
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
