@@ -51,4 +51,4 @@ def test_stack_error_combines_parts_by_norm() -> None:
     parts = [SVD.fit(g, SVD.default_tensorization(16, 12), 2) for g in gates]
     stacked = torch.cat(gates).double()
     expected = float((Stack(parts).reconstruct().double() - stacked).norm() / stacked.norm())
-    assert Stack(parts).fit_info.relative_error == pytest.approx(expected, rel=1e-3)
+    assert Stack(parts).fit_info.relative_error == pytest.approx(expected, rel=1e-6)

@@ -37,6 +37,8 @@ class FitInfo:
     seconds: float
     iterations: int = 0
     error_curve: list[float] = field(default_factory=list)
+    #: ``‖W‖_F`` of the fitted matrix (combines the errors of stacked blocks exactly)
+    reference_norm: float = 0.0
 
 
 class Factorization(nn.Module):
@@ -163,7 +165,8 @@ class Factorization(nn.Module):
             iterations, curve = module._fit(tensorization.pad_weight(dense), seed, progress)
             error = relative_error(dense, module.reconstruct())
         module.to(dtype=weight.dtype if weight.is_floating_point() else torch.float32, device=weight.device)
-        module.fit_info = FitInfo(error, time.perf_counter() - start, iterations, curve)
+        norm = float(torch.linalg.norm(dense))
+        module.fit_info = FitInfo(error, time.perf_counter() - start, iterations, curve, norm)
         return module
 
     def forward(self, x: Tensor) -> Tensor:

@@ -44,17 +44,17 @@ class Stack(nn.Module):
 
     @property
     def fit_info(self) -> Optional[FitInfo]:
-        """Combined over the parts: error of the stacked matrix from the parts' errors, summed time."""
+        """Combined over the parts: the stacked matrix's relative error and the summed fit time."""
         infos = [part.fit_info for part in self.parts]
         if any(info is None for info in infos):
             return None
-        norms = [float(part.reconstruct().detach().double().norm()) for part in self.parts]
-        squared = sum((info.relative_error * norm) ** 2 for info, norm in zip(infos, norms))
-        total = sum(norm**2 for norm in norms)
+        squared = sum((info.relative_error * info.reference_norm) ** 2 for info in infos)
+        total = sum(info.reference_norm**2 for info in infos)
         return FitInfo(
             relative_error=(squared / total) ** 0.5 if total > 0 else 0.0,
             seconds=sum(info.seconds for info in infos),
             iterations=max(info.iterations for info in infos),
+            reference_norm=total**0.5,
         )
 
     def config(self) -> dict[str, Any]:
