@@ -58,7 +58,12 @@ def paper_matrix(seed: int = 0) -> torch.Tensor:
     return signal + noise * (0.3 * signal.norm() / noise.norm())
 
 
-def fit_rows(label: str, weight: torch.Tensor, gates: int, ranks: list[int], modes: Any = None, **options: Any) -> list[dict[str, Any]]:
+def fit_rows(
+    label: str, weight: torch.Tensor, gates: int, ranks: list[int], modes: Any = None,
+    options: dict[str, dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Fit every format at every rank; ``options`` maps a format name to its fit options."""
+    options = options or {}
     rows = []
     out_features, in_features = weight.shape
     for name in SPEED_FORMATS:
@@ -71,7 +76,7 @@ def fit_rows(label: str, weight: torch.Tensor, gates: int, ranks: list[int], mod
             used = cls.clamp_rank(tz, rank)
             if used != rank and not isinstance(used, list):
                 continue
-            fitted = cls.fit(weight, tz, rank, seed=0, **(options if name in ("kcp", "tt", "ht") else {}))
+            fitted = cls.fit(weight, tz, rank, seed=0, **options.get(name, {}))
             info = fitted.fit_info
             rows.append({
                 "matrix": label, "shape": f"{out_features}x{in_features}", "format": name,
@@ -108,7 +113,7 @@ def main() -> None:
     if not (args.quick or args.skip_paper):
         rows += fit_rows(
             "paper shape (synthetic KCP-16 + 30 % noise)", paper_matrix(), 4, [4, 8, 16],
-            modes=((16, 4, 4, 4), (8, 20, 20, 18)), n_iter_max=20,
+            modes=((16, 4, 4, 4), (8, 20, 20, 18)), options={"kcp": {"n_iter_max": 20}, "adtn": {"steps": 300}},
         )
     path = write_results("fit_quick" if args.quick else "fit", rows, to_markdown(rows))
     print(to_markdown(rows))

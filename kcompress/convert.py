@@ -79,7 +79,9 @@ class MatrixPlan:
 
     @property
     def clamped(self) -> bool:
-        return self.targeted and self.rank_used != self.rank_requested
+        if not self.targeted:
+            return False
+        return self.rank_used != self.fmt.normalize_rank(self.tensorization, self.rank_requested)
 
     def modes(self) -> str:
         text = self.tensorization.describe()
@@ -143,7 +145,7 @@ def _check_speed(model: nn.Module, report: Report) -> None:
     for row in report.matrices:
         if row.format == "dense" or row.name not in matrices:
             continue
-        row.measured_speedup = round(measured_speedup(matrices[row.name]), 2)
+        row.measured_speedup = float(f"{measured_speedup(matrices[row.name]):.3g}")
         if row.measured_speedup < 1.0:
             _warn(report, f"{row.name}: measured {1 / row.measured_speedup:.1f}x slower than the dense product "
                           f"at batch {CHECK_BATCH} ({row.macs_after:,} vs {row.macs_before:,} MACs per vector); "

@@ -1,0 +1,481 @@
+"""Tree tensor networks, the machinery shared by the ``tt`` and ``ht`` formats.
+
+A tree format stores one node tensor per vertex of a tree. Each axis of a node carries an einsum label:
+
+* a *physical* label for an output mode ``m_k`` or an input mode ``n_k`` (each on exactly one node);
+* a *bond* label, shared by the two nodes of an edge; its size is a rank;
+* a *dangling* label of size 1 (the TT boundary ranks ``r_0 = r_d = 1``, the HT root's ``r_root = 1``).
+
+Contracting all nodes gives the rearranged weight (:meth:`Tensorization.rearrange`) viewed with axes
+``(m_1, n_1, …, m_d, n_d)``. The formats differ only in the tree (:class:`TreeLayout`) and the SVD start;
+rank rules, parameter counts, the multiplication plan (:meth:`TreeLayout.plan`), reconstruction and the ALS
+refinement are here.
+
+ALS (:meth:`TreeNetwork.fit`): with every node but one (the *centre*) an isometry towards the centre, the
+centre's environment is an isometry, so the least-squares optimal centre is the projection of the tensor
+onto it, and ``‖T − T̂‖² = ‖T‖² − ‖centre‖²``. A sweep walks an Euler tour of the tree, moving the centre
+along one edge at a time (a QR of the old centre) and re-solving it. Each step is optimal, so the error
+never increases; the best nodes are kept regardless of rounding.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable, ClassVar, Iterable, Optional
+
+import numpy as np
+import opt_einsum
+import tensorly as tl
+import torch
+from torch import Tensor, nn
+
+from ..errors import KCompressError
+from ..tensorize import Tensorization
+from .base import Factorization, ProgressFn, Rank
+
+#: einsum labels (torch.einsum accepts letters only)
+LETTERS = string.ascii_letters
+#: a multiplication step with ``B·pre <= ratio · post`` runs as ``B·pre`` GEMMs ``(new, K) @ (K, post)``; otherwise
+#: as one GEMM after moving the contracted block last (measured, torch 2.13 MKL, 1 thread: the batched form is up
+#: to 5x slower when it has many small GEMMs, the transposing form up to 6x slower when ``post`` is large)
+BATCHED_GEMM_RATIO = 4
+#: defaults of the ALS options ``n_sweeps`` and ``tol``
+DEFAULT_SWEEPS = 4
+DEFAULT_TOL = 1e-6
+
+
+def take_letters(count: int) -> str:
+    """The first ``count`` einsum labels (a clear error when a tree needs more than there are)."""
+    if count > len(LETTERS):
+        raise KCompressError(f"a tree network with {count} axis labels is too large (at most {len(LETTERS)})")
+    return LETTERS[:count]
+
+
+def volume(sizes: dict[str, int], labels: Iterable[str]) -> int:
+    """Product of the sizes of ``labels``."""
+    return math.prod(sizes[label] for label in labels)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a :class:`MultiplyPlan`: the state ``(B, *shape)``, its axes reordered by ``permutation``
+    (batch axis included; ``None``: already in place), viewed as ``(B·pre, contracted, post)``, is multiplied
+    by node ``node`` arranged by ``node_permutation`` as a ``(new, contracted)`` matrix: ``(B·pre, new, post)``."""
+
+    node: int
+    shape: tuple[int, ...]
+    permutation: Optional[tuple[int, ...]]
+    pre: int
+    contracted: int
+    post: int
+    new: int
+    node_permutation: tuple[int, ...]
+
+    @property
+    def macs(self) -> int:
+        return self.pre * self.contracted * self.post * self.new
+
+
+class MultiplyPlan:
+    """``x (B, n_1, …, n_d)`` absorbs the nodes one at a time in ``order``; W is never built.
+
+    The axes a node consumes (its input mode, bonds to absorbed nodes) are contracted as one block and its new
+    axes take the block's place, so a step is a single (batched) GEMM on a view of the state; the state is
+    permuted only when a block is not contiguous, and once at the end if the output modes are out of order.
+    """
+
+    def __init__(self, layout: TreeLayout, sizes: dict[str, int], order: tuple[int, ...]) -> None:
+        labels = list(layout.physical[1::2])
+        self.steps: list[Step] = []
+        for node in order:
+            node_labels = layout.nodes[node]
+            shared = [label for label in labels if label in node_labels]
+            new = [label for label in layout.connected(node) if label not in shared]
+            dangling = [label for label in node_labels if label not in layout.connected(node)]
+            start = labels.index(shared[0])
+            rest = [label for label in labels if label not in shared]
+            arranged = rest[:start] + shared + rest[start:]
+            permutation = (0,) + tuple(1 + labels.index(label) for label in arranged)
+            self.steps.append(
+                Step(
+                    node,
+                    tuple(sizes[label] for label in labels),
+                    None if permutation == tuple(range(len(permutation))) else permutation,
+                    volume(sizes, rest[:start]),
+                    volume(sizes, shared),
+                    volume(sizes, rest[start:]),
+                    volume(sizes, new),
+                    tuple(node_labels.index(label) for label in new + shared + dangling),
+                )
+            )
+            labels = rest[:start] + new + rest[start:]
+        self.final_shape = tuple(sizes[label] for label in labels)
+        self.output_permutation = (0,) + tuple(1 + labels.index(label) for label in layout.physical[0::2])
+
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates per input vector."""
+        return sum(step.macs for step in self.steps)
+
+    def run(self, x: Tensor, nodes: list[Tensor]) -> Tensor:
+        """``x (B, N')`` -> ``(B, M')``."""
+        batch = x.shape[0]
+        state = x
+        for step in self.steps:
+            if step.permutation is not None:
+                state = state.reshape((batch,) + step.shape).permute(step.permutation)
+            matrix = nodes[step.node].permute(step.node_permutation).reshape(step.new, step.contracted)
+            grouped = state.reshape(-1, step.contracted, step.post)
+            if step.post == 1:
+                state = grouped.reshape(-1, step.contracted) @ matrix.T
+            elif grouped.shape[0] <= BATCHED_GEMM_RATIO * step.post:
+                state = torch.bmm(matrix.expand(grouped.shape[0], step.new, step.contracted), grouped)
+            else:
+                flat = grouped.transpose(1, 2).reshape(-1, step.contracted) @ matrix.T
+                state = flat.reshape(grouped.shape[0], step.post, step.new).transpose(1, 2)
+        return state.reshape((batch,) + self.final_shape).permute(self.output_permutation).reshape(batch, -1)
+
+
+@dataclass(frozen=True)
+class TreeLayout:
+    """Labels of a tree network over ``d`` modes.
+
+    ``physical``: ``2d`` labels, interleaved ``out_1 in_1 … out_d in_d``; ``bonds``: one label per rank,
+    in the order of the format's rank list; ``nodes``: the labels of each node's axes, in storage order.
+    """
+
+    physical: str
+    bonds: str
+    nodes: tuple[str, ...]
+
+    @property
+    def equation(self) -> str:
+        """einsum equation contracting all nodes into the ``(m_1, n_1, …, m_d, n_d)`` tensor."""
+        return ",".join(self.nodes) + "->" + self.physical
+
+    def sizes(self, tensorization: Tensorization, ranks: list[int]) -> dict[str, int]:
+        """Size of every label: physical from the modes, bonds from ``ranks``, dangling 1."""
+        modes = [size for pair in zip(tensorization.out_modes, tensorization.in_modes) for size in pair]
+        sizes = {label: 1 for labels in self.nodes for label in labels}
+        sizes.update(zip(self.physical, modes))
+        sizes.update(zip(self.bonds, ranks))
+        return sizes
+
+    def shapes(self, tensorization: Tensorization, ranks: list[int]) -> list[tuple[int, ...]]:
+        """Shape of each node."""
+        sizes = self.sizes(tensorization, ranks)
+        return [tuple(sizes[label] for label in labels) for labels in self.nodes]
+
+    def param_count(self, tensorization: Tensorization, ranks: list[int]) -> int:
+        sizes = self.sizes(tensorization, ranks)
+        return sum(volume(sizes, labels) for labels in self.nodes)
+
+    def feasible(self, tensorization: Tensorization, ranks: list[int]) -> list[int]:
+        """``ranks`` lowered until no bond exceeds the product of the other axes of either of its nodes.
+
+        A larger bond cannot carry more information (the node's matricization has no more rank), and with
+        the rule met every node can be made an isometry towards any neighbour. At the fixed point each bond
+        is also at most both sizes of the unfolding it cuts (``min(∏ inside, ∏ outside)``).
+        """
+        sizes = self.sizes(tensorization, ranks)
+        changed = True
+        while changed:
+            changed = False
+            for labels in self.nodes:
+                for bond in set(labels) & set(self.bonds):
+                    others = volume(sizes, (label for label in labels if label != bond))
+                    if sizes[bond] > others:
+                        sizes[bond], changed = others, True
+        return [sizes[bond] for bond in self.bonds]
+
+    def exact_ranks(self, tensorization: Tensorization) -> list[int]:
+        """Per bond, the rank at which any weight is represented exactly: ``min(∏ inside, ∏ outside)``."""
+        unbounded = math.prod(tensorization.out_modes) * math.prod(tensorization.in_modes)
+        return self.feasible(tensorization, [unbounded] * len(self.bonds))
+
+    def plan(self, tensorization: Tensorization, ranks: list[int]) -> MultiplyPlan:
+        """The multiplication plan whose absorption order costs the least MACs plus elements read and written
+        (dynamic programming over the sets of absorbed nodes; each step absorbs a node sharing an axis with
+        the state: its input mode or a bond to an absorbed node)."""
+        sizes = self.sizes(tensorization, ranks)
+        inputs, outputs = self.physical[1::2], set(self.physical[0::2])
+        holders = {label: {i for i, labels in enumerate(self.nodes) if label in labels} for label in sizes}
+
+        @lru_cache(maxsize=None)
+        def state(absorbed: frozenset[int]) -> frozenset[str]:
+            present = set(inputs).union(*(self.nodes[i] for i in absorbed))
+            return frozenset(label for label in present if label in outputs or not holders[label] <= absorbed)
+
+        def step_cost(absorbed: frozenset[int], node: int) -> int:
+            before, after = state(absorbed), state(absorbed | {node})
+            macs = volume(sizes, before | set(self.nodes[node]))
+            return macs + volume(sizes, before) + volume(sizes, after)
+
+        layer: dict[frozenset[int], tuple[int, tuple[int, ...]]] = {frozenset(): (0, ())}
+        for _ in self.nodes:
+            following: dict[frozenset[int], tuple[int, tuple[int, ...]]] = {}
+            for absorbed, (cost, order) in layer.items():
+                reachable = state(absorbed)
+                for node, labels in enumerate(self.nodes):
+                    if node in absorbed or not reachable & set(labels):
+                        continue
+                    candidate = (cost + step_cost(absorbed, node), order + (node,))
+                    key = absorbed | {node}
+                    if key not in following or candidate[0] < following[key][0]:
+                        following[key] = candidate
+            layer = following
+        ((_, order),) = layer.values()
+        return MultiplyPlan(self, sizes, order)
+
+    def holder(self, label: str) -> int:
+        """The node with axis ``label`` (the first one for a bond)."""
+        return next(index for index, labels in enumerate(self.nodes) if label in labels)
+
+    def connected(self, node: int) -> str:
+        """Labels of ``node`` without the dangling ones."""
+        return "".join(label for label in self.nodes[node] if label in self.physical + self.bonds)
+
+    def neighbours(self, node: int) -> list[tuple[int, str]]:
+        """``(neighbour, shared bond label)`` pairs of ``node``."""
+        return [
+            (other, bond)
+            for other, labels in enumerate(self.nodes)
+            if other != node
+            for bond in set(labels) & set(self.nodes[node]) & set(self.bonds)
+        ]
+
+    def tour(self, start: int) -> list[int]:
+        """Euler tour from ``start``: consecutive nodes are neighbours; it visits every node, ends at ``start``."""
+        walk = [start]
+
+        def visit(node: int, parent: int) -> None:
+            for other, _ in self.neighbours(node):
+                if other != parent:
+                    walk.append(other)
+                    visit(other, node)
+                    walk.append(node)
+
+        visit(start, -1)
+        return walk
+
+    def edges_towards(self, center: int) -> list[tuple[int, int]]:
+        """``(node, parent)`` pairs of the tree rooted at ``center``, farthest nodes first."""
+        pairs: list[tuple[int, int]] = []
+
+        def visit(node: int, parent: int) -> None:
+            for other, _ in self.neighbours(node):
+                if other != parent:
+                    pairs.append((other, node))
+                    visit(other, node)
+
+        visit(center, -1)
+        return pairs[::-1]
+
+
+class TreeNetwork:
+    """numpy nodes of a :class:`TreeLayout` during a fit, with the gauge moves and projections of ALS."""
+
+    def __init__(self, layout: TreeLayout, nodes: list[np.ndarray]) -> None:
+        self.layout = layout
+        self.nodes = [np.asarray(node, dtype=np.float64) for node in nodes]
+        self._projections: dict[int, Callable[..., np.ndarray]] = {}
+
+    def move_center(self, source: int, target: int) -> None:
+        """Make ``source`` an isometry towards ``target`` (QR) and absorb the triangular factor into ``target``.
+
+        The represented tensor is unchanged. Needs the bond no larger than the product of ``source``'s other
+        axes (:meth:`TreeLayout.feasible`).
+        """
+        bond = next(label for other, label in self.layout.neighbours(source) if other == target)
+        axis = self.layout.nodes[source].index(bond)
+        moved = np.moveaxis(self.nodes[source], axis, -1)
+        q, r = np.linalg.qr(moved.reshape(-1, moved.shape[-1]))
+        self.nodes[source] = np.moveaxis(q.reshape(moved.shape), -1, axis)
+        target_axis = self.layout.nodes[target].index(bond)
+        self.nodes[target] = np.moveaxis(np.tensordot(r, self.nodes[target], axes=(1, target_axis)), 0, target_axis)
+
+    def orthogonalize(self, center: int) -> None:
+        """Every node but ``center`` becomes an isometry towards ``center``; the tensor is unchanged."""
+        for node, parent in self.layout.edges_towards(center):
+            self.move_center(node, parent)
+
+    def project(self, tensor: np.ndarray, center: int) -> np.ndarray:
+        """``tensor`` contracted with every node but ``center``: the optimal centre when the others are isometries."""
+        edge, reduced, labels = self._absorb_end(tensor, center)
+        rest = [index for index in range(len(self.nodes)) if index not in (center, edge)]
+        others = [self._connected_view(index) for index in rest]
+        if center not in self._projections:
+            inputs = [labels] + [self.layout.connected(index) for index in rest]
+            equation = ",".join(inputs) + "->" + self.layout.connected(center)
+            shapes = [reduced.shape] + [node.shape for node in others]
+            self._projections[center] = opt_einsum.contract_expression(equation, *shapes, memory_limit="max_input")
+        return self._projections[center](reduced, *others).reshape(self.nodes[center].shape)
+
+    def _absorb_end(self, tensor: np.ndarray, center: int) -> tuple[int, np.ndarray, str]:
+        """The tensor contracted with the node holding its first mode pair (the last pair's node if the first
+        is the centre) as one GEMM on a free view; returns ``(that node, result, result's labels)``.
+
+        Left to opt_einsum, this first and largest contraction may transpose (copy) the whole tensor.
+        """
+        physical = self.layout.physical
+        front = self.layout.holder(physical[0])
+        edge = front if front != center else self.layout.holder(physical[-1])
+        labels = self.layout.connected(edge)
+        pair = physical[:2] if edge == front else physical[-2:]
+        node_axes = [labels.index(label) for label in pair]
+        free = "".join(label for label in labels if label not in pair)
+        if edge == front:
+            return edge, np.tensordot(self._connected_view(edge), tensor, axes=(node_axes, [0, 1])), free + physical[2:]
+        ends = [tensor.ndim - 2, tensor.ndim - 1]
+        return edge, np.tensordot(tensor, self._connected_view(edge), axes=(ends, node_axes)), physical[:-2] + free
+
+    def _connected_view(self, index: int) -> np.ndarray:
+        """Node ``index`` without its dangling axes (a size-1 axis summed alone would force a slow einsum)."""
+        connected = self.layout.connected(index)
+        labels, shape = self.layout.nodes[index], self.nodes[index].shape
+        return self.nodes[index].reshape([size for label, size in zip(labels, shape) if label in connected])
+
+    def fit(
+        self, tensor: np.ndarray, center: int, n_sweeps: int, tol: float, progress: Optional[ProgressFn]
+    ) -> list[float]:
+        """ALS sweeps from the current nodes; returns the relative error before the sweeps and after each.
+
+        ``tensor``: shape ``(m_1, n_1, …, m_d, n_d)``. The curve is the best error so far (never increasing);
+        the nodes end as the best seen. Stops after ``n_sweeps`` or when a sweep gains less than ``tol``.
+        """
+        norm2 = float(np.vdot(tensor, tensor))
+        self.orthogonalize(center)
+        curve = [self._solve(tensor, center, norm2)]
+        if progress is not None:
+            progress(0, n_sweeps, curve[0])
+        best = list(self.nodes)
+        path = self.layout.tour(center)[1:]
+        for sweep in range(1, n_sweeps + 1):
+            current = center
+            for node in path:
+                self.move_center(current, node)
+                error = self._solve(tensor, node, norm2)
+                current = node
+            gain = curve[-1] - error
+            if gain > 0:
+                best = list(self.nodes)
+            curve.append(min(error, curve[-1]))
+            if progress is not None:
+                progress(sweep, n_sweeps, curve[-1])
+            if gain <= tol:
+                break
+        self.nodes = best
+        return curve
+
+    def _solve(self, tensor: np.ndarray, center: int, norm2: float) -> float:
+        """Replace ``center`` by its optimal value; return the relative error of the network."""
+        self.nodes[center] = self.project(tensor, center)
+        if norm2 == 0.0:
+            return 0.0
+        kept = float(np.vdot(self.nodes[center], self.nodes[center]))
+        return math.sqrt(max(norm2 - kept, 0.0) / norm2)
+
+
+def sweep_options(options: dict[str, Any]) -> tuple[int, float]:
+    """Validated ``(n_sweeps, tol)`` from a format's options."""
+    n_sweeps = options.get("n_sweeps", DEFAULT_SWEEPS)
+    tol = options.get("tol", DEFAULT_TOL)
+    if isinstance(n_sweeps, bool) or not isinstance(n_sweeps, int) or n_sweeps < 0:
+        raise KCompressError(f"n_sweeps must be a non-negative integer, got {n_sweeps!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+        raise KCompressError(f"tol must be a non-negative number, got {tol!r}")
+    return n_sweeps, float(tol)
+
+
+class TreeFactorization(Factorization):
+    """A format whose factors are the nodes of a tree network (``tt``, ``ht``); ranks are per bond.
+
+    Subclasses give the tree (:meth:`layout`) and the SVD start (:meth:`_initial_nodes`). The nodes are
+    stored in ``getattr(self, node_attribute)``; ``plan`` is the :class:`MultiplyPlan` (:meth:`TreeLayout.plan`).
+    """
+
+    #: name of the ``nn.ParameterList`` holding the nodes in layout order
+    node_attribute: ClassVar[str] = "nodes"
+
+    @classmethod
+    def layout(cls, order: int) -> TreeLayout:
+        """The tree over ``order`` modes."""
+        raise NotImplementedError
+
+    def _initial_nodes(self, tensor: np.ndarray, ranks: list[int]) -> tuple[list[np.ndarray], int]:
+        """SVD start from the merged ``(m_1 n_1, …, m_d n_d)`` tensor at feasible ``ranks``: (nodes, centre)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ ranks and counts
+    @classmethod
+    def normalize_rank(cls, tensorization: Tensorization, rank: Rank) -> list[int]:
+        """One rank per bond: an int applies to every bond; a list is checked for length and positivity."""
+        if tensorization.order < 2:
+            raise KCompressError(f"{cls.name} needs at least 2 modes; use svd for an unfactored matrix")
+        count = len(cls.layout(tensorization.order).bonds)
+        if isinstance(rank, int) and not isinstance(rank, bool):
+            ranks = [rank] * count
+        elif isinstance(rank, (list, tuple)) and all(isinstance(r, int) and not isinstance(r, bool) for r in rank):
+            ranks = [int(r) for r in rank]
+        else:
+            raise KCompressError(f"{cls.name} takes an integer rank or a list of {count} integers, got {rank!r}")
+        if len(ranks) != count:
+            raise KCompressError(f"{cls.name} with {tensorization.order} modes has {count} ranks, got {len(ranks)}")
+        if any(r <= 0 for r in ranks):
+            raise KCompressError(f"ranks must be positive integers, got {ranks}")
+        return ranks
+
+    @classmethod
+    def clamp_rank(cls, tensorization: Tensorization, rank: Rank) -> list[int]:
+        """Each bond limited to what it can use (:meth:`TreeLayout.feasible`)."""
+        return cls.layout(tensorization.order).feasible(tensorization, cls.normalize_rank(tensorization, rank))
+
+    @classmethod
+    def max_rank(cls, tensorization: Tensorization) -> int:
+        """The largest per-bond exact-representation rank."""
+        return max(cls.layout(tensorization.order).exact_ranks(tensorization))
+
+    @classmethod
+    def param_count(cls, tensorization: Tensorization, rank: Rank) -> int:
+        ranks = cls.normalize_rank(tensorization, rank)
+        return cls.layout(tensorization.order).param_count(tensorization, ranks)
+
+    def macs_per_vector(self) -> int:
+        return self.plan.macs
+
+    # ------------------------------------------------------------------ module
+    @property
+    def node_params(self) -> nn.ParameterList:
+        return getattr(self, self.node_attribute)
+
+    def _allocate(self) -> None:
+        sweep_options(self.options)
+        shapes = self.layout(self.tensorization.order).shapes(self.tensorization, self.rank)
+        setattr(self, self.node_attribute, nn.ParameterList(nn.Parameter(torch.empty(shape)) for shape in shapes))
+        self.plan = self.layout(self.tensorization.order).plan(self.tensorization, self.rank)
+
+    def _fit(self, weight: Tensor, seed: int, progress: Optional[ProgressFn]) -> tuple[int, list[float]]:
+        """SVD start, then ALS sweeps; deterministic (``seed`` is unused). Bonds above what they can use
+        (:meth:`TreeLayout.feasible`) are fitted at the usable size and stored zero-padded."""
+        tz = self.tensorization
+        layout = self.layout(tz.order)
+        merged = tz.rearrange(weight).numpy()
+        with tl.backend_context("numpy"):
+            nodes, center = self._initial_nodes(merged, layout.feasible(tz, self.rank))
+        network = TreeNetwork(layout, nodes)
+        interleaved = merged.reshape([size for pair in zip(tz.out_modes, tz.in_modes) for size in pair])
+        curve = network.fit(interleaved, center, *sweep_options(self.options), progress)
+        for param, node in zip(self.node_params, network.nodes):
+            param.zero_()
+            param[tuple(slice(0, size) for size in node.shape)] = torch.from_numpy(node)
+        return len(curve), curve
+
+    def _multiply(self, x: Tensor) -> Tensor:
+        return self.plan.run(x, list(self.node_params))
+
+    def _reconstruct(self) -> Tensor:
+        layout = self.layout(self.tensorization.order)
+        return self.tensorization.unrearrange(torch.einsum(layout.equation, *self.node_params))
