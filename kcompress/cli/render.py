@@ -1,0 +1,270 @@
+"""What the CLI shows: progress on stderr (rich bars on a terminal, plain lines otherwise), one-line
+warnings and errors, and result tables on stdout. Colours follow rich's rules (``NO_COLOR``, ``FORCE_COLOR``)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from ..errors import KCompressWarning
+from ..progress import ProgressCallback, ProgressEvent, silent
+from ..sweep import trial_label
+
+PROG = "kcompress"
+#: plain mode: the longest a running fit stays silent before an iteration line is printed
+HEARTBEAT_SECONDS = 5.0
+#: width of tables written to a file or pipe (no terminal to measure)
+PIPE_WIDTH = 160
+
+
+def echo_error(message: str) -> None:
+    """``kcompress: error: <message>`` on one line of stderr."""
+    click.echo(f"{PROG}: error: {one_line(message)}", err=True)
+
+
+def one_line(message: str) -> str:
+    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+class Display:
+    """Where a command's output goes. ``quiet`` silences progress and results (warnings and errors stay)."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.err = Console(stderr=True, highlight=False)
+        self.out = Console(highlight=False)
+        if not self.out.is_terminal:
+            self.out.width = PIPE_WIDTH
+
+    @property
+    def live(self) -> bool:
+        """Rich progress bars (stderr is a terminal) rather than plain lines."""
+        return not self.quiet and self.err.is_terminal
+
+    # ------------------------------------------------------------------ stderr
+    def line(self, text: str) -> None:
+        """One plain progress line on stderr (nothing when quiet)."""
+        if not self.quiet:
+            click.echo(text, err=True)
+
+    def warning(self, message: str) -> None:
+        click.echo(f"{PROG}: warning: {one_line(message)}", err=True)
+
+    def note(self, message: str) -> None:
+        click.echo(f"{PROG}: {one_line(message)}", err=True)
+
+    @contextlib.contextmanager
+    def step(self, text: str) -> Iterator[None]:
+        """A phase that shows no finer progress: a spinner on a terminal, a ``text ...`` line otherwise."""
+        if self.live:
+            with self.err.status(Text(text)):
+                yield
+        else:
+            self.line(f"{text} ...")
+            yield
+
+    @contextlib.contextmanager
+    def progress(self) -> Iterator[ProgressCallback]:
+        """A callback rendering library progress events for the duration of the block."""
+        if self.quiet:
+            yield silent
+        elif self.live:
+            with RichProgress(self.err) as callback:
+                yield callback
+        else:
+            yield PlainProgress(self.line)
+
+    @contextlib.contextmanager
+    def warnings_shown(self) -> Iterator[None]:
+        """KCompressWarnings inside the block printed as ``kcompress: warning: ...`` lines, every one."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", KCompressWarning)
+            original = warnings.showwarning
+
+            def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+                if issubclass(category, KCompressWarning):
+                    self.warning(str(message))
+                else:
+                    original(message, category, *args, **kwargs)
+
+            warnings.showwarning = show
+            yield
+
+    # ------------------------------------------------------------------ stdout
+    def show(self, renderable: Any) -> None:
+        """A rich result (a table) on stdout (nothing when quiet)."""
+        if not self.quiet:
+            self.out.print(renderable)
+
+    def result(self, text: str) -> None:
+        """A plain result line on stdout (nothing when quiet)."""
+        if not self.quiet:
+            click.echo(text)
+
+
+class PlainProgress:
+    """Progress events as plain lines: one per fitted matrix (error, time), per fine-tuning epoch and per
+    trial; a long fit prints its current iteration at most every :data:`HEARTBEAT_SECONDS`."""
+
+    def __init__(self, emit: Callable[[str], None], clock: Callable[[], float] = time.monotonic) -> None:
+        self.emit, self.clock = emit, clock
+        self.started = self.last = clock()
+
+    def __call__(self, event: ProgressEvent) -> None:
+        handler = getattr(self, f"_on_{event.stage}", None)
+        if handler is not None:
+            handler(event)
+        elif event.message:
+            self._print(event.message)
+
+    def _print(self, text: str) -> None:
+        self.emit(text)
+        self.last = self.clock()
+
+    def _on_layer(self, event: ProgressEvent) -> None:
+        self.started = self.clock()
+
+    def _on_iteration(self, event: ProgressEvent) -> None:
+        if self.clock() - self.last >= HEARTBEAT_SECONDS:
+            gate = f" ({event.message})" if event.message else ""
+            where = f"{event.name}{gate}: iteration {event.index}/{event.total}"
+            self._print(f"      {where}, error {_number(event.error)}")
+
+    def _on_done(self, event: ProgressEvent) -> None:
+        seconds = self.clock() - self.started
+        self._print(f"[{event.index}/{event.total}] {event.name}: relative error {_number(event.error)} "
+                    f"({seconds:.2f} s)")
+
+    def _on_epoch(self, event: ProgressEvent) -> None:
+        self._print(f"fine-tune epoch {event.index}/{event.total}: {event.message}")
+
+    def _on_trial(self, event: ProgressEvent) -> None:
+        self._print(f"[{event.index}/{event.total}] {event.name}: {event.message}")
+
+
+class RichProgress:
+    """Progress events as rich bars: matrices (or epochs, or trials) overall, and the current fit's
+    iterations with its error; a line stays for every fitted matrix and every trial."""
+
+    def __init__(self, console: Console) -> None:
+        self.bars = Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=True,
+        )
+        self.overall: Optional[TaskID] = None
+        self.current: Optional[TaskID] = None
+        self.started = time.monotonic()
+
+    def __enter__(self) -> "RichProgress":
+        self.bars.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bars.__exit__(*exc)
+
+    def __call__(self, event: ProgressEvent) -> None:
+        handler = getattr(self, f"_on_{event.stage}", None)
+        if handler is not None:
+            handler(event)
+        elif event.message:
+            self.bars.console.print(event.message, markup=False)
+
+    def _overall(self, description: str, completed: int, total: int, info: str = "") -> None:
+        if self.overall is None:
+            self.overall = self.bars.add_task(description, total=total or None, info=info)
+        fields = {"description": description} if description else {}
+        self.bars.update(self.overall, completed=completed, total=total or None, info=info, **fields)
+
+    def _on_layer(self, event: ProgressEvent) -> None:
+        self._overall("matrices", event.index - 1, event.total)
+        self.started = time.monotonic()
+        self.current = self.bars.add_task(f"  {event.name}", total=None, info="")
+
+    def _on_iteration(self, event: ProgressEvent) -> None:
+        if self.current is not None:
+            info = f"error {_number(event.error)}" + (f" ({event.message})" if event.message else "")
+            self.bars.update(self.current, completed=event.index, total=event.total or None, info=info)
+
+    def _on_done(self, event: ProgressEvent) -> None:
+        if self.current is not None:
+            self.bars.remove_task(self.current)
+            self.current = None
+        self._overall("matrices", event.index, event.total)
+        seconds = time.monotonic() - self.started
+        self.bars.console.print(f"[{event.index}/{event.total}] {event.name}: relative error "
+                                f"{_number(event.error)} ({seconds:.2f} s)", markup=False)
+
+    def _on_epoch(self, event: ProgressEvent) -> None:
+        self._overall("fine-tuning", event.index, event.total, event.message)
+
+    def _on_wait(self, event: ProgressEvent) -> None:
+        if self.overall is not None:
+            self.bars.update(self.overall, info=event.message)
+
+    def _on_trial(self, event: ProgressEvent) -> None:
+        self._overall("trials", event.index, event.total)
+        self.bars.console.print(f"[{event.index}/{event.total}] {event.name}: {event.message}", markup=False)
+
+
+def _rank(rank: Any) -> str:
+    return ",".join(map(str, rank)) if isinstance(rank, list) else str(rank)
+
+
+def _number(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value:.4g}"
+
+
+def times(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value:.2f}×"
+
+
+# ---------------------------------------------------------------------- tables
+def layers_table(layers: Sequence[Mapping[str, Any]]) -> Table:
+    """``kcompress inspect``: the layers found."""
+    table = Table(title="layers found")
+    for header in ("layer", "type", "matrices", "params", "compressed"):
+        table.add_column(header, justify="right" if header == "params" else "left")
+    for layer in layers:
+        matrices = ", ".join(f"{name} {rows}x{cols}" for name, (rows, cols) in layer["matrices"].items())
+        table.add_row(layer["name"] or "(model)", layer["type"], matrices, f"{layer['params']:,}", layer["default"])
+    return table
+
+
+def options_table(title: str, rows: Sequence[Mapping[str, Any]]) -> Table:
+    """``kcompress inspect``: one matrix's parameters and MACs per format and rank against dense."""
+    table = Table(title=title)
+    for header in ("format", "modes", "rank", "params", "ratio", "MACs", "MACs ratio"):
+        table.add_column(header, justify="left" if header in ("format", "modes") else "right")
+    previous = None
+    for row in rows:
+        if previous is not None and row["format"] != previous:
+            table.add_section()
+        previous = row["format"]
+        rank = _rank(row["rank_used"])
+        if row["rank_used"] != row["rank"]:
+            rank = f"{_rank(row['rank'])}→{rank}"
+        table.add_row(row["format"], row["modes"], rank, f"{row['params']:,}", times(row["ratio"]),
+                      f"{row['macs']:,}", times(row["macs_ratio"]))
+    return table
+
+
+def pareto_table(front: Sequence[Mapping[str, Any]], metric_name: str, drop_type: str) -> Table:
+    """``kcompress sweep``: the Pareto front (compression ratio against metric)."""
+    table = Table(title=f"Pareto front: compression ratio vs {metric_name}")
+    headers = ("trial", "ratio", "model ratio", "MACs ratio", metric_name, "compressed", "fine-tuned",
+               f"drop ({drop_type})", "max rel. error")
+    for header in headers:
+        table.add_column(header, justify="left" if header == "trial" else "right")
+    for row in front:
+        table.add_row(trial_label(row["trial"]), times(row["compression_ratio"]), times(row["model_compression_ratio"]),
+                      times(row["predicted_speedup"]), _number(row["metric"]), _number(row["compressed"]),
+                      _number(row.get("finetuned")), _number(row.get("drop")), _number(row.get("max_relative_error")))
+    return table

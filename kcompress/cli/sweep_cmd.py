@@ -1,0 +1,130 @@
+"""``kcompress sweep``: a grid of formats × ranks in worker processes, resumable, with the Pareto front."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Optional
+
+import click
+
+from ..errors import KCompressError
+from ..sweep import (
+    PLOT_FILE,
+    FinetuneSettings,
+    SweepResult,
+    expand_grid,
+    plot_pareto,
+    run_sweep,
+    trial_label,
+)
+from .options import (
+    COMPRESSION_FORMATS,
+    EXIT_BUDGET,
+    FormatListType,
+    IntListType,
+    budget,
+    budget_options,
+    check_finetune,
+    common_options,
+    eval_options,
+    eval_spec,
+    finetune_options,
+    guarded,
+    trust_option,
+)
+from .render import Display, pareto_table
+
+EPILOG = """\b
+Examples:
+  kcompress sweep lstm.pt --formats kcp,svd --ranks 1,2,4,8,16 --eval japanese-vowels
+  kcompress sweep model.pt --formats kcp,tt,ht,svd --ranks 2,4,8 --eval val.npz --finetune-epochs 5 \\
+      --jobs 4 --out runs/sweep1
+  kcompress sweep model.pt --ranks 2,4,8,16 --evaluator mymetrics:loss --lower-is-better --max-drop 0.05
+
+\b
+Rerunning the same command resumes: trials already in DIR/trials.jsonl are skipped."""
+
+
+@click.command("sweep", epilog=EPILOG)
+@click.argument("model", type=click.Path(dir_okay=False, path_type=pathlib.Path))
+@click.option("--formats", "format_names", type=FormatListType(), default=",".join(COMPRESSION_FORMATS),
+              show_default=True, help="Formats to try.")
+@click.option("--ranks", type=IntListType(), default="2,4,8,16", show_default=True, help="Ranks to try.")
+@click.option("--targets", type=click.Choice(["ih", "hh", "ih,hh"]), default="ih", show_default=True,
+              help="Recurrent matrices to compress.")
+@click.option("--gates", type=click.Choice(["fused", "separate"]), default="fused", show_default=True,
+              help="Fit an LSTM/GRU matrix's gates as one matrix or one fit per gate.")
+@click.option("--order", type=click.IntRange(min=1), metavar="D", help="Tensor order (number of modes).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of every fit and fine-tuning.")
+@click.option("--jobs", type=click.IntRange(min=1), metavar="N",
+              help="Worker processes, each with one torch thread (default: the number of CPUs).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=pathlib.Path),
+              help="Folder for trials.jsonl and pareto.png (default: MODEL's name + '.sweep' beside it).")
+@eval_options
+@finetune_options
+@budget_options("the most compressed trial within it is named, and the exit code is 3 when no trial "
+                "is.")
+@trust_option
+@common_options
+@guarded
+def sweep_command(model: pathlib.Path, format_names: list[str], ranks: list[int], targets: str, gates: str,
+                  order: Optional[int], seed: int, jobs: Optional[int], out_dir: Optional[pathlib.Path],
+                  eval_data: Optional[str], task: str, evaluator: Optional[str], lower_is_better: bool,
+                  finetune_epochs: int, finetune_loss: str, finetune_lr: float, max_drop: Optional[float],
+                  drop_type: str, trust_checkpoint: bool, quiet: bool, debug: bool) -> None:
+    """Compress MODEL with every format and rank, measure each, and show the Pareto front.
+
+    Each trial (fit, optional fine-tuning, evaluation) runs in a worker process and is appended to
+    DIR/trials.jsonl as it finishes. With --max-drop, the most compressed trial within the budget is
+    named, and the exit code is 3 when none is.
+    """
+    spec = eval_spec(eval_data, task, evaluator, lower_is_better)
+    if spec is None:
+        raise click.UsageError("a sweep needs a metric: give --eval DATA or --evaluator MODULE:FUNCTION")
+    check_finetune(finetune_epochs, spec)
+    limits = budget(max_drop, drop_type, spec)
+    if not model.is_file():
+        raise KCompressError(f"input file not found: {model}")
+    out = out_dir or model.with_name(model.name + ".sweep")
+    trials = expand_grid(format_names, ranks, targets=targets, gates=gates, order=order, seed=seed,
+                         finetune=FinetuneSettings(finetune_epochs, finetune_loss, finetune_lr))
+    display = Display(quiet)
+    with display.warnings_shown(), display.progress() as progress:
+        result = run_sweep(model, trials, spec, out, jobs=jobs or os.cpu_count() or 1,
+                           trust_checkpoint=trust_checkpoint, budget=limits, progress=progress)
+    _show(display, result, out)
+    if limits.max_drop is not None and result.best is None:
+        display.note(f"budget not met: no trial keeps the {spec.metric_name} drop within {limits.max_drop:g} "
+                     f"({limits.drop_type}) (exit 3)")
+        raise click.exceptions.Exit(EXIT_BUDGET)
+
+
+def _show(display: Display, result: SweepResult, out: pathlib.Path) -> None:
+    """Failed trials as warnings, the front as a table, the plot, and the best trial within the budget."""
+    for row in result.errors:
+        display.warning(f"trial {trial_label(row['trial'])} failed: {row['error']}")
+    metric = result.eval_spec.metric_name
+    display.show(pareto_table(result.front, metric, result.budget.drop_type))
+    display.result(f"{len(result.rows)} trials ({result.resumed} resumed) in {result.trials_path}")
+    if plot_pareto([r for r in result.rows if r["status"] == "ok" and r["metric"] is not None], result.front,
+                   out / PLOT_FILE, metric):
+        display.result(f"wrote {out / PLOT_FILE}")
+    else:
+        display.note(f"matplotlib is not installed, so {out / PLOT_FILE} was not written "
+                     "(pip install 'kcompress[plot]')")
+    if result.best is not None:
+        best = result.best
+        display.result(f"best within the budget: {trial_label(best['trial'])} (ratio "
+                       f"{best['compression_ratio']:.2f}×, {metric} {best['metric']:.4g}, drop {best['drop']:.4g}); "
+                       f"reproduce it with: kcompress {_command(best)}")
+
+
+def _command(row: dict) -> str:
+    """The compress command line of one trial (without the evaluation options)."""
+    trial = row["trial"]
+    parts = [f"MODEL --format {trial['format']} --rank {trial['rank']} --targets {trial['targets']}",
+             f"--gates {trial['gates']} --seed {trial['seed']}"]
+    if trial["order"] is not None:
+        parts.append(f"--order {trial['order']}")
+    return " ".join(parts)
