@@ -6,13 +6,16 @@ from typing import Any
 
 from ..errors import KCompressError
 from ..tensorize import Tensorization
+from .adtn import ADTN
 from .base import Factorization, FitInfo, ProgressFn, Rank, relative_error
 from .dense import Dense
+from .ht import HT
 from .kcp import KCP
 from .stack import Stack
 from .svd import SVD
+from .tt import TT
 
-FORMATS: dict[str, type[Factorization]] = {cls.name: cls for cls in (KCP, SVD, Dense)}
+FORMATS: dict[str, type[Factorization]] = {cls.name: cls for cls in (ADTN, KCP, TT, HT, SVD, Dense)}
 
 
 def get_format(name: str) -> type[Factorization]:

@@ -1,0 +1,46 @@
+"""Assemble docs/benchmarks.md from benchmarks/results/*.md (run after the bench_*.py scripts).
+
+    python benchmarks/make_docs.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PARTS = ["params", "speed", "fit", "memory", "sweep"]
+
+HEADER = """# Benchmarks
+
+Measured on this project's development machine (2 vCPU, no GPU) with the commands below; every table
+records its machine, thread counts, load average and the exact command. Times are medians of repeated
+runs; ratios compare against dense fp32 measured in the same run and thread setting. The machine is
+shared, so absolute times vary between runs (the load average is recorded); ratios within a table are
+the meaningful numbers. Nothing here is asserted by the test suite.
+
+```bash
+python benchmarks/bench_params.py     # parameter counts in the KCP paper's setting, checked
+python benchmarks/bench_speed.py      # matrix and whole-LSTM speed, 1 and 2 threads, with peers
+python benchmarks/bench_fit.py        # fit time and error against rank, real weights + paper shape
+python benchmarks/bench_memory.py     # peak RSS of an LSTM forward at the paper shape
+python benchmarks/make_docs.py        # this page
+```
+"""
+
+
+def main() -> None:
+    sections = [HEADER]
+    summary = HERE / "summary.md"
+    if summary.exists():
+        sections.append(summary.read_text())
+    for name in PARTS:
+        path = HERE / "results" / f"{name}.md"
+        if path.exists():
+            sections.append(path.read_text())
+    target = HERE.parent / "docs" / "benchmarks.md"
+    target.write_text("\n".join(sections))
+    print(f"wrote {target}")
+
+
+if __name__ == "__main__":
+    main()
