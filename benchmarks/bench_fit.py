@@ -109,7 +109,7 @@ def main() -> None:
     ranks = [2, 8] if args.quick else [1, 2, 4, 8, 16]
     rows: list[dict[str, Any]] = []
     for label, weight, gates in real_matrices():
-        rows += fit_rows(label, weight, gates, ranks)
+        rows += fit_rows(label, weight, gates, ranks, options={"adtn": {"steps": 400}})
     if not (args.quick or args.skip_paper):
         rows += fit_rows(
             "paper shape (synthetic KCP-16 + 30 % noise)", paper_matrix(), 4, [4, 8, 16],
