@@ -47,6 +47,8 @@ class Factorization(nn.Module):
     name: ClassVar[str] = ""
     #: one line for ``kcompress inspect`` and the docs
     summary: ClassVar[str] = ""
+    #: False for formats that keep the matrix unfactored (order 1: no modes, no padding)
+    factored: ClassVar[bool] = True
 
     def __init__(self, tensorization: Tensorization, rank: Rank, **options: Any) -> None:
         super().__init__()
@@ -108,6 +110,8 @@ class Factorization(nn.Module):
         out_group: int = 1,
     ) -> Tensorization:
         """Mode shapes this format uses for an ``(out_features, in_features)`` matrix."""
+        if not cls.factored:
+            return Tensorization(out_features, in_features, (out_features,), (in_features,))
         return choose_tensorization(out_features, in_features, order, out_modes, in_modes, out_group)
 
     @classmethod

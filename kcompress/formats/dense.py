@@ -3,7 +3,7 @@ so they treat every matrix the same way."""
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +16,7 @@ class Dense(Factorization):
     """The uncompressed ``(M, N)`` matrix; ``rank`` is ignored (stored as 1)."""
 
     name = "dense"
+    factored = False
     summary = "uncompressed matrix (reference)"
 
     def _allocate(self) -> None:
@@ -25,18 +26,6 @@ class Dense(Factorization):
     @classmethod
     def normalize_rank(cls, tensorization: Tensorization, rank: Rank) -> Any:
         return 1
-
-    @classmethod
-    def default_tensorization(
-        cls,
-        out_features: int,
-        in_features: int,
-        order: Optional[int] = None,
-        out_modes: Optional[Sequence[int]] = None,
-        in_modes: Optional[Sequence[int]] = None,
-        out_group: int = 1,
-    ) -> Tensorization:
-        return Tensorization(out_features, in_features, (out_features,), (in_features,))
 
     @classmethod
     def param_count(cls, tensorization: Tensorization, rank: Rank) -> int:

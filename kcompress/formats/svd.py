@@ -6,7 +6,7 @@ no modes (order 1, no padding).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -19,24 +19,13 @@ class SVD(Factorization):
     """``W ≈ U @ V``; multiply is two thin GEMMs, ``(x @ V.T) @ U.T``."""
 
     name = "svd"
+    factored = False
     summary = "truncated SVD, W ≈ U·V (baseline)"
 
     def _allocate(self) -> None:
         tz = self.tensorization
         self.left = nn.Parameter(torch.empty(tz.out_features, self.rank))
         self.right = nn.Parameter(torch.empty(self.rank, tz.in_features))
-
-    @classmethod
-    def default_tensorization(
-        cls,
-        out_features: int,
-        in_features: int,
-        order: Optional[int] = None,
-        out_modes: Optional[Sequence[int]] = None,
-        in_modes: Optional[Sequence[int]] = None,
-        out_group: int = 1,
-    ) -> Tensorization:
-        return Tensorization(out_features, in_features, (out_features,), (in_features,))
 
     @classmethod
     def param_count(cls, tensorization: Tensorization, rank: int) -> int:
