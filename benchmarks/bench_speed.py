@@ -240,6 +240,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--part", nargs="+", default=["matrix", "lstm"], choices=["matrix", "lstm"])
     parser.add_argument("--quick", action="store_true", help="small shapes and batch 16 only (smoke test)")
+    parser.add_argument("--name", default=None, help="results file name (default: speed, or speed_quick)")
     args = parser.parse_args()
     selected = shapes()[1:] if args.quick else shapes()
     batches = [16] if args.quick else [1, 16, 128]
@@ -253,7 +254,8 @@ def main() -> None:
             if "lstm" in args.part:
                 rows += bench_lstm(shape, batches, seqs, threads)
             print(f"done: {shape.name}, {threads} thread(s)", flush=True)
-    path = write_results("speed_quick" if args.quick else "speed", rows, to_markdown(rows))
+    name = args.name or ("speed_quick" if args.quick else "speed")
+    path = write_results(name, rows, to_markdown(rows))
     print(to_markdown(rows))
     print(f"wrote {path}")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PARTS = ["params", "speed", "fit", "memory", "sweep"]
+PARTS = ["params", "speed", "speed_matrix_2threads_quiet", "fit", "memory", "sweep"]
 
 HEADER = """# Benchmarks
 
