@@ -676,7 +676,7 @@ def save_artifact(
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in model.state_dict().items()}
     description = artifact_description(model, report, options)
     metadata = {METADATA_KEY: json.dumps(description, sort_keys=True, default=str)}
-    _atomic_write(target, safetensors.torch.save(tensors, metadata=metadata), overwrite)
+    atomic_write(target, safetensors.torch.save(tensors, metadata=metadata), overwrite)
     return target
 
 
@@ -740,7 +740,7 @@ def _compressed_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     }
 
 
-def _atomic_write(path: Path, data: bytes, overwrite: bool) -> None:
+def atomic_write(path: Path, data: bytes, overwrite: bool) -> None:
     """``data`` to ``path`` through a temporary file in the same directory (write, flush, fsync, rename,
     fsync of the directory); the temporary file is removed on any failure. Without ``overwrite`` the
     rename is a hard link, which fails instead of replacing a file that appeared meanwhile."""
@@ -895,6 +895,7 @@ __all__ = [
     "artifact_description",
     "check_output_path",
     "default_output_path",
+    "atomic_write",
     "file_sha256",
     "find_layers",
     "load",

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -12,7 +10,7 @@ import click
 from torch import nn
 
 from ..errors import KCompressError
-from ..io import check_output_path, default_output_path, save_artifact
+from ..io import atomic_write, check_output_path, default_output_path, save_artifact
 from ..report import Report
 from ..sweep import (
     Budget,
@@ -198,18 +196,9 @@ def _write_reports(report: Report, outputs: Outputs) -> None:
 
 
 def _write_text(path: pathlib.Path, text: str) -> None:
-    """Atomically (a temporary file beside it, then ``os.replace``); parent folders are created."""
+    """Atomically, replacing an existing file (see :func:`kcompress.io.atomic_write`); parent folders are created."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    atomic_write(path, text.encode("utf8"), overwrite=True)
 
 
 def _budget_failed(display: Display, report: Report) -> None:
