@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kcompress.nn import ReconstructedLSTM  # re-exported for compress_lm.py
+
 HERE = pathlib.Path(__file__).resolve().parent
 CHECKPOINT = HERE / "char_lstm.pt"
 VALIDATION_PLAYS = ("macbeth",)
@@ -134,26 +136,3 @@ def bits_per_char(model: CharLSTM, tokens: Tensor, streams: int = 64, segment: i
     finally:
         model.train(training)
     return total / (streams * per_stream) / math.log(2)
-
-
-class ReconstructedLSTM(nn.Module):
-    """Runs a one-layer batch-first ``CompressedLSTM`` as torch's fused ``nn.LSTM`` with the weights its
-    matrices reconstruct (``matrix.reconstruct()``, differentiable), rebuilt at every call.
-
-    The same function as the compressed layer's own forward up to float rounding, and the gradients reach
-    the factors, so fine-tuning this tunes the compressed LSTM; far faster for training and long sequences
-    than the factorized per-step products. (The same helper as in examples/silero_vad/compress_vad.py.)
-    """
-
-    def __init__(self, compressed: nn.Module) -> None:
-        super().__init__()
-        if compressed.num_layers != 1 or compressed.bidirectional or not compressed.batch_first:
-            raise ValueError("ReconstructedLSTM handles one unidirectional batch-first layer")
-        self.compressed = compressed
-        template = nn.LSTM(compressed.input_size, compressed.hidden_size, batch_first=True)
-        self._template = [template.requires_grad_(False)]  # a list: not a submodule, never tuned or saved
-
-    def forward(self, x: Tensor, state: Optional[tuple[Tensor, Tensor]] = None):
-        weights = {name: matrix.reconstruct() for name, matrix in self.compressed.matrices.items()}
-        weights.update({name: getattr(self.compressed, name) for name in ("bias_ih_l0", "bias_hh_l0")})
-        return torch.func.functional_call(self._template[0], weights, (x, state))

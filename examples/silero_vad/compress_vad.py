@@ -38,6 +38,7 @@ from kcompress import KCompressWarning, compress
 from kcompress.data import SequenceData
 from kcompress.finetune import finetune
 from kcompress.formats import FORMATS
+from kcompress.nn import ReconstructedLSTM
 
 from silero_port import CHUNK, SileroVAD
 from speech import read_16k, speech_files
@@ -98,30 +99,6 @@ class RecurrentHead(nn.Module):
         finally:
             self.train(training)
         return result  # type: ignore[return-value]
-
-
-class ReconstructedLSTM(nn.Module):
-    """Runs a one-layer ``CompressedLSTM`` as torch's fused ``nn.LSTM`` with the weights its matrices
-    reconstruct (``matrix.reconstruct()``, differentiable), rebuilt at every call.
-
-    The same function as ``compressed(x)`` up to float rounding (checked by :func:`direct_check`), and the
-    gradients reach the factors through ``reconstruct()``, so fine-tuning this tunes the compressed LSTM
-    itself. It is much faster for training and long sequences than the factorized per-step products (one
-    reconstruction per batch instead of two factorized products per time step; KCP's at high rank are slow).
-    """
-
-    def __init__(self, compressed: nn.Module) -> None:
-        super().__init__()
-        if compressed.num_layers != 1 or compressed.bidirectional or not compressed.batch_first:
-            raise ValueError("ReconstructedLSTM handles one unidirectional batch-first layer")
-        self.compressed = compressed
-        template = nn.LSTM(compressed.input_size, compressed.hidden_size, batch_first=True)
-        self._template = [template.requires_grad_(False)]  # a list: not a submodule, never tuned or saved
-
-    def forward(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        weights = {name: matrix.reconstruct() for name, matrix in self.compressed.matrices.items()}
-        weights.update({name: getattr(self.compressed, name) for name in ("bias_ih_l0", "bias_hh_l0")})
-        return torch.func.functional_call(self._template[0], weights, (x,))
 
 
 def direct_check(compressed: nn.Module, final_conv: nn.Conv1d, features: Sequence[Tensor],

@@ -18,6 +18,7 @@ from ..errors import KCompressError
 from .base import CompressedLayer, MatrixBuilder
 from .cells import CompressedGRUCell, CompressedLSTMCell
 from .linear import CompressedLinear
+from .reconstructed import ReconstructedLSTM
 from .recurrent import CompressedGRU, CompressedLSTM
 
 #: torch layer type -> its compressed drop-in
@@ -55,6 +56,7 @@ def rebuild(layer_config: Mapping[str, Any], matrix_configs: Mapping[str, Mappin
 
 
 __all__ = [
+    "ReconstructedLSTM",
     "COMPRESSED_TYPES",
     "CompressedGRU",
     "CompressedGRUCell",
