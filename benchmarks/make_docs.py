@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PARTS = ["params", "speed", "speed_matrix_2threads_quiet", "fit", "memory", "sweep"]
+PARTS = ["params", "speed", "speed_matrix_2threads_quiet", "fit", "memory", "sweep", "sweep_executors", "calibration",
+         "exec_summary", "exec_paper", "exec_distill_memory", "exec_grid_lstm", "exec_grid_gru"]
 
 HEADER = """# Benchmarks
 
@@ -23,6 +24,9 @@ python benchmarks/bench_params.py     # parameter counts in the KCP paper's sett
 python benchmarks/bench_speed.py      # matrix and whole-LSTM speed, 1 and 2 threads, with peers
 python benchmarks/bench_fit.py        # fit time and error against rank, real weights + paper shape
 python benchmarks/bench_memory.py     # peak RSS of an LSTM forward at the paper shape
+python benchmarks/bench_sweep.py      # one 24-trial sweep: 1 and 2 local processes, Dask with 2 workers
+python benchmarks/bench_calibration.py  # data-aware fitting and unlabeled distillation on the bundled data
+python benchmarks/bench_exec.py       # execution plans: compressed vs dense forward/training, paper shape, memory
 python benchmarks/make_docs.py        # this page
 ```
 """
@@ -35,8 +39,8 @@ def main() -> None:
         sections.append(summary.read_text())
     for name in PARTS:
         path = HERE / "results" / f"{name}.md"
-        if path.exists():
-            sections.append(path.read_text())
+        if path.exists():  # links written from benchmarks/results/ resolve from docs/ once rewritten
+            sections.append(path.read_text().replace("](../../docs/", "]("))
     target = HERE.parent / "docs" / "benchmarks.md"
     target.write_text("\n".join(sections))
     print(f"wrote {target}")

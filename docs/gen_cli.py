@@ -6,12 +6,16 @@ registered formats), never on the terminal.
 
 from __future__ import annotations
 
+import inspect
+import json
 import pathlib
+import re
 import sys
 
 import click
 
 from kcompress.cli.main import app
+from kcompress.formats import compression_formats, get_format
 
 TARGET = pathlib.Path(__file__).resolve().parent / "cli.md"
 WIDTH = 100
@@ -27,6 +31,40 @@ command name is routed to `compress`. `python -m kcompress` is the same program.
 Progress goes to stderr (rich bars on a terminal, plain lines otherwise; `NO_COLOR` is honoured), results
 to stdout. Exit codes: **0** ok, **1** error (one line `kcompress: error: ...`, traceback with `--debug`),
 **2** usage error, **3** accuracy budget (`--max-drop`) not met. See [ci.md](ci.md) for pipelines.
+
+**Inputs, options, outputs.** MODEL must be a readable regular file (a directory, FIFO, device or unreadable
+file gets its own one-line error). Numeric options must be finite and in range (`--max-drop nan`,
+`--ratio inf`, `--seed -1`, `--order 100` are usage errors; `--seed` lies in 0..2^32-1, `--order` in 1..8).
+Every output (`-o`, `--report`, `--markdown`) is checked before any work: its directory must exist (no
+path under a file), it may not be the input or another output, and an existing file needs `--overwrite`.
+Outputs are written atomically and all or none: when a report cannot be written, the artifact is removed.
+
+**Signals.** SIGINT, SIGTERM (CI cancellation, `timeout`, container stops) and SIGHUP stop a command
+cleanly: temporary files are removed, one line `kcompress: error: interrupted by SIGTERM` is printed, and
+the exit code is 128 + the signal's number (130 for SIGINT, 143 for SIGTERM). A temporary file
+(`.NAME.PID-TOKEN.kcompress-tmp`) left by a killed run (SIGKILL, power loss) is removed by the next write
+to the same output.
+
+**Seeds and reproducible artifacts.** The same input, options and seed give a byte-identical artifact:
+timings (fit seconds, measured speed and its spread, speed warnings) stay in the report and never enter the
+artifact. With `--execution auto` (the default) each matrix's path is chosen by measuring it, so the stored
+plan can differ between runs; pass `--execution factorized` or `materialized` where hashes are compared.
+What `--seed` drives: KCP's CP-ALS start only with the fit option `init=random` (the default `init=svd` is
+deterministic); ADTN's gate initialisation noise; data-aware refinement (`--calibrate`); fine-tuning
+(validation split, shuffling, dropout). SVD, TT and HT fits are deterministic and do not use it.
+"""
+
+
+OPTIONS_HEADER = """## Format options
+
+`--fit-option KEY=VALUE` (repeatable, on `compress` and `sweep`), `compress(..., fit_options={...})` and an
+override's `"fit_options"` set these; the value is read as JSON when it parses (`50`, `1e-6`, `true`,
+`[0,2,1]`), as text otherwise (`init=random`). Unknown keys are refused with the allowed ones. An override
+that changes a matrix's format starts from that format's defaults. Earlier keys (`tol`, `n_iter_max`,
+`n_sweeps`) are still read from artifacts and accepted as input. `svd` has no options.
+
+| format | option | default | meaning |
+|---|---|---|---|
 """
 
 
@@ -40,10 +78,36 @@ def render() -> str:
     """The whole Markdown document."""
     text, root = _help(app, "kcompress", None)
     sections = [HEADER, f"## kcompress\n\n```text\n{text}\n```\n"]
-    for name, command in app.commands.items():
-        help_text, _ = _help(command, name, root)
+    for name in app.list_commands(root):
+        help_text, _ = _help(app.get_command(root, name), name, root)
         sections.append(f"## kcompress {name}\n\n```text\n{help_text}\n```\n")
+    sections.append(format_options())
     return "\n".join(sections)
+
+
+def format_options() -> str:
+    """The options of every format, from each options class's numpydoc ``Attributes`` section."""
+    rows = []
+    for name in compression_formats():
+        options = get_format(name).options_type
+        described = _attributes(inspect.getdoc(options) or "")
+        for key, value in options().to_dict().items():
+            rows.append(f"| `{name}` | `{key}` | `{json.dumps(value)}` | {described.get(key, '')} |")
+    return OPTIONS_HEADER + "\n".join(rows) + "\n"
+
+
+def _attributes(doc: str) -> dict[str, str]:
+    """``{name: description}`` from the ``Attributes`` section of a numpydoc docstring."""
+    found: dict[str, str] = {}
+    lines = doc.split("Attributes\n----------\n", 1)[-1].splitlines() if "Attributes\n" in doc else []
+    current = None
+    for line in lines:
+        if line and not line.startswith(" "):
+            current = line.split(" : ")[0].strip()
+            found[current] = ""
+        elif current is not None and line.strip():
+            found[current] = (found[current] + " " + line.strip()).strip()
+    return {key: re.sub(r":\w+:`~?\.?([^`]+)`", r"`\1`", text).replace("``", "`") for key, text in found.items()}
 
 
 def main(argv: list[str]) -> int:

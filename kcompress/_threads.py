@@ -1,36 +1,70 @@
-"""Pin numpy's BLAS threads around numeric work.
+"""Threads chosen for the work, and the caller's settings restored afterwards.
 
-On small machines numpy's OpenBLAS and torch's thread pool oversubscribe the cores: one CP-ALS step went
-from 0.07 s to 32 s with two OpenBLAS threads next to torch's. Fits run inside :func:`blas_threads`,
-which limits the BLAS libraries numpy loaded and leaves ``torch.get_num_threads()`` untouched.
+Fits and other small-kernel work run on one thread: on a 2-core machine that is doing anything else, a
+second torch or OpenBLAS thread made them 10-20x slower (one CP-ALS step went from 0.07 s to 32 s with two
+OpenBLAS threads next to torch's; an ADTN fit of 100 steps took 0.8-2.7 s with one thread and 7.9-20.8 s with
+two). Big GEMMs (evaluating or fine-tuning a model) may use more: the CLI's ``--threads N`` sets them.
+Every setting is restored when the block ends, so library calls leave the user's torch and BLAS settings as
+they found them.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import os
+from typing import Iterator, Optional
 
+import torch
 from threadpoolctl import threadpool_info, threadpool_limits
 
-#: BLAS threads used while fitting (override with ``KCOMPRESS_BLAS_THREADS``)
-DEFAULT_FIT_BLAS_THREADS = 1
+from .errors import KCompressError
+
+#: threads a fit uses (override with the environment variable ``KCOMPRESS_FIT_THREADS``)
+DEFAULT_FIT_THREADS = 1
 
 
 @contextlib.contextmanager
-def blas_threads(count: int | None = None) -> Iterator[None]:
-    """Limit BLAS thread pools (OpenBLAS, MKL, BLIS loaded by numpy/scipy) to ``count`` inside the block."""
-    import os
-
+def threads(count: Optional[int]) -> Iterator[int]:
+    """torch's intra-op threads and every loaded BLAS pool (OpenBLAS, MKL, BLIS) set to ``count`` inside the
+    block, the caller's settings restored after; ``None`` changes nothing. Yields torch's thread count."""
     if count is None:
-        count = int(os.environ.get("KCOMPRESS_BLAS_THREADS", DEFAULT_FIT_BLAS_THREADS))
-    with threadpool_limits(limits=count, user_api="blas"):
-        yield
+        yield torch.get_num_threads()
+        return
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise KCompressError(f"threads must be a positive integer, got {count!r}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        with threadpool_limits(limits=count, user_api="blas"):
+            yield count
+    finally:
+        torch.set_num_threads(previous)
+
+
+def fit_thread_count() -> int:
+    """Threads a fit uses: :data:`DEFAULT_FIT_THREADS`, or the environment's ``KCOMPRESS_FIT_THREADS``."""
+    value = os.environ.get("KCOMPRESS_FIT_THREADS", str(DEFAULT_FIT_THREADS))
+    if not value.strip().isdigit() or int(value) < 1:
+        raise KCompressError(f"KCOMPRESS_FIT_THREADS must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def fit_threads() -> contextlib.AbstractContextManager[int]:
+    """:func:`threads` for a fit (:func:`fit_thread_count`)."""
+    return threads(fit_thread_count())
+
+
+@contextlib.contextmanager
+def threads_used(count: Optional[int]) -> Iterator[dict[str, int]]:
+    """:func:`threads` with ``count`` for a command's model work; yields ``{"fit": fits' threads, "model":
+    threads for evaluating and fine-tuning}`` (what a report records)."""
+    fit = fit_thread_count()
+    with threads(count) as model:
+        yield {"fit": fit, "model": model}
 
 
 def thread_report() -> dict[str, object]:
     """Thread counts in effect: torch's intra-op pool and each loaded BLAS pool (for benchmark records)."""
-    import torch
-
     return {
         "torch_threads": torch.get_num_threads(),
         "blas": [

@@ -1,550 +1,177 @@
 """``compress``: replace a model's LSTM/GRU/cell/Linear layers by compressed drop-ins and report what was done.
 
-The work runs in two passes. The *plan* pass reads only the layers' shapes: it selects layers
-(``include``/``exclude``), resolves every matrix's settings (``overrides``), picks its modes and rank and
-builds an unfitted module of that shape, so every mistake in the request is reported before any fit
-starts. The *fit* pass then builds each compressed layer with ``from_dense`` and a matrix builder that fits
-the planned format, and puts the layer where the dense one was.
+The settings are one :class:`~kcompress.config.CompressConfig`, checked when it is built. The work then
+runs in two passes. The *plan* pass reads only the layers' shapes: it selects layers (``include``/
+``exclude``), resolves every matrix's settings (``overrides``), picks its modes and rank and has the format
+check them with its options (:meth:`Factorization.check`, closed forms, no module built), so every mistake
+in the request is reported before any fit starts (:mod:`kcompress.planning`). The *fit* pass then builds
+each compressed layer with ``from_dense`` and a matrix builder that fits the planned format, and puts the
+layer where the dense one was (:mod:`kcompress.fitting`).
 """
 
 from __future__ import annotations
 
 import copy
-import fnmatch
-import json
 import platform
-import re
 import warnings
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import tensorly
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from . import formats
+from ._threads import fit_thread_count
+from .calibrate import DEFAULT_SAMPLES
+from .calibrated import CalibrationRun
+from .config import DEFAULT_TARGETS, CompressConfig, Modes, Rank, config_defaults, config_fields
 from .errors import KCompressError, KCompressWarning
-from .formats import Dense, Factorization, Stack, get_format, relative_error
-from .nn import COMPRESSED_TYPES, MatrixBuilder
-from .progress import ProgressCallback, ProgressEvent
-from .report import MatrixReport, Report, SkippedLayer, qualified_name
+from .fitting import fit_layers
+from .nn.plan import Plan, compressed_layers, set_execution
+from .planning import MatrixPlan, plan_compression
+from .progress import ProgressLike, progress_callback
+from .report import Report
+from .result_checks import result_warnings
 from .speed import CHECK_BATCH, measured_speedup
-from .tensorize import Tensorization
-
-Rank = Union[int, Sequence[int]]
-Modes = tuple[Optional[Sequence[int]], Optional[Sequence[int]]]
-#: keys an ``overrides`` entry may set
-OVERRIDE_KEYS = ("format", "rank", "ratio", "order", "out_modes", "in_modes")
-TARGETS = ("ih", "hh")
-GATES = ("fused", "separate")
-NOTHING_MATCHED = "no LSTM/GRU/Linear layer matched"
-
-
-@dataclass(frozen=True)
-class Request:
-    """The validated arguments of :func:`compress`. ``base`` holds the global per-matrix settings (the keys
-    of :data:`OVERRIDE_KEYS`); ``targets`` is a tuple drawn from :data:`TARGETS`."""
-
-    base: Mapping[str, Any]
-    include: Optional[tuple[str, ...]]
-    exclude: tuple[str, ...]
-    targets: tuple[str, ...]
-    gates: str
-    overrides: tuple[tuple[str, Mapping[str, Any]], ...]
-    seed: int
-    fit_options: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class MatrixPlan:
-    """How one ``(M, N)`` matrix is built: ``blocks`` fits (the gates, with ``gates="separate"``) of
-    ``(M / blocks, N)`` each with ``fmt``, ``tensorization`` (of one block) and ``rank_used``.
-    ``targeted`` is False for matrices kept dense (no progress events, rank reported as None)."""
-
-    layer: str
-    layer_type: str
-    matrix: str
-    shape: tuple[int, int]
-    fmt: type[Factorization]
-    tensorization: Tensorization
-    blocks: int
-    rank_requested: Any
-    rank_used: Any
-    options: Mapping[str, Any]
-    targeted: bool
-
-    @property
-    def name(self) -> str:
-        return qualified_name(self.layer, self.matrix)
-
-    @property
-    def clamped(self) -> bool:
-        if not self.targeted:
-            return False
-        return self.rank_used != self.fmt.normalize_rank(self.tensorization, self.rank_requested)
-
-    def modes(self) -> str:
-        text = self.tensorization.describe()
-        return f"{self.blocks}×{text}" if self.blocks > 1 else text
 
 
 def compress(
     model: nn.Module,
-    format: str = "kcp",
+    format: Union[str, Sequence[str], CompressConfig] = "kcp",
     rank: Optional[Rank] = None,
     ratio: Optional[float] = None,
     *,
     include: Optional[Sequence[str]] = None,
     exclude: Optional[Sequence[str]] = None,
-    targets: Union[str, Sequence[str]] = "ih",
+    targets: Union[str, Sequence[str]] = DEFAULT_TARGETS,
     gates: str = "fused",
     order: Optional[int] = None,
     modes: Optional[Modes] = None,
     overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
     seed: int = 0,
     inplace: bool = False,
-    progress: Optional[ProgressCallback] = None,
+    progress: ProgressLike = None,
     fit_options: Optional[Mapping[str, Any]] = None,
     check_speed: bool = True,
+    allocate: str = "uniform",
+    params: Optional[int] = None,
+    objective: str = "size",
+    calibration: Optional[Any] = None,
+    calibrate_samples: int = DEFAULT_SAMPLES,
+    calibrate_options: Optional[Mapping[str, Any]] = None,
+    distill_epochs: int = 0,
+    execution: Plan = "auto",
+    config: Optional[CompressConfig] = None,
 ) -> tuple[nn.Module, Report]:
     """Compress the model's recurrent (and, when included, linear) layers; returns ``(model, report)``.
 
-    See ``docs/design.md`` (convert). Every entry of ``report.warnings`` is also emitted as a
+    ``allocate="auto"`` (``format`` may then be a list) chooses each matrix's format and rank under one
+    global budget, ``ratio`` or ``params``, measured in parameters or, with ``objective="latency"``, in
+    MACs (see :mod:`kcompress.auto`); ``"uniform"`` applies ``rank``/``ratio`` to every matrix.
+
+    ``progress``: a callback of :class:`kcompress.progress.ProgressEvent`, or True for the CLI's progress
+    display on stderr. See ``docs/design.md`` (convert). Every entry of ``report.warnings`` is also emitted as a
     :class:`KCompressWarning`. A model with nothing to compress is returned (copied) with an empty
     ``report.matrices`` and the warning :data:`NOTHING_MATCHED`; raising is left to the caller.
-    With ``check_speed`` each compressed matrix is timed against its dense product at batch
-    :data:`kcompress.speed.CHECK_BATCH` (a few ms each) and a warning names those that are slower.
+    ``execution`` (``"auto"``, ``"factorized"``, ``"materialized"`` or ``{glob: path}``) sets how each
+    compressed matrix runs (:func:`kcompress.set_execution`; ``auto`` measures only with ``check_speed``).
+    With ``check_speed`` each factorized matrix is timed against its dense product at batch
+    :data:`kcompress.speed.CHECK_BATCH` (interleaved, median and spread) and a warning names those that are
+    slower, with the reason they run factorized.
+
+    ``calibration`` (unlabeled model inputs: a tensor, a tuple of positional inputs, a DataLoader or iterable
+    of batches, a SequenceData; see :func:`kcompress.calibrate.calibration_set`) makes every targeted matrix
+    fit what it computes on those inputs (at most ``calibrate_samples`` sequences, part held out; see
+    ``docs/calibration.md``), layer after layer; ``calibrate_options`` are the fields of
+    :class:`kcompress.calibrated.CalibrationOptions`. ``distill_epochs`` then trains the compressed model to
+    match the dense one's outputs on the same inputs (early stopping on the held-out part).
+
+    Every setting is checked before any work as a :class:`kcompress.CompressConfig` (stored in
+    ``report.options`` and the artifact). ``config`` gives them all at once, also in ``format``'s place
+    (``compress(model, config)``); the setting keywords are then left at their defaults.
     """
     arguments = dict(locals())
+    if isinstance(progress, bool):  # True: the CLI's progress display on stderr for this call
+        with progress_callback(progress) as callback:
+            return compress(**{**arguments, "progress": callback})
+    config = _config(arguments)
+    if config.allocated:
+        from .auto import compress_allocated
+
+        model, report = compress_allocated(model, **config.keywords(), calibration=calibration, progress=progress,
+                                           inplace=inplace)
+        report.options.update(config.to_dict())  # the settings asked for; the allocation's are in report.allocation
+        return model, report
     if not isinstance(model, nn.Module):
         raise KCompressError(f"compress needs a torch nn.Module, got {type(model).__name__}")
-    request = _validate(
-        format, rank, ratio, include, exclude, targets, gates, order, modes, overrides, seed, fit_options
-    )
-    report = Report(format=request.base["format"], options=_options(arguments), versions=_versions(),
+    report = Report(format=config.base["format"], options=config.to_dict(), versions=_versions(),
                     model_params_before=count_parameters(model))
-    plans = _plan(model, request, report)
+    report.options["threads"] = {"fit": fit_thread_count(), "model": torch.get_num_threads()}
+    run = _calibration_run(calibration, config.calibrate_samples, config.calibrate_options, config.distill_epochs,
+                           config.seed)
+    plans = plan_compression(model, config, report)
+    teacher = model
     if not inplace:
         model = _copy(model)
-    model, report.matrices = _fit_layers(model, plans, request.seed, progress)
+    elif run is not None:
+        teacher = _copy(model)
+    if run is None:
+        model, report.matrices = fit_layers(model, plans, config.seed, progress)
+    else:
+        model, report.matrices = run.fit(model, teacher, list(plans),
+                                         lambda m: fit_layers(m, plans, config.seed, progress, run), _copy)
+    set_execution(model, config.execution, measure=config.check_speed)
+    if run is not None:
+        run.finish(model, teacher, report, config.seed, progress)
     report.model_params_after = count_parameters(model)
-    if check_speed:
-        _check_speed(model, report)
+    _check_speed(model, report, config.execution, config.check_speed)
+    report.warnings.extend(result_warnings(report))
     for message in report.warnings:
         warnings.warn(message, KCompressWarning, stacklevel=2)
     return model, report
 
 
-def _check_speed(model: nn.Module, report: Report) -> None:
-    """Fill ``measured_speedup`` for compressed matrices and warn where the dense product is faster."""
-    matrices = {
-        qualified_name(name, matrix_name): matrix
-        for name, module in model.named_modules()
-        for matrix_name, matrix in getattr(module, "matrices", {}).items()
-    }
+def plan_matrices(model: nn.Module, format: str = "kcp", rank: Optional[Rank] = None, ratio: Optional[float] = None,
+                  **options: Any) -> list[MatrixPlan]:
+    """The plans of the targeted matrices :func:`compress` would fit with these arguments (``options``: its
+    ``include``, ``exclude``, ``targets``, ``gates``, ``order``, ``modes``, ``overrides``, ``fit_options``),
+    in fitting order; nothing is fitted. Errors are the ones :func:`compress` raises."""
+    names = ("include", "exclude", "targets", "gates", "order", "modes", "overrides", "fit_options")
+    settings = {name: options[name] for name in names if options.get(name) is not None}
+    plans = plan_compression(model, CompressConfig(format=format, rank=rank, ratio=ratio, **settings), Report())
+    return [plan for layer in plans.values() for plan in layer.values() if plan.targeted]
+
+
+def _check_speed(model: nn.Module, report: Report, execution: Plan, measure: bool) -> None:
+    """Record each matrix's execution path; with ``measure``, fill ``measured_speedup`` of factorized
+    matrices and warn where the dense product is faster, saying why the matrix runs factorized."""
+    layers = compressed_layers(model)
     for row in report.matrices:
-        if row.format == "dense" or row.name not in matrices:
+        layer = layers.get(row.layer)
+        if layer is None or row.matrix not in layer.execution:
             continue
-        speedup = measured_speedup(matrices[row.name])
-        row.measured_speedup = float(f"{speedup:.3g}")
-        if speedup < 1.0:
-            _warn(report, f"{row.name}: measured {1 / speedup:.1f}x slower than the dense product "
-                          f"at batch {CHECK_BATCH} ({row.macs_after:,} vs {row.macs_before:,} MACs per vector); "
-                          f"the saving is in storage only")
-
-
-# ---------------------------------------------------------------------- validation
-def _validate(
-    format: str,
-    rank: Optional[Rank],
-    ratio: Optional[float],
-    include: Optional[Sequence[str]],
-    exclude: Optional[Sequence[str]],
-    targets: Union[str, Sequence[str]],
-    gates: str,
-    order: Optional[int],
-    modes: Optional[Modes],
-    overrides: Optional[Mapping[str, Mapping[str, Any]]],
-    seed: int,
-    fit_options: Optional[Mapping[str, Any]],
-) -> Request:
-    """Every argument checked, each problem a one-line :class:`KCompressError`."""
-    if (rank is None) == (ratio is None):
-        raise KCompressError("give exactly one of rank and ratio")
-    out_modes, in_modes = _check_modes(modes)
-    base = {"format": _check_format(format), "rank": _check_rank(rank), "ratio": _check_ratio(ratio),
-            "order": _check_order(order), "out_modes": out_modes, "in_modes": in_modes}
-    if gates not in GATES:
-        raise KCompressError(f"gates must be 'fused' or 'separate', got {gates!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise KCompressError(f"seed must be an integer, got {seed!r}")
-    return Request(
-        base=base,
-        include=None if include is None else _check_globs("include", include),
-        exclude=() if exclude is None else _check_globs("exclude", exclude),
-        targets=_check_targets(targets),
-        gates=gates,
-        overrides=_check_overrides(overrides),
-        seed=seed,
-        fit_options=_check_fit_options(fit_options),
-    )
-
-
-def _check_format(name: Any) -> str:
-    if not isinstance(name, str):
-        raise KCompressError(f"format must be a name, got {name!r}")
-    return get_format(name).name
-
-
-def _check_rank(rank: Any) -> Any:
-    """None, a positive int, or a non-empty list of positive ints (per-bond ranks)."""
-    if rank is None:
-        return None
-    values = list(rank) if isinstance(rank, (list, tuple)) else [rank]
-    if not values or any(isinstance(r, bool) or not isinstance(r, int) or r <= 0 for r in values):
-        raise KCompressError(f"rank must be a positive integer or a list of them, got {rank!r}")
-    return values if isinstance(rank, (list, tuple)) else rank
-
-
-def _check_ratio(ratio: Any) -> Optional[float]:
-    if ratio is None:
-        return None
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0 or ratio == float("inf"):
-        raise KCompressError(f"ratio must be a positive number, got {ratio!r}")
-    return float(ratio)
-
-
-def _check_order(order: Any) -> Optional[int]:
-    if order is not None and (isinstance(order, bool) or not isinstance(order, int) or order < 1):
-        raise KCompressError(f"order must be a positive integer, got {order!r}")
-    return order
-
-
-def _check_mode_list(name: str, modes: Any) -> Optional[list[int]]:
-    if modes is None:
-        return None
-    if not isinstance(modes, (list, tuple)) or not modes or any(
-        isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in modes
-    ):
-        raise KCompressError(f"{name} must be a list of positive integers, got {modes!r}")
-    return list(modes)
-
-
-def _check_modes(modes: Any) -> tuple[Optional[list[int]], Optional[list[int]]]:
-    """``(out_modes, in_modes)``; either may be None (chosen per matrix)."""
-    if modes is None:
-        return None, None
-    if not isinstance(modes, (list, tuple)) or len(modes) != 2:
-        raise KCompressError(f"modes must be a pair (out_modes, in_modes), got {modes!r}")
-    return _check_mode_list("out_modes", modes[0]), _check_mode_list("in_modes", modes[1])
-
-
-def _check_globs(what: str, globs: Any) -> tuple[str, ...]:
-    """A list of glob strings (one string is taken as a list of one)."""
-    items = [globs] if isinstance(globs, str) else globs
-    if not isinstance(items, (list, tuple)) or not all(isinstance(g, str) and g for g in items):
-        raise KCompressError(f"{what} must be a list of glob patterns, got {globs!r}")
-    return tuple(items)
-
-
-def _check_targets(targets: Any) -> tuple[str, ...]:
-    """``"ih"``, ``"hh"``, ``"ih,hh"`` or a list of those names -> e.g. ``("ih", "hh")``."""
-    items = targets.split(",") if isinstance(targets, str) else targets
-    names = {str(item).strip().lower() for item in items} if isinstance(items, (list, tuple)) else set()
-    if not names or not names <= set(TARGETS):
-        raise KCompressError(f"targets must be 'ih', 'hh' or 'ih,hh', got {targets!r}")
-    return tuple(t for t in TARGETS if t in names)
-
-
-def _check_overrides(overrides: Any) -> tuple[tuple[str, Mapping[str, Any]], ...]:
-    """``{glob: {key: value}}`` with keys from :data:`OVERRIDE_KEYS`, each value checked as the argument."""
-    if overrides is None:
-        return ()
-    if not isinstance(overrides, Mapping):
-        raise KCompressError(f"overrides must be a mapping of glob -> settings, got {type(overrides).__name__}")
-    checked = []
-    for glob, settings in overrides.items():
-        if not isinstance(glob, str) or not isinstance(settings, Mapping):
-            raise KCompressError(f"override {glob!r} must map a glob to a dict of settings")
-        try:
-            checked.append((glob, _check_override(settings)))
-        except KCompressError as error:
-            raise KCompressError(f"override {glob!r}: {error}") from None
-    return tuple(checked)
-
-
-def _check_override(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """One override's settings, each value checked as the argument of the same name."""
-    unknown = sorted(set(settings) - set(OVERRIDE_KEYS))
-    if unknown:
-        raise KCompressError(f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(OVERRIDE_KEYS)}")
-    if "rank" in settings and "ratio" in settings:
-        raise KCompressError("give rank or ratio, not both")
-    if any(settings.get(key, 0) is None for key in ("rank", "ratio")):
-        raise KCompressError("rank and ratio cannot be null")
-    checks: dict[str, Callable[[Any], Any]] = {
-        "format": _check_format, "rank": _check_rank, "ratio": _check_ratio, "order": _check_order,
-        "out_modes": lambda m: _check_mode_list("out_modes", m),
-        "in_modes": lambda m: _check_mode_list("in_modes", m),
-    }
-    return {key: checks[key](value) for key, value in settings.items()}
-
-
-def _check_fit_options(options: Any) -> Mapping[str, Any]:
-    if options is None:
-        return {}
-    if not isinstance(options, Mapping):
-        raise KCompressError(f"fit_options must be a dict, got {type(options).__name__}")
-    try:
-        json.dumps(dict(options))
-    except (TypeError, ValueError):
-        raise KCompressError(f"fit_options must be JSON-serialisable, got {options!r}") from None
-    return dict(options)
-
-
-# ---------------------------------------------------------------------- layer selection
-def _select_layers(
-    model: nn.Module, request: Request, report: Report
-) -> tuple[list[tuple[str, nn.Module]], list[SkippedLayer]]:
-    """The layers to compress, in ``named_modules`` order, and the candidates left out (with reasons).
-
-    Candidates are modules whose exact type is in ``COMPRESSED_TYPES`` (subclasses such as attention's
-    output projection are left alone) and other torch RNNs (``nn.RNN``), which are skipped as unsupported.
-    """
-    selected: list[tuple[str, nn.Module]] = []
-    skipped: list[SkippedLayer] = []
-    matched_globs: set[str] = set()
-    for name, module in model.named_modules():
-        if type(module) not in COMPRESSED_TYPES and not isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
+        row.execution = layer.execution[row.matrix]
+        if not measure or not row.compressed or row.execution != "factorized":
             continue
-        matched_globs.update(g for g in request.include or () if fnmatch.fnmatchcase(name, g))
-        reason = _exclusion_reason(name, module, request)
-        if reason is None:
-            reason = _unsupported_reason(module)
-            if reason is not None:
-                _warn(report, f"{name or '(model)'} skipped: {reason}")
-        if reason is None:
-            selected.append((name, module))
-        else:
-            skipped.append(SkippedLayer(name, type(module).__name__, reason))
-    for glob in request.include or ():
-        if glob not in matched_globs:
-            _warn(report, f"include glob {glob!r} matched no LSTM/GRU/Linear layer")
-    return selected, skipped
-
-
-def _exclusion_reason(name: str, module: nn.Module, request: Request) -> Optional[str]:
-    """Why ``include``/``exclude`` leave this layer out, or None."""
-    if request.include is None and isinstance(module, nn.Linear):
-        return "Linear layers are compressed only when an include glob names them"
-    if request.include is not None and not any(fnmatch.fnmatchcase(name, g) for g in request.include):
-        return "not matched by include"
-    excluded_by = [g for g in request.exclude if fnmatch.fnmatchcase(name, g)]
-    return f"excluded by {excluded_by[0]!r}" if excluded_by else None
-
-
-def _unsupported_reason(module: nn.Module) -> Optional[str]:
-    """Why the layer cannot be compressed (its type or configuration), or None."""
-    layer_cls = COMPRESSED_TYPES.get(type(module))
-    if layer_cls is None:
-        kinds = ", ".join(t.__name__ for t in COMPRESSED_TYPES)
-        return f"{type(module).__name__} is not supported (supported: {kinds})"
-    try:
-        layer_cls.dense_config(module)
-    except KCompressError as error:
-        return str(error)
-    return None
-
-
-# ---------------------------------------------------------------------- planning
-def _plan(model: nn.Module, request: Request, report: Report) -> dict[str, dict[str, MatrixPlan]]:
-    """``{layer name: {matrix name: plan}}`` for the selected layers; fills ``report.skipped`` and warnings."""
-    layers, report.skipped = _select_layers(model, request, report)
-    plans = {name: _plan_layer(name, module, request, report) for name, module in layers}
-    _warn_unused_overrides(request, [p for layer in plans.values() for p in layer.values() if p.targeted], report)
-    if not layers:
-        _warn(report, NOTHING_MATCHED)
-    return plans
-
-
-def _plan_layer(name: str, module: nn.Module, request: Request, report: Report) -> dict[str, MatrixPlan]:
-    """``{torch parameter name: plan}`` for every matrix of one selected layer."""
-    layer_cls = COMPRESSED_TYPES[type(module)]
-    matrix_names, _ = layer_cls.parameter_names(layer_cls.dense_config(module))
-    plans = {}
-    for matrix in matrix_names:
-        rows, cols = getattr(module, matrix).shape
-        try:
-            plans[matrix] = _plan_matrix(name, type(module).__name__, matrix, (rows, cols), layer_cls.gates, request)
-        except KCompressError as error:
-            raise KCompressError(f"{qualified_name(name, matrix)}: {error}") from None
-        plan = plans[matrix]
-        if plan.clamped:
-            _warn(report, f"{plan.name}: rank {plan.rank_requested} is above the largest {plan.fmt.name} rank for "
-                          f"modes {plan.tensorization.describe()}; using rank {plan.rank_used}")
-    return plans
-
-
-def _plan_matrix(
-    layer: str, layer_type: str, matrix: str, shape: tuple[int, int], gates: int, request: Request
-) -> MatrixPlan:
-    """Format, modes and rank of one matrix; an unfitted module is built to check them."""
-    rows, cols = shape
-    if not _is_target(matrix, request.targets):
-        tz = Dense.default_tensorization(rows, cols)
-        return MatrixPlan(layer, layer_type, matrix, shape, Dense, tz, 1, None, None, {}, targeted=False)
-    settings = _settings(layer, matrix, request)
-    fmt = get_format(settings["format"])
-    blocks = gates if request.gates == "separate" else 1
-    tz = fmt.default_tensorization(
-        rows // blocks, cols, settings["order"], settings["out_modes"], settings["in_modes"],
-        out_group=gates if blocks == 1 else 1,
-    )
-    if settings["rank"] is not None:
-        requested = fmt.normalize_rank(tz, settings["rank"])
-    else:
-        requested = fmt.rank_for_ratio(tz, settings["ratio"])
-    used = fmt.normalize_rank(tz, fmt.clamp_rank(tz, requested))
-    fmt(tz, used, **request.fit_options)  # unfitted, thrown away: the format checks modes, rank and options now
-    return MatrixPlan(
-        layer, layer_type, matrix, shape, fmt, tz, blocks, requested, used, request.fit_options, targeted=True
-    )
-
-
-def _is_target(matrix: str, targets: tuple[str, ...]) -> bool:
-    """``weight_ih*``/``weight_hh*`` follow ``targets``; any other matrix (Linear's ``weight``) is a target."""
-    kind = re.match(r"weight_(ih|hh)", matrix)
-    return kind is None or kind.group(1) in targets
-
-
-def _settings(layer: str, matrix: str, request: Request) -> dict[str, Any]:
-    """The global settings with every matching override applied in order (later globs win; a rank
-    override replaces a ratio and vice versa)."""
-    settings = dict(request.base)
-    for glob, override in request.overrides:
-        if _override_matches(glob, layer, matrix):
-            if "rank" in override or "ratio" in override:
-                settings["rank"] = settings["ratio"] = None
-            settings.update(override)
-    return settings
-
-
-def _override_matches(glob: str, layer: str, matrix: str) -> bool:
-    return fnmatch.fnmatchcase(qualified_name(layer, matrix), glob) or fnmatch.fnmatchcase(layer, glob)
-
-
-def _warn_unused_overrides(request: Request, targeted: list[MatrixPlan], report: Report) -> None:
-    for glob, _ in request.overrides:
-        if not any(_override_matches(glob, p.layer, p.matrix) for p in targeted):
-            _warn(report, f"override {glob!r} matched no compressed matrix")
-
-
-# ---------------------------------------------------------------------- fitting
-def _fit_layers(
-    model: nn.Module, plans: Mapping[str, Mapping[str, MatrixPlan]], seed: int, progress: Optional[ProgressCallback]
-) -> tuple[nn.Module, list[MatrixReport]]:
-    """Replace each planned layer of ``model`` by its fitted drop-in (same training mode); returns the
-    model (the drop-in itself when the model is the layer) and the report rows in plan order."""
-    fitter = _Fitter(seed, progress, sum(p.targeted for layer in plans.values() for p in layer.values()))
-    for name, layer_plans in plans.items():
-        dense = model.get_submodule(name)
-        compressed = COMPRESSED_TYPES[type(dense)].from_dense(dense, fitter.builder(layer_plans))
-        compressed.train(dense.training)
-        model = replace_module(model, dense, compressed)
-    return model, fitter.rows
-
-
-class _Fitter:
-    """Fits planned matrices, sends progress events and collects the report rows.
-
-    Events per targeted matrix: ``layer`` (``index`` = 1-based position among the ``total`` targeted
-    matrices), ``iteration`` (``index``/``total`` as the fit reports them; ``message`` = ``"gate g/G"`` for
-    separate gates) and ``done`` (``error`` = relative error of the whole matrix).
-    """
-
-    def __init__(self, seed: int, progress: Optional[ProgressCallback], total: int) -> None:
-        self.seed, self.progress, self.total = seed, progress, total
-        self.index = 0
-        self.rows: list[MatrixReport] = []
-
-    def builder(self, plans: Mapping[str, MatrixPlan]) -> MatrixBuilder:
-        """The ``from_dense`` builder of one layer: fits ``plans[name]`` (the gate count is in the plan)."""
-        return lambda name, weight, gates: self.fit(plans[name], weight)
-
-    def fit(self, plan: MatrixPlan, weight: Tensor) -> nn.Module:
-        """The fitted matrix module for ``weight (M, N)``: one fit, or a ``Stack`` of ``plan.blocks`` fits."""
-        if plan.targeted:
-            self.index += 1
-            self._emit(ProgressEvent("layer", plan.name, self.index, self.total))
-        blocks = weight.chunk(plan.blocks) if plan.blocks > 1 else [weight]
-        try:
-            parts = [
-                plan.fmt.fit(block, plan.tensorization, plan.rank_used, seed=self.seed,
-                             progress=self._iteration_callback(plan, g, len(blocks)), **plan.options)
-                for g, block in enumerate(blocks)
-            ]
-        except KCompressError as error:
-            raise KCompressError(f"{plan.name}: {error}") from None
-        module = Stack(parts) if plan.blocks > 1 else parts[0]
-        error = relative_error(weight, module.reconstruct())
-        if plan.targeted:
-            self._emit(ProgressEvent("done", plan.name, self.index, self.total, error=error))
-        self.rows.append(_matrix_report(plan, module, error))
-        return module
-
-    def _emit(self, event: ProgressEvent) -> None:
-        if self.progress is not None:
-            self.progress(event)
-
-    def _iteration_callback(self, plan: MatrixPlan, gate: int, gates: int) -> Optional[formats.ProgressFn]:
-        if self.progress is None or not plan.targeted:
-            return None
-        message = f"gate {gate + 1}/{gates}" if gates > 1 else ""
-        return lambda it, total, error: self._emit(
-            ProgressEvent("iteration", plan.name, it, total, float(error), message)
-        )
-
-
-def _matrix_report(plan: MatrixPlan, module: nn.Module, error: float) -> MatrixReport:
-    """The report row of a fitted matrix; counts from the module's closed forms, error recomputed."""
-    rows, cols = plan.shape
-    info = module.fit_info
-    return MatrixReport(
-        layer=plan.layer,
-        layer_type=plan.layer_type,
-        matrix=plan.matrix,
-        shape=plan.shape,
-        format=plan.fmt.name,
-        modes=plan.modes(),
-        rank_requested=plan.rank_requested,
-        rank_used=plan.rank_used,
-        params_before=rows * cols,
-        params_after=int(module.num_params()),
-        macs_before=rows * cols,
-        macs_after=int(module.macs_per_vector()),
-        relative_error=error,
-        fit_seconds=float(info.seconds),
-        iterations=int(info.iterations),
-        clamped=plan.clamped,
-    )
+        speed = measured_speedup(layer.matrices[row.matrix])
+        row.measured_speedup, row.speed_spread = float(f"{speed.ratio:.3g}"), float(f"{speed.spread:.2g}")
+        if speed.ratio < 1.0:
+            why = ("the whole layer measured faster this way (a factorized W_hh runs the per-step loop)"
+                   if execution == "auto" else f"execution={execution!r} asked for it")
+            report.warnings.append(f"{row.name}: runs factorized because {why}; measured {1 / speed.ratio:.1f}x slower "
+                          f"(±{speed.spread:.0%}) than the dense product at batch {CHECK_BATCH} "
+                          f"({row.macs_after:,} vs {row.macs_before:,} MACs per vector)")
 
 
 # ---------------------------------------------------------------------- model surgery and bookkeeping
-def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> nn.Module:
-    """Put ``new`` at every path where ``model`` holds ``old`` (``setattr`` on the parents); returns the
-    model, which is ``new`` itself when ``old`` is the model."""
-    if model is old:
-        return new
-    paths = [name for name, module in model.named_modules(remove_duplicate=False) if module is old]
-    for path in paths:
-        parent, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent), child, new)
-    return model
-
-
 def count_parameters(model: nn.Module) -> int:
-    """Number of values in the model's parameters (shared parameters once; buffers not counted)."""
-    return sum(p.numel() for p in model.parameters())
+    """Number of values in the model's parameters (shared parameters once; buffers not counted), plus the
+    tensors a :class:`kcompress.io.StandaloneModel` (a state dict made a module) holds as buffers
+    (``buffer_names``, e.g. an Embedding's table): a state dict cannot tell parameters from buffers, and a
+    state dict and its module must report the same ratio."""
+    buffers = dict(model.named_buffers())
+    extra = sum(buffers[name].numel() for name in getattr(model, "buffer_names", ()) if name in buffers)
+    return sum(p.numel() for p in model.parameters()) + extra
+
 
 
 def _copy(model: nn.Module) -> nn.Module:
@@ -554,11 +181,6 @@ def _copy(model: nn.Module) -> nn.Module:
         raise KCompressError(f"could not copy the model ({error}); pass inplace=True to compress it in place") from None
 
 
-def _warn(report: Report, message: str) -> None:
-    """Record ``message`` in the report (:func:`compress` emits them all as warnings when it is done)."""
-    report.warnings.append(message)
-
-
 def _versions() -> dict[str, str]:
     from . import __version__
 
@@ -566,16 +188,30 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def _options(arguments: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON-able arguments of :func:`compress` as given (``model`` and ``progress`` left out)."""
-    names = ("format", "rank", "ratio", "include", "exclude", "targets", "gates", "order", "modes", "overrides",
-             "seed", "inplace", "fit_options")
-    return {name: _jsonable(arguments[name]) for name in names}
+def _config(arguments: Mapping[str, Any]) -> CompressConfig:
+    """The :class:`CompressConfig` of a :func:`compress` call: the one given (as ``config`` or in ``format``'s
+    place), whose settings must then not also be given as keywords, or one built from the keywords."""
+    given, settings = arguments["config"], {name: arguments[name] for name in config_fields()}
+    defaults = config_defaults()
+    if isinstance(settings["format"], CompressConfig):
+        if given is not None:
+            raise KCompressError("give one CompressConfig, not two")
+        given, settings["format"] = settings["format"], defaults["format"]
+    if given is None:
+        return CompressConfig(**settings)
+    if not isinstance(given, CompressConfig):
+        raise KCompressError(f"config must be a CompressConfig, got {type(given).__name__}")
+    changed = [name for name, value in settings.items() if value != defaults[name]]
+    if changed:
+        raise KCompressError(f"give settings either in config or as keywords, not both: {', '.join(changed)}")
+    return given
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    return value
+def _calibration_run(data: Any, samples: int, options: Optional[Mapping[str, Any]], distill_epochs: int,
+                     seed: int) -> Optional[CalibrationRun]:
+    """The calibration of a :func:`compress` call (None without data), every setting checked."""
+    if data is None:
+        if distill_epochs:
+            raise KCompressError("distill_epochs needs calibration data (the inputs to distil on)")
+        return None
+    return CalibrationRun(data, samples, options, distill_epochs, seed)

@@ -1,6 +1,7 @@
 """Sequence datasets: an in-memory padded batch container, the built-in datasets and user data files.
 
-A :class:`SequenceData` holds ``inputs (B, T, F)`` zero-padded after each sequence's end, ``targets (B,)``
+A :class:`SequenceData` holds ``inputs``, either float features ``(B, T, F)`` or integer token ids ``(B, T)``
+(for models that start with an ``nn.Embedding``), zero-padded after each sequence's end, ``targets (B,)``
 (class indices for classification, floats for regression) and optionally ``lengths (B,)``.
 """
 
@@ -42,9 +43,10 @@ _JAPANESE_VOWELS_STD = (
 
 @dataclass
 class SequenceData:
-    """``inputs (B, T, F)`` float, ``targets (B,)`` long or float (or ``(B, K)`` float), ``lengths (B,)`` long.
+    """``inputs (B, T, F)`` float or ``(B, T)`` integer token ids, ``targets (B,)`` long or float (or ``(B, K)``
+    float), ``lengths (B,)`` long.
 
-    Padded steps (``t >= lengths[b]``) are zeros. Shapes are checked on construction (KCompressError).
+    Padded steps (``t >= lengths[b]``) are zeros (token id 0). Shapes are checked on construction (KCompressError).
     """
 
     inputs: Tensor
@@ -58,9 +60,14 @@ class SequenceData:
         return self.inputs.shape[0]
 
     @property
-    def num_features(self) -> int:
-        """F, the size of each time step."""
-        return self.inputs.shape[2]
+    def num_features(self) -> Optional[int]:
+        """F, the size of each time step (None for token ids)."""
+        return None if self.is_tokens else self.inputs.shape[2]
+
+    @property
+    def is_tokens(self) -> bool:
+        """True when the inputs are integer token ids ``(B, T)``."""
+        return self.inputs.dim() == 2
 
     def subset(self, indices: Tensor) -> "SequenceData":
         """The samples at ``indices (K,)``, in that order."""
@@ -102,19 +109,34 @@ class SequenceData:
 
 
 def _check_shapes(inputs: Tensor, targets: Tensor, lengths: Optional[Tensor]) -> None:
-    """Raise KCompressError unless inputs are (B, T, F) float, targets (B, ...) and lengths (B,) in 1..T."""
-    if inputs.dim() != 3 or not inputs.is_floating_point():
-        raise KCompressError(f"inputs must be a float tensor (batch, time, features), got {_describe(inputs)}")
+    """Raise KCompressError unless inputs are (B, T, F) finite float or (B, T) integer (ids >= 0), targets
+    (B, ...) (NaN allowed: unlabeled data for distillation; evaluation refuses them), lengths (B,) in 1..T."""
+    if not _accepted_inputs(inputs):
+        raise KCompressError(f"inputs must be float features (batch, time, features) or integer token ids "
+                             f"(batch, time), got {_describe(inputs)}")
     if targets.dim() < 1 or targets.shape[0] != inputs.shape[0]:
         raise KCompressError(f"targets must have one entry per sample ({inputs.shape[0]}), got {_describe(targets)}")
     if targets.dim() > 1 and not targets.is_floating_point():
         raise KCompressError(f"class targets must be (batch,), got {_describe(targets)}")
+    if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+        sample = int((~torch.isfinite(inputs)).reshape(inputs.shape[0], -1).any(dim=1).nonzero()[0])
+        raise KCompressError(f"inputs hold NaN or Inf values (first in sample {sample})")
+    if not inputs.is_floating_point() and inputs.numel() and int(inputs.min()) < 0:
+        raise KCompressError(f"token ids must be at least 0, got {int(inputs.min())}")
     if lengths is None:
         return
     if lengths.shape != (inputs.shape[0],) or lengths.is_floating_point() or lengths.is_complex():
         raise KCompressError(f"lengths must be integers of shape ({inputs.shape[0]},), got {_describe(lengths)}")
     if len(lengths) and (int(lengths.min()) < 1 or int(lengths.max()) > inputs.shape[1]):
         raise KCompressError(f"lengths must lie in 1..{inputs.shape[1]} (the padded length)")
+
+
+def _accepted_inputs(inputs: Tensor) -> bool:
+    """Float ``(B, T, F)`` features or integer (not bool) ``(B, T)`` token ids."""
+    if inputs.dim() == 3:
+        return inputs.is_floating_point()
+    integer = not (inputs.is_floating_point() or inputs.is_complex() or inputs.dtype == torch.bool)
+    return inputs.dim() == 2 and integer
 
 
 def _describe(tensor: Tensor) -> str:
@@ -175,8 +197,9 @@ def _parse_ts(lines: list[str]) -> tuple[list[np.ndarray], list[str]]:
 
 
 def load_data_file(path: Union[str, pathlib.Path]) -> SequenceData:
-    """``SequenceData`` from a .pt/.pth (weights_only), .npz or .safetensors file holding ``inputs``,
-    ``targets`` and optionally ``lengths``. Integer targets become long (classes), others float32."""
+    """``SequenceData`` from a .pt/.pth (weights_only), .npz or .safetensors file holding ``inputs`` (float
+    ``(B, T, F)`` features, or integer ``(B, T)`` token ids), ``targets`` and optionally ``lengths``. Float inputs
+    become float32 and integer ones long; integer targets become long (classes), others float32."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise KCompressError(f"data file not found: {path}")
@@ -188,9 +211,36 @@ def load_data_file(path: Union[str, pathlib.Path]) -> SequenceData:
     targets = targets.long() if not (targets.is_floating_point() or targets.is_complex()) else targets.float()
     lengths = tensors.get("lengths")
     try:
-        return SequenceData(tensors["inputs"].float(), targets, None if lengths is None else lengths.long())
+        inputs = _as_inputs(tensors["inputs"])
+        return SequenceData(inputs, targets, None if lengths is None else lengths.long())
     except KCompressError as error:
         raise KCompressError(f"data file {path}: {error}") from None
+
+
+def load_inputs_file(path: Union[str, pathlib.Path]) -> tuple[Tensor, Optional[Tensor]]:
+    """``(inputs, lengths or None)`` of a data file as :func:`load_data_file` reads them; ``targets`` need not
+    be there and are never read (unlabeled calibration data)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise KCompressError(f"data file not found: {path}")
+    tensors = _read_tensors(path)
+    if "inputs" not in tensors:
+        raise KCompressError(f"data file {path} lacks 'inputs' (found: {sorted(tensors)})")
+    inputs, lengths = _as_inputs(tensors["inputs"]), tensors.get("lengths")
+    placeholder = torch.zeros(inputs.shape[0]) if inputs.dim() > 0 else torch.zeros(0)
+    try:
+        _check_shapes(inputs, placeholder, None if lengths is None else lengths.long())
+    except KCompressError as error:
+        raise KCompressError(f"data file {path}: {error}") from None
+    return inputs, None if lengths is None else lengths.long()
+
+
+def _as_inputs(inputs: Tensor) -> Tensor:
+    """``(B, T, F)`` features as float32, integer ``(B, T)`` token ids as long; anything else unchanged (so the
+    shape check names it)."""
+    if inputs.dim() == 3 and not inputs.is_complex():
+        return inputs.float()
+    return inputs.long() if _accepted_inputs(inputs) else inputs
 
 
 def _read_tensors(path: pathlib.Path) -> dict[str, Tensor]:

@@ -1,6 +1,7 @@
 """Fine-tuning a (compressed) model: task loss, distillation from a teacher, or both, with early stopping.
 
-All trainable parameters are tuned (a compressed layer's factors are ``nn.Parameter``s). The run is seeded
+All trainable parameters are tuned (a compressed layer's factors are ``nn.Parameter``s), through the fast
+path: every compressed matrix runs materialized while tuning (see :func:`fast`). The run is seeded
 inside ``torch.random.fork_rng``, so the caller's RNG state is untouched, and the model is tuned in place.
 """
 
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 
 from .data import Batch, SequenceData
 from .errors import KCompressError
+from .nn.plan import executed
 from .evaluate import (
     check_task,
     eval_mode,
@@ -27,7 +29,7 @@ from .evaluate import (
     run_model,
     split_batch,
 )
-from .progress import ProgressCallback, ProgressEvent, silent
+from .progress import ProgressCallback, ProgressEvent, ProgressLike, progress_callback, silent
 
 LOSSES = ("task", "distill", "both")
 
@@ -59,6 +61,13 @@ class FinetuneResult:
     metric: str
     higher_is_better: bool
     stopped_early: bool = False
+
+    def __repr__(self) -> str:
+        """One line (the model is left out: ``result.model`` is the tuned model itself)."""
+        ran = len(self.history) - 1
+        stopped = ", stopped early" if self.stopped_early else ""
+        return (f"FinetuneResult(best epoch {self.best_epoch} of {ran}{stopped}: {self.metric} "
+                f"{self.history[0].val:.4g} -> {self.best_val:.4g})")
 
 
 @dataclass(frozen=True)
@@ -103,7 +112,7 @@ def finetune(
     teacher: Optional[nn.Module] = None,
     epochs: int = 10,
     lr: float = 1e-3,
-    loss: str = "task",
+    loss: Optional[str] = None,
     task: str = "classification",
     val_fraction: float = 0.2,
     val_data: Optional[Data] = None,
@@ -111,7 +120,7 @@ def finetune(
     seed: int = 0,
     batch_size: int = 32,
     temperature: float = 2.0,
-    progress: Optional[ProgressCallback] = None,
+    progress: ProgressLike = None,
 ) -> FinetuneResult:
     """Tune ``model`` in place with Adam and return it with the best epoch's state restored.
 
@@ -119,18 +128,29 @@ def finetune(
     re-iterable of ``(inputs, targets)`` batches such as a DataLoader (inputs may be a tuple of positional
     arguments, e.g. ``(x (B, T, F), lengths (B,))``). ``loss``: ``"task"`` (cross entropy / MSE on the
     targets), ``"distill"`` (KL at ``temperature`` to the teacher's logits for classification, MSE to its
-    outputs for regression; no labels read) or ``"both"`` (their sum). Early stopping after ``patience``
-    epochs without improvement (None: never) of the monitored metric (see ``FinetuneResult.metric``);
-    epoch 0 is the starting point, so a run that only hurts returns the model unchanged.
+    outputs for regression; no labels read) or ``"both"`` (their sum); None: ``"distill"`` when a ``teacher``
+    is given, else ``"task"``. Early stopping after ``patience`` epochs without improvement (None: never) of
+    the monitored metric (see ``FinetuneResult.metric``), announced by a ``"stopped"`` progress event; epoch 0
+    is the starting point, so a run that only hurts returns the model unchanged. ``progress``: a callback of
+    :class:`kcompress.progress.ProgressEvent`, or True for a progress bar on stderr (see
+    :func:`kcompress.progress.progress_callback`).
     """
+    loss = loss if loss is not None else ("distill" if teacher is not None else "task")
     objective = _objective(loss, task, teacher, temperature, model)
     _check_numbers(epochs, lr, batch_size, val_fraction, patience)
     train_data, val_data = _split(data, val_data, val_fraction, seed)
     monitor = _monitor(objective, train_data, val_data, batch_size)
     teacher_mode = eval_mode(teacher) if teacher is not None else contextlib.nullcontext()
-    with torch.random.fork_rng(devices=_cuda_devices(model)), kept_modes(model), teacher_mode:
+    with torch.random.fork_rng(devices=_cuda_devices(model)), kept_modes(model), teacher_mode, fast(model):
         torch.manual_seed(seed)
-        return _run(model, train_data, objective, monitor, epochs, lr, patience, seed, batch_size, progress)
+        with progress_callback(progress) as callback:
+            return _run(model, train_data, objective, monitor, epochs, lr, patience, seed, batch_size, callback)
+
+
+def fast(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Every compressed matrix materialized for the run (torch's fused kernels, the weights rebuilt from the
+    factors on each training step so gradients reach them), the model's own plan restored afterwards."""
+    return executed(model, "materialized")
 
 
 def _run(
@@ -164,7 +184,10 @@ def _run(
             best_epoch, best_val, best_state = epoch, val, _snapshot(model)
         message = f"train loss {train_loss:.4g}, {monitor.metric} {val:.4g} (best {best_val:.4g}, epoch {best_epoch})"
         report(ProgressEvent("epoch", "finetune", epoch, epochs, val, message))
-        if patience is not None and epoch - best_epoch >= patience:
+        if patience is not None and epoch - best_epoch >= patience and epoch < epochs:
+            report(ProgressEvent("stopped", "finetune", epoch, epochs, best_val,
+                                 f"early stopping after epoch {epoch}: no better {monitor.metric} for {patience} "
+                                 f"epochs; restoring epoch {best_epoch} ({monitor.metric} {best_val:.4g})"))
             break
     model.load_state_dict(best_state)
     stopped = len(history) - 1 < epochs

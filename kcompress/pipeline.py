@@ -1,26 +1,152 @@
-"""The file pipeline: checkpoint file in, compressed artifact out (``load -> compress -> save``).
+"""One compression, checkpoint to artifact, as explicit stages over one :class:`CompressionRun`.
 
-Every check that needs no fitting runs first: the output path (not the input, new unless ``overwrite``,
-in an existing writable directory), the checkpoint itself, and the compression arguments (``compress``
-validates and plans every matrix before its first fit). Nothing is written unless everything succeeded,
-and the write is atomic (:func:`kcompress.io.save_artifact`).
+::
+
+    check outputs -> load -> [evaluation: load it, measure the dense baseline]
+        -> select -> [calibrate] -> fit -> [refine] -> plan execution      (kcompress.compress)
+        -> [measure] -> [fine-tune -> measure] -> metrics -> write
+
+Every entry point runs these stages: the CLI's ``compress`` command (:func:`run_pipeline`), the Python
+:func:`compress_file`, and each trial of a sweep (:func:`compress_stages` on a model its worker loaded once).
+Selection, planning and fitting are :func:`kcompress.compress`: the :func:`fit` stage passes every compress
+keyword through unchanged, so options added to ``compress`` reach the CLI, sweeps and ``compress_file``.
+Data-aware stages that need the model and data before the fit (calibration) go between the baseline
+measurement and :func:`fit` in :func:`compress_stages`.
+
+Every check that needs no fitting runs first: the output path, the checkpoint, the user's model class,
+the evaluation (its baseline is measured on the dense model, so a broken evaluator fails before any fit)
+and the compression arguments (``compress`` plans every matrix before its first fit). Nothing is written
+unless everything succeeded, and the write is atomic (:func:`kcompress.io.save_artifact`).
+Stages report what they do as ``ProgressEvent("step" | "metric", ...)`` through ``progress``.
 """
 
 from __future__ import annotations
 
 import inspect
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from torch import nn
 
-from .convert import NOTHING_MATCHED, compress
+from .convert import compress
+from .planning import NOTHING_MATCHED
 from .errors import KCompressError, KCompressWarning
-from .io import PathLike, check_output_path, default_output_path, load_checkpoint, model_from_checkpoint, save_artifact
+from .evaluate import Budget, EvalSpec, Evaluation, load_evaluation, metrics_record
+from .finetune import LOSSES, FinetuneResult, finetune
+from .io import (
+    Checkpoint,
+    PathLike,
+    check_output_path,
+    default_output_path,
+    load,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_artifact,
+)
+from .progress import ProgressCallback, ProgressEvent
 from .report import Report
+from .usercode import import_reference
 
 _DEFAULT_FORMAT = inspect.signature(compress).parameters["format"].default
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Fine-tuning after compression: ``epochs`` (0: none), ``loss`` (task|distill|both) and ``lr``."""
+
+    epochs: int = 0
+    loss: str = "distill"
+    lr: float = 1e-3
+
+
+@dataclass
+class CompressionRun:
+    """What one compression has produced so far; each stage fills in its part.
+
+    ``source`` is the input's ``{path, kind, sha256}`` record (``Report.source``); the metrics are None
+    until measured; ``artifact`` is set once written.
+    """
+
+    dense: nn.Module
+    source: dict[str, str] = field(default_factory=dict)
+    evaluation: Optional[Evaluation] = None
+    compressed: Optional[nn.Module] = None
+    report: Optional[Report] = None
+    baseline: Optional[float] = None
+    compressed_metric: Optional[float] = None
+    finetuned_metric: Optional[float] = None
+    finetuning: Optional[FinetuneResult] = None
+    artifact: Optional[Path] = None
+
+    @property
+    def metric(self) -> Optional[float]:
+        """The final metric: fine-tuned when fine-tuning ran, else compressed."""
+        return self.compressed_metric if self.finetuned_metric is None else self.finetuned_metric
+
+
+# ---------------------------------------------------------------------- the whole pipeline
+def run_pipeline(
+    input_path: PathLike,
+    output_path: Optional[PathLike] = None,
+    *,
+    overwrite: bool = False,
+    trust_checkpoint: bool = False,
+    model_class: Optional[str] = None,
+    evaluation: Optional[EvalSpec] = None,
+    finetuning: FinetuneSettings = FinetuneSettings(),
+    budget: Budget = Budget(),
+    progress: Optional[ProgressCallback] = None,
+    **compress_kwargs: Any,
+) -> CompressionRun:
+    """Every stage from ``input_path`` to the artifact at ``output_path`` (default: beside the input).
+
+    ``model_class`` (``"file.py:Class"``) builds the user's own module from a state dict;
+    ``compress_kwargs`` go to :func:`kcompress.compress`. The report's status is ``"failed"`` when the
+    ``budget`` is missed (the artifact is still written). Every problem is a one-line KCompressError,
+    and then nothing is written.
+    """
+    source = Path(input_path)
+    if output_path is None:
+        fmt, rank, ratio = (compress_kwargs.get(k) for k in ("format", "rank", "ratio"))
+        output_path = default_output_path(source, fmt or _DEFAULT_FORMAT, rank, ratio)
+    target = Path(output_path)
+    check_output_path(target, overwrite=overwrite, source=source)
+    _check_finetuning(finetuning, evaluation)
+    run = load_input(source, trust_checkpoint=trust_checkpoint, model_class=model_class, progress=progress)
+    if evaluation is not None:
+        prepare_evaluation(run, evaluation, progress)
+    compress_stages(run, finetuning=finetuning, budget=budget, progress=progress, **compress_kwargs)
+    write_artifact(run, target, overwrite=overwrite, progress=progress)
+    return run
+
+
+def compress_stages(
+    run: CompressionRun,
+    *,
+    finetuning: FinetuneSettings = FinetuneSettings(),
+    budget: Budget = Budget(),
+    progress: Optional[ProgressCallback] = None,
+    after_fit: Optional[Callable[[CompressionRun], None]] = None,
+    **compress_kwargs: Any,
+) -> CompressionRun:
+    """The stages between a loaded model and its artifact: fit, then (with an evaluation) measure,
+    fine-tune and measure again, and the metrics with their budget when the baseline was measured.
+    ``after_fit(run)`` runs right after the fit (e.g. the budget search records its allocation there)."""
+    fit(run, progress=progress, **compress_kwargs)
+    if after_fit is not None:
+        after_fit(run)
+    if run.evaluation is None:
+        return run
+    assert run.compressed is not None
+    run.compressed_metric = measure(run, run.compressed, "compressed model", progress)
+    if finetuning.epochs > 0:
+        fine_tune(run, finetuning, seed=compress_kwargs.get("seed", 0), progress=progress)
+        run.finetuned_metric = measure(run, run.compressed, "fine-tuned model", progress)
+    if run.baseline is not None:
+        record_metrics(run, budget)
+    return run
 
 
 def compress_file(
@@ -38,28 +164,153 @@ def compress_file(
     ...). A model with nothing to compress is an error. ``report.source`` records the input's path, kind
     and sha256. Every problem is a one-line :class:`KCompressError`, and then nothing is written.
     """
-    source = Path(input_path)
-    if output_path is None:
-        fmt, rank, ratio = (compress_kwargs.get(k) for k in ("format", "rank", "ratio"))
-        output_path = default_output_path(source, fmt or _DEFAULT_FORMAT, rank, ratio)
-    target = Path(output_path)
-    check_output_path(target, overwrite=overwrite, source=source)
-    checkpoint = load_checkpoint(source, trust_checkpoint=trust_checkpoint)
-    compressed, report = _compress(model_from_checkpoint(checkpoint), source, compress_kwargs)
-    report.source = {"path": str(source), "kind": checkpoint.kind, "sha256": checkpoint.sha256}
-    save_artifact(compressed, report, target, overwrite=overwrite, source_path=source)
-    return target, report
+    run = run_pipeline(input_path, output_path, overwrite=overwrite, trust_checkpoint=trust_checkpoint,
+                       **compress_kwargs)
+    assert run.artifact is not None and run.report is not None
+    return run.artifact, run.report
 
 
-def _compress(model: nn.Module, source: Path, compress_kwargs: dict[str, Any]) -> tuple[nn.Module, Report]:
-    """:func:`kcompress.compress`, with nothing compressed made an error naming the file and the reasons."""
+# ---------------------------------------------------------------------- stages
+def load_input(
+    path: PathLike,
+    *,
+    trust_checkpoint: bool = False,
+    model_class: Optional[str] = None,
+    progress: Optional[ProgressCallback] = None,
+) -> CompressionRun:
+    """Load: the model in a checkpoint or artifact (see :mod:`kcompress.io`), or the user's
+    ``model_class`` built and given the checkpoint's weights, and its source record."""
+    _step(progress, "load", f"loading {path}")
+    checkpoint = load_checkpoint(path, trust_checkpoint=trust_checkpoint)
+    source = {"path": str(path), "kind": checkpoint.kind, "sha256": checkpoint.sha256}
+    model = model_from_checkpoint(checkpoint) if model_class is None else build_user_model(model_class, checkpoint)
+    return CompressionRun(dense=model, source=source)
+
+
+def build_user_model(reference: str, checkpoint: Checkpoint) -> nn.Module:
+    """``Class()`` from ``"file.py:Class"`` or ``"module:Class"``, holding the checkpoint's weights (an
+    artifact is restored into it with :func:`kcompress.load`); one-line errors for every mismatch."""
+    cls = import_reference(reference, "model", kind="class")
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise KCompressError(f"model {reference} is not a torch nn.Module class")
+    try:
+        model = cls()
+    except Exception as error:  # noqa: BLE001 - the user's constructor: one line
+        raise KCompressError(f"model {reference}: {cls.__name__}() raised {type(error).__name__}: {error} (the "
+                             "class must be constructible without arguments)") from error
+    if checkpoint.kind == "artifact":
+        return load(checkpoint.path, model=model)
+    _check_state_keys(reference, model, checkpoint)
+    model.load_state_dict(checkpoint.state_dict)
+    return model
+
+
+def _check_state_keys(reference: str, model: nn.Module, checkpoint: Checkpoint) -> None:
+    """The checkpoint's tensors are exactly the model's, with the same shapes (one-line error otherwise)."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in checkpoint.state_dict]
+    unexpected = [key for key in checkpoint.state_dict if key not in expected]
+    shapes = [f"{key} {tuple(checkpoint.state_dict[key].shape)} vs {tuple(tensor.shape)}"
+              for key, tensor in expected.items()
+              if key in checkpoint.state_dict and checkpoint.state_dict[key].shape != tensor.shape]
+    problems = [f"{what}: {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}"
+                for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape (file vs model)", shapes))
+                if keys]
+    if problems:
+        raise KCompressError(f"{checkpoint.path} does not fit model {reference}: {'; '.join(problems)}")
+
+
+def prepare_evaluation(run: CompressionRun, spec: EvalSpec, progress: Optional[ProgressCallback] = None) -> None:
+    """Evaluation: load the data / import the evaluator and measure the dense baseline (before any fit)."""
+    _step(progress, "evaluation", f"loading {spec.data or spec.evaluator}")
+    run.evaluation = load_evaluation(spec)
+    run.baseline = measure(run, run.dense, "dense model", progress)
+
+
+def fit(run: CompressionRun, *, progress: Optional[ProgressCallback] = None, **compress_kwargs: Any) -> None:
+    """Select, fit and plan execution: :func:`compress_checked` on the dense model, ``compress_kwargs``
+    passed through to :func:`kcompress.compress`."""
+    run.compressed, run.report = compress_checked(run.dense, progress, where=run.source.get("path"),
+                                                  **compress_kwargs)
+    run.report.source = dict(run.source)
+
+
+def compress_checked(model: nn.Module, progress: Optional[ProgressCallback] = None, *, where: Optional[str] = None,
+                     **compress_kwargs: Any) -> tuple[nn.Module, Report]:
+    """:func:`kcompress.compress`, with a model that has nothing to compress made an error (naming ``where``)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=NOTHING_MATCHED, category=KCompressWarning)
-        compressed, report = compress(model, **compress_kwargs)
+        compressed, report = compress(model, progress=progress, **compress_kwargs)
     if not report.matrices:
-        reasons = "; ".join(f"{s.name or '(model)'}: {s.reason}" for s in report.skipped)
-        raise KCompressError(f"{source}: nothing to compress ({reasons or NOTHING_MATCHED})")
+        raise KCompressError(nothing_to_compress(report, where))
     return compressed, report
 
 
-__all__ = ["compress_file"]
+def nothing_to_compress(report: Report, where: Optional[str] = None) -> str:
+    """The message for a report without a compressed matrix: why each layer was left."""
+    reasons = "; ".join(f"{s.name or '(model)'} ({s.layer_type}): {s.reason}" for s in report.skipped)
+    detail = f" ({reasons})" if reasons else " (it has no LSTM, GRU, LSTMCell, GRUCell or Linear layer)"
+    return f"{where + ': ' if where else ''}nothing to compress: {NOTHING_MATCHED}{detail}"
+
+
+def measure(run: CompressionRun, model: nn.Module, what: str, progress: Optional[ProgressCallback] = None) -> float:
+    """Evaluate: the metric of ``model`` (the run's dense, compressed or fine-tuned model, named by ``what``)."""
+    assert run.evaluation is not None
+    evaluation = run.evaluation
+    _step(progress, "measure", f"measuring {evaluation.description}: {what}")
+    value = evaluation.measure(model)
+    if progress is not None:
+        progress(ProgressEvent("metric", what, error=value, message=f"{evaluation.name} of the {what}: {value:.4g}"))
+    return value
+
+
+def fine_tune(run: CompressionRun, settings: FinetuneSettings, seed: int = 0,
+              progress: Optional[ProgressCallback] = None) -> None:
+    """Fine-tune: the compressed model in place on the evaluation's training data, distilling from the dense
+    model unless the loss is ``task``."""
+    assert run.evaluation is not None and run.compressed is not None
+    _check_finetuning(settings, run.evaluation.spec)
+    assert run.evaluation.train_data is not None
+    teacher = run.dense if settings.loss != "task" else None
+    run.finetuning = finetune(run.compressed, run.evaluation.train_data, teacher=teacher, epochs=settings.epochs,
+                              lr=settings.lr, loss=settings.loss, task=run.evaluation.spec.task, seed=seed,
+                              progress=progress)
+
+
+def _check_finetuning(settings: FinetuneSettings, spec: Optional[EvalSpec]) -> None:
+    if settings.epochs > 0 and (spec is None or (spec.data is None and spec.finetune_data is None)):
+        raise KCompressError("fine-tuning needs data: give a built-in dataset or a data file")
+    if settings.loss not in LOSSES:
+        raise KCompressError(f"unknown fine-tuning loss {settings.loss!r}; use one of: {', '.join(LOSSES)}")
+
+
+def record_metrics(run: CompressionRun, budget: Budget) -> None:
+    """Metrics: baseline, compressed and fine-tuned values and the drop into the report; its status becomes
+    ``"failed"`` when the budget was missed."""
+    assert run.report is not None and run.evaluation is not None and run.baseline is not None
+    assert run.compressed_metric is not None
+    metrics = metrics_record(run.evaluation, run.baseline, run.compressed_metric, run.finetuned_metric, budget)
+    run.report.metrics = metrics
+    run.report.status = "failed" if metrics["passed"] is False else "ok"
+
+
+def write_artifact(run: CompressionRun, path: PathLike, *, overwrite: bool = False,
+                   progress: Optional[ProgressCallback] = None) -> Path:
+    """Write: the compressed model and its report as one artifact, atomically."""
+    assert run.compressed is not None and run.report is not None
+    _step(progress, "write", f"writing {path}")
+    source = run.source.get("path")
+    run.artifact = save_artifact(run.compressed, run.report, path, overwrite=overwrite, source_path=source)
+    return run.artifact
+
+
+def _step(progress: Optional[ProgressCallback], name: str, message: str) -> None:
+    if progress is not None:
+        progress(ProgressEvent("step", name, message=f"{message} ..."))
+
+
+__all__ = [
+    "CompressionRun", "FinetuneSettings", "build_user_model", "compress_checked", "compress_file", "compress_stages", "fine_tune",
+    "fit", "load_input", "measure", "nothing_to_compress", "prepare_evaluation", "record_metrics", "run_pipeline",
+    "write_artifact",
+]

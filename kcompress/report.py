@@ -1,7 +1,7 @@
 """The compression report: one set of dataclasses rendered as JSON (CI artifact), a rich table (terminal)
 and Markdown (pull-request comment).
 
-Counts are per matrix of every compressed layer, including matrices kept dense (``format == "dense"``,
+Counts are per matrix of every compressed layer, including matrices kept dense (``compressed`` False,
 ``rank_used is None``, e.g. hidden-to-hidden matrices with ``targets="ih"``), so the layer totals are
 honest. Biases are left out of the per-matrix counts (they are never compressed) but are part of
 ``model_params_before/after``, which count every ``nn.Parameter`` of the model (buffers excluded).
@@ -12,15 +12,16 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence
 
 from rich.table import Table
 
+from .allocation_report import markdown as allocation_markdown
+from .report_text import ReportRank, calibration_lines, escape, keep_numbers_whole, metrics_line, row_cells, times
 from .errors import KCompressError
+from .formats import get_format
 
 SCHEMA_VERSION = 1
-#: rank as stored: one int, a list of per-bond ints, or None for matrices kept dense
-ReportRank = Union[int, list, None]
 
 
 @dataclass
@@ -43,8 +44,20 @@ class MatrixReport:
     fit_seconds: float
     iterations: int
     clamped: bool
-    #: measured ``time(x @ W.T) / time(multiply)`` at batch 16 on the machine that compressed (None: not measured)
+    #: measured ``time(x @ W.T) / time(multiply)`` at batch 16 on the machine that compressed, median of
+    #: interleaved runs (None: not measured, or the matrix runs materialized, i.e. as the dense product)
     measured_speedup: Optional[float] = None
+    #: interquartile spread of ``measured_speedup`` relative to it (e.g. 0.05 = ±5 %)
+    speed_spread: Optional[float] = None
+    #: how the matrix runs: ``"factorized"`` or ``"materialized"`` (see ``kcompress.set_execution``)
+    execution: Optional[str] = None
+    #: with calibration data: the relative output error ``‖(W − Ŵ) X‖ / ‖W X‖`` on held-out calibration inputs
+    #: of the plain fit and of the data-aware fit (which may have a weight error above 1, see docs/calibration.md)
+    output_error_before: Optional[float] = None
+    output_error_after: Optional[float] = None
+    #: calibration sequences behind the matrix's statistics, and the seconds of its data-aware fit
+    calibration_samples: Optional[int] = None
+    data_fit_seconds: Optional[float] = None
 
     @property
     def name(self) -> str:
@@ -54,6 +67,11 @@ class MatrixReport:
     @property
     def compression_ratio(self) -> float:
         return _ratio(self.params_before, self.params_after)
+
+    @property
+    def compressed(self) -> bool:
+        """False for a matrix kept as it is (its format does not compress, :attr:`Factorization.compresses`)."""
+        return get_format(self.format).compresses
 
     @property
     def macs_ratio(self) -> float:
@@ -100,8 +118,30 @@ class Report:
     versions: dict[str, str] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     status: str = "ok"
+    #: with ``allocate="auto"``: objective, budget, used, dense, formats and one row per matrix (format, rank,
+    #: params, macs, estimated and measured relative output error, execution path); see kcompress.allocate
+    allocation: dict[str, Any] = field(default_factory=dict)
+    #: after a budget search: max_drop, the trajectory (one entry per budget tried) and the chosen step
+    search: dict[str, Any] = field(default_factory=dict)
+    #: with calibration data: samples, holdout_samples, options, statistics_seconds, the whole model's
+    #: agreement with dense on the held-out calibration inputs (``agreement_after_fit``) and ``distill``
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ totals
+    def __repr__(self) -> str:
+        """One line: format, matrices, ratios, worst fit error, metric and status (``rich_table()``,
+        ``to_markdown()`` and ``to_dict()`` give everything)."""
+        errors = [m.relative_error for m in self.matrices if m.compressed]
+        worst = f", max relative error {max(errors):.3g}" if errors else ""
+        metric = ""
+        if self.metrics:
+            values = [self.metrics.get(key) for key in ("baseline", "compressed", "finetuned")]
+            shown = " -> ".join(f"{value:.4g}" for value in values if isinstance(value, (int, float)))
+            metric = f", {self.metrics.get('name')} {shown}"
+        return (f"Report(format={self.format!r}, {len(self.matrices)} matrices, ratio {self.compression_ratio:.2f}x "
+                f"(model {self.model_compression_ratio:.2f}x){worst}{metric}, {len(self.warnings)} warnings, "
+                f"status={self.status!r})")
+
     @property
     def compressed_params_before(self) -> int:
         """Dense parameters of the compressed layers' matrices."""
@@ -165,39 +205,46 @@ class Report:
         for header in TABLE_HEADERS:
             table.add_column(header, justify="right" if header in NUMERIC_HEADERS else "left", no_wrap=True)
         for matrix in self.matrices:
-            table.add_row(*_row_cells(matrix))
+            table.add_row(*row_cells(matrix))
         if self.matrices:
             table.add_section()
             table.add_row(*self._total_cells(), style="bold")
-        return table
+        return keep_numbers_whole(table)
 
     def to_markdown(self) -> str:
         """GitHub-flavoured Markdown with the same content, plus the warnings (for a pull-request comment)."""
         align = ["---:" if header in NUMERIC_HEADERS else ":---" for header in TABLE_HEADERS]
-        rows = [TABLE_HEADERS, align] + [_row_cells(m) for m in self.matrices]
+        rows = [TABLE_HEADERS, align] + [row_cells(m) for m in self.matrices]
         if self.matrices:
             rows.append([f"**{cell}**" if cell else "" for cell in self._total_cells()])
         lines = [f"### kcompress: {self.format}", ""]
-        lines += ["| " + " | ".join(_escape(cell) for cell in row) + " |" for row in rows]
-        lines += [""] + [f"- {_escape(line)}" for line in self._caption_lines()]
-        lines += [f"- warning: {_escape(warning)}" for warning in self.warnings]
-        return "\n".join(lines) + "\n"
+        lines += ["| " + " | ".join(escape(cell) for cell in row) + " |" for row in rows]
+        lines += [""] + [f"- {escape(line)}" for line in self._caption_lines()]
+        lines += [f"- warning: {escape(warning)}" for warning in self.warnings]
+        extra = allocation_markdown(self)
+        return "\n".join(lines) + "\n" + ("\n" + extra if extra else "")
 
     def _total_cells(self) -> list[str]:
         before, after = self.compressed_params_before, self.compressed_params_after
         seconds = sum(m.fit_seconds for m in self.matrices)
-        return ["total", "", "", "", "", "", f"{before:,}→{after:,}", _times(self.compression_ratio),
-                _times(self.predicted_speedup), "", "", f"{seconds:.2f} s"]
+        return ["total", "", "", "", "", "", f"{before:,}→{after:,}", times(self.compression_ratio),
+                times(self.predicted_speedup), "", "", f"{seconds:.2f} s"]
 
     def _caption_lines(self) -> list[str]:
         lines = [
             f"compressed layers: {self.compressed_params_before:,}→{self.compressed_params_after:,} params "
-            f"({_times(self.compression_ratio)}); whole model: {self.model_params_before:,}→"
-            f"{self.model_params_after:,} params ({_times(self.model_compression_ratio)}); "
-            f"predicted MACs speed-up {_times(self.predicted_speedup)}"
+            f"({times(self.compression_ratio)}); whole model: {self.model_params_before:,}→"
+            f"{self.model_params_after:,} params ({times(self.model_compression_ratio)}); "
+            f"predicted MACs speed-up {times(self.predicted_speedup)}"
         ]
+        if any(m.execution for m in self.matrices):
+            lines.append("speed: dense/compressed time of the matrix product at batch 16, measured (median of "
+                         "interleaved runs ± interquartile spread) for factorized matrices; '= dense': materialized "
+                         "(the reconstructed weight runs as the dense product, in torch's fused kernels)")
+        if self.calibration:
+            lines += calibration_lines(self.calibration, self.matrices)
         if self.metrics:
-            lines.append(_metrics_line(self.metrics))
+            lines.append(metrics_line(self.metrics))
         lines += [f"skipped {s.name or '(model)'} ({s.layer_type}): {s.reason}" for s in self.skipped]
         if self.status != "ok":
             lines.append(f"status: {self.status}")
@@ -218,51 +265,6 @@ def _ratio(before: float, after: float) -> float:
     return float(before) / float(after) if after else 1.0
 
 
-def _times(ratio: float) -> str:
-    return f"{ratio:.2f}×"
-
-
-def _rank_text(rank: ReportRank) -> str:
-    if rank is None:
-        return "—"
-    return ",".join(map(str, rank)) if isinstance(rank, list) else str(rank)
-
-
-def _row_cells(m: MatrixReport) -> list[str]:
-    """One table row: the columns of :data:`TABLE_HEADERS`."""
-    rank = _rank_text(m.rank_used)
-    if m.clamped:
-        rank = f"{_rank_text(m.rank_requested)}→{rank}"
-    return [
-        m.layer or "(model)",
-        m.matrix,
-        f"{m.shape[0]}x{m.shape[1]}",
-        m.format,
-        m.modes,
-        rank,
-        f"{m.params_before:,}→{m.params_after:,}",
-        _times(m.compression_ratio),
-        _times(m.macs_ratio),
-        "—" if m.measured_speedup is None else _times(m.measured_speedup),
-        "—" if m.relative_error is None else f"{m.relative_error:.3g}",
-        f"{m.fit_seconds:.2f} s",
-    ]
-
-
-def _metrics_line(metrics: Mapping[str, Any]) -> str:
-    """``accuracy: baseline 0.9 · compressed 0.85 · fine-tuned 0.89 · drop 0.01 (absolute, max 0.02) · PASS``."""
-    parts = []
-    for key, label in (("baseline", "baseline"), ("compressed", "compressed"), ("finetuned", "fine-tuned")):
-        if metrics.get(key) is not None:
-            parts.append(f"{label} {metrics[key]:.4g}")
-    if metrics.get("drop") is not None:
-        budget = f", max {metrics['max_drop']:g}" if metrics.get("max_drop") is not None else ""
-        parts.append(f"drop {metrics['drop']:.4g} ({metrics.get('drop_type', 'absolute')}{budget})")
-    if metrics.get("passed") is not None:
-        parts.append("PASS" if metrics["passed"] else "FAIL")
-    return f"{metrics.get('name') or 'metric'}: " + " · ".join(parts)
-
-
 def _finite(value: Any) -> Any:
     """``value`` with every non-finite float inside it replaced by None."""
     if isinstance(value, float):
@@ -274,15 +276,14 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _escape(cell: str) -> str:
-    return cell.replace("|", "\\|")
-
-
 # ---------------------------------------------------------------------- schema
+#: MatrixReport fields that rows written before they existed (or without calibration) lack
+OPTIONAL_MATRIX_FIELDS = ("measured_speedup", "output_error_before", "output_error_after", "calibration_samples",
+                          "data_fit_seconds", "speed_spread", "execution")
 _RANK = {"type": ["integer", "array", "null"]}
 MATRIX_SCHEMA: dict[str, Any] = {
     "type": "object",
-    "required": [f.name for f in fields(MatrixReport) if f.name != "measured_speedup"],
+    "required": [f.name for f in fields(MatrixReport) if f.name not in OPTIONAL_MATRIX_FIELDS],
     "properties": {
         "layer": {"type": "string"},
         "layer_type": {"type": "string"},
@@ -301,6 +302,12 @@ MATRIX_SCHEMA: dict[str, Any] = {
         "iterations": {"type": "integer"},
         "clamped": {"type": "boolean"},
         "measured_speedup": {"type": ["number", "null"]},
+        "speed_spread": {"type": ["number", "null"]},
+        "execution": {"type": ["string", "null"]},
+        "output_error_before": {"type": ["number", "null"]},
+        "output_error_after": {"type": ["number", "null"]},
+        "calibration_samples": {"type": ["integer", "null"]},
+        "data_fit_seconds": {"type": ["number", "null"]},
     },
 }
 SKIPPED_SCHEMA: dict[str, Any] = {
@@ -308,10 +315,12 @@ SKIPPED_SCHEMA: dict[str, Any] = {
     "required": ["name", "layer_type", "reason"],
     "properties": {"name": {"type": "string"}, "layer_type": {"type": "string"}, "reason": {"type": "string"}},
 }
+#: Report fields that reports written before they existed lack
+OPTIONAL_REPORT_FIELDS = ("allocation", "search", "calibration")
 #: JSON-schema subset (type, required, properties, items, const) describing :meth:`Report.to_dict`
 REPORT_SCHEMA: dict[str, Any] = {
     "type": "object",
-    "required": [f.name for f in fields(Report)],
+    "required": [f.name for f in fields(Report) if f.name not in OPTIONAL_REPORT_FIELDS],
     "properties": {
         "schema_version": {"type": "integer", "const": SCHEMA_VERSION},
         "format": {"type": "string"},
@@ -325,6 +334,9 @@ REPORT_SCHEMA: dict[str, Any] = {
         "versions": {"type": "object"},
         "source": {"type": "object"},
         "status": {"type": "string"},
+        "allocation": {"type": "object"},
+        "search": {"type": "object"},
+        "calibration": {"type": "object"},
         "summary": {"type": "object"},
     },
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -12,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from kcompress.errors import KCompressError
 from kcompress.formats import build, get_format
 from kcompress.formats.adtn import ADTN, binary_tensorization, gate_pairs
+from kcompress.formats.adtn_fit import PROGRESS_EVERY, WINDOW_BITS, applied_size
 from kcompress.tensorize import Tensorization
 
 #: expected gate placements for Q = 5 (first index of each pair, in the order the gates act)
@@ -64,14 +66,14 @@ def naive_decode(module: ADTN) -> np.ndarray:
     """scale · 𝓛^(M) σ(… 𝓛^(1) e_0) with each 𝓛^(m) built as a 2^Q x 2^Q product of kron(I, G, I)."""
     q_total = module.qubits
     gates = module.gates.detach().numpy()
-    activation = NUMPY_ACTIVATIONS[module.options["activation"]]
+    activation = NUMPY_ACTIVATIONS[module.options.activation]
     state = np.zeros(2**q_total)
     state[0] = 1.0
     for m in range(module.rank):
         if m > 0:
             state = activation(state)
         layer = np.eye(2**q_total)
-        for gate, q in zip(gates[m], gate_pairs(q_total, module.options["placement"])):
+        for gate, q in zip(gates[m], gate_pairs(q_total, module.options.placement)):
             operator = np.kron(np.kron(np.eye(2**q), gate.reshape(4, 4)), np.eye(2 ** (q_total - q - 2)))
             layer = operator @ layer
         state = layer @ state
@@ -144,7 +146,11 @@ def test_decode_macs_counts_the_gate_products() -> None:
     with FlopCounterMode(display=False) as counter:
         module.reconstruct()
     gate_macs = counter.get_total_flops() // 2
-    assert gate_macs == 3 * (module.qubits - 1) * 2 ** (module.qubits + 2)
+    windows = module.layout  # gates merged into windows of at most WINDOW_BITS indices
+    assert sum(w.count for w in windows) == module.qubits - 1 and max(w.bits for w in windows) <= WINDOW_BITS
+    applied = [2**w.bits * (2 if w.low + w.bits == module.qubits - 1 else 1) for w in windows]  # one widened
+    assert applied == [applied_size(w, module.qubits) for w in windows] and applied.count(32) == 1
+    assert gate_macs == 3 * sum(2**module.qubits * a + w.count * 4 * 4**w.bits for a, w in zip(applied, windows))
     assert module.decode_macs() == gate_macs + 2**module.qubits
     assert module.macs_per_vector() == 16 * 32
 
@@ -187,7 +193,7 @@ def test_eval_multiply_uses_cache_without_autograd() -> None:
     y = module.multiply(x)
     assert not y.requires_grad
     assert module._cached_weight() is module._cached_weight()
-    module.options["decode_every_forward"] = True
+    module.options = dataclasses.replace(module.options, decode_every_forward=True)
     assert module.multiply(x).requires_grad
 
 
@@ -230,14 +236,25 @@ def test_fit_improves_with_depth() -> None:
 def test_fit_reports_progress_and_curve() -> None:
     events: list[tuple[int, int, float]] = []
     tz = binary_tensorization(8, 8)
-    module = ADTN.fit(trained_like(8, 8), tz, 2, steps=120, progress=lambda *event: events.append(event))
-    assert [e[0] for e in events] == [1, 50, 100, 120]
-    assert all(total == 120 for _, total, _ in events)
+    module = ADTN.fit(trained_like(8, 8), tz, 2, steps=25, plateau=0.0,
+                      progress=lambda *event: events.append(event))
+    assert PROGRESS_EVERY == 10 and [e[0] for e in events] == [1, 10, 20, 25]  # and after the last
+    assert all(total == 25 for _, total, _ in events)
     info = module.fit_info
-    assert info.iterations == 120
+    assert info.iterations == 25
     assert info.error_curve == [e[2] for e in events]
     assert info.error_curve[-1] < info.error_curve[0]
-    assert info.relative_error == pytest.approx(info.error_curve[-1], rel=1e-9)
+    assert info.relative_error == pytest.approx(info.error_curve[-1], rel=1e-5)  # the fit runs in float32
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
+def test_fit_stops_on_a_plateau(optimizer: str) -> None:
+    weight = trained_like(8, 8)
+    tz = binary_tensorization(8, 8)
+    stopped = ADTN.fit(weight, tz, 1, steps=2000, optimizer=optimizer, patience=5, plateau=0.5).fit_info
+    assert stopped.iterations < 2000
+    full = ADTN.fit(weight, tz, 1, steps=60, optimizer=optimizer, plateau=0.0).fit_info
+    assert full.iterations == 60 and full.relative_error < 1.0
 
 
 def test_fit_stops_at_tolerance_and_handles_zero() -> None:
@@ -273,7 +290,7 @@ def test_registered_and_rebuilt_from_config() -> None:
     rebuilt.load_state_dict(module.state_dict())
     x = torch.randn(2, 10, dtype=torch.float64)
     torch.testing.assert_close(rebuilt.eval().multiply(x), module.eval().multiply(x))
-    assert rebuilt.options["placement"] == "stair"
+    assert rebuilt.options.placement == "stair"
     weight = trained_like(6, 10)
     explicit = float((module.reconstruct().detach() - weight).norm() / weight.norm())
     assert math.isclose(module.fit_info.relative_error, explicit, rel_tol=1e-9)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -12,12 +13,13 @@ import torch
 from torch import nn
 
 from kcompress import KCompressError, KCompressWarning, compress
-from kcompress.convert import NOTHING_MATCHED
+from kcompress.planning import NOTHING_MATCHED
 from kcompress.formats import FORMATS, Dense, Stack, get_format
 from kcompress.formats.kcp import KCP
 from kcompress.formats.svd import SVD
 from kcompress.nn import CompressedGRU, CompressedGRUCell, CompressedLinear, CompressedLSTM, CompressedLSTMCell
 from kcompress.report import validate_report_dict
+from kcompress.speed import Speed
 
 # warnings are asserted with pytest.warns where they matter (it records them whatever the filters say)
 pytestmark = pytest.mark.filterwarnings("ignore::kcompress.errors.KCompressWarning")
@@ -122,7 +124,7 @@ def test_kcp_on_exactly_representable_weight_reproduces_outputs() -> None:
     assert tz.order == 2 and tz.padding == (0, 0)
     with torch.no_grad():
         lstm.weight_ih_l0.copy_(kcp_representable(tz, 3, torch.Generator().manual_seed(3)))
-    compressed, report = compress(lstm, "kcp", rank=3)
+    compressed, report = compress(lstm, "kcp", rank=3, targets="ih")  # only ih is exactly representable
     assert isinstance(compressed, CompressedLSTM)  # the model itself was the layer
     row = rows_by_name(report)["weight_ih_l0"]
     assert row.modes == tz.describe() and row.rank_used == 3 and row.relative_error < 1e-6
@@ -159,9 +161,33 @@ def test_shared_module_replaced_at_every_path() -> None:
 
 
 # ---------------------------------------------------------------------- selection
+def test_default_targets_are_every_recurrent_matrix() -> None:
+    model = make(Classifier)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KCompressWarning)  # nothing left dense: no warning about it
+        compressed, report = compress(model, "svd", rank=4, check_speed=False)
+    assert {row.name: row.format for row in report.matrices} == {
+        f"rnn.weight_{kind}_l{layer}": "svd" for kind in ("ih", "hh") for layer in range(2)
+    }
+    assert report.options["targets"] == "ih,hh"
+
+
+def test_warns_when_a_fit_explains_almost_nothing_or_the_output_grows() -> None:
+    torch.manual_seed(0)
+    noise = nn.Sequential(nn.Linear(128, 128))  # a Gaussian matrix: rank 1 explains ~3% of its energy
+    with pytest.warns(KCompressWarning, match=r"0\.weight: the fit explains almost nothing \(relative error 0\.9"):
+        compress(noise, "svd", rank=1, include=["*"], check_speed=False)
+    small = nn.Sequential(nn.Linear(64, 64))
+    with pytest.warns(KCompressWarning, match=r"compressed is larger than dense: 8,192 vs 4,096 parameters "
+                                              r"\(0\.50x; grown: 0\.weight\)"):
+        compress(small, "svd", rank=64, include=["*"], check_speed=False)
+
+
 def test_targets_ih_keeps_hidden_to_hidden_dense_and_exact() -> None:
     model = make(Classifier)
-    compressed, report = compress(model, "kcp", rank=2)
+    with pytest.warns(KCompressWarning, match=r"2 recurrent matrices left dense by targets='ih' \(.*parameters, "
+                                              r"e\.g\. rnn\.weight_hh_l0\): the model ratio is"):
+        compressed, report = compress(model, "kcp", rank=2, targets="ih")
     for layer in range(2):
         hh = compressed.rnn.matrices[f"weight_hh_l{layer}"]
         assert isinstance(hh, Dense) and torch.equal(hh.weight, getattr(model.rnn, f"weight_hh_l{layer}"))
@@ -281,7 +307,7 @@ def test_unused_override_and_include_globs_warn() -> None:
 def test_explicit_modes_used() -> None:
     model = make(Classifier)
     overrides = {"rnn.weight_ih_l1": {"in_modes": [2, 3, 4]}}
-    _, report = compress(model, "kcp", rank=2, modes=((4, 4, 6), (2, 2, 4)), overrides=overrides)
+    _, report = compress(model, "kcp", rank=2, modes=((4, 4, 6), (2, 2, 4)), overrides=overrides, targets="ih")
     rows = rows_by_name(report)
     assert rows["rnn.weight_ih_l0"].modes == "(4,4,6)x(2,2,4)" and rows["rnn.weight_ih_l1"].modes == "(4,4,6)x(2,3,4)"
 
@@ -289,7 +315,8 @@ def test_explicit_modes_used() -> None:
 # ---------------------------------------------------------------------- progress and determinism
 def test_progress_events_in_order() -> None:
     events = []
-    _, report = compress(make(Classifier), "kcp", rank=2, order=3, gates="separate", progress=events.append)
+    _, report = compress(make(Classifier), "kcp", rank=2, order=3, gates="separate", progress=events.append,
+                         targets="ih")
     targeted = [row.name for row in report.matrices if row.rank_used is not None]
     assert targeted == ["rnn.weight_ih_l0", "rnn.weight_ih_l1"]
     position = 0
@@ -352,12 +379,13 @@ def test_every_registered_format_reports_true_counts(fmt: str) -> None:
 
 
 def test_report_metadata_and_slow_warning(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("kcompress.convert.measured_speedup", lambda matrix: 0.5)
-    with pytest.warns(KCompressWarning, match="measured 2.0x slower than the dense product"):
-        _, report = compress(make(Classifier), "svd", rank=16, overrides={"*": {"rank": 16}})
+    monkeypatch.setattr("kcompress.convert.measured_speedup", lambda matrix: Speed(0.5, 0.0))
+    with pytest.warns(KCompressWarning, match="runs factorized because execution='factorized' asked for it; "
+                                              r"measured 2.0x slower \(±0%\) than the dense product"):
+        _, report = compress(make(Classifier), "svd", rank=16, overrides={"*": {"rank": 16}}, execution="factorized")
     assert all(row.measured_speedup == 0.5 for row in report.matrices if row.format != "dense")
     assert set(report.versions) >= {"kcompress", "torch", "tensorly"}
-    assert report.format == "svd" and report.options["rank"] == 16 and report.options["targets"] == "ih"
+    assert report.format == "svd" and report.options["rank"] == 16 and report.options["targets"] == "ih,hh"
     assert report.options["overrides"] == {"*": {"rank": 16}} and "progress" not in report.options
     validate_report_dict(json.loads(report.to_json()))
 
@@ -403,7 +431,7 @@ def test_not_a_module_raises() -> None:
 
 
 def test_speed_is_measured_unless_disabled() -> None:
-    _, report = compress(make(Classifier), "svd", rank=2)
+    _, report = compress(make(Classifier), "svd", rank=2, execution="factorized")
     measured = [row.measured_speedup for row in report.matrices if row.format != "dense"]
     assert measured and all(value > 0 for value in measured)
     _, unchecked = compress(make(Classifier), "svd", rank=2, check_speed=False)

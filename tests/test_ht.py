@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from kcompress.errors import KCompressError
-from kcompress.formats import build, get_format
 from kcompress.formats.ht import HT
 from kcompress.tensorize import Tensorization, choose_tensorization
 
@@ -178,22 +177,3 @@ def test_sweeps_never_increase_the_error_and_improve_on_ht_svd() -> None:
     assert ht_svd.relative_error == pytest.approx(curve[0], rel=1e-6)
     assert fitted.fit_info.relative_error < ht_svd.relative_error - 1e-4  # both computed explicitly
 
-
-def test_same_seed_same_factors() -> None:
-    weight = trained_like(96, 64)
-    tz = choose_tensorization(96, 64, order=3)
-    first, second = (HT.fit(weight, tz, 3, seed=7) for _ in range(2))
-    for a, b in zip(first.nodes, second.nodes):
-        assert torch.equal(a, b)
-
-
-def test_gradients_reach_every_node_and_config_round_trips() -> None:
-    tz = choose_tensorization(100, 70, order=4)
-    fitted = HT.fit(trained_like(100, 70), tz, 2)
-    fitted.multiply(torch.randn(4, 70)).square().sum().backward()
-    assert all(node.grad is not None and node.grad.abs().sum() > 0 for node in fitted.nodes)
-    rebuilt = build(fitted.config())
-    rebuilt.load_state_dict(fitted.state_dict())
-    x = torch.randn(2, 3, 70)
-    assert torch.equal(rebuilt.multiply(x), fitted.multiply(x))
-    assert get_format("ht") is HT

@@ -15,24 +15,12 @@ import torch
 
 from kcompress.errors import KCompressError, KCompressWarning
 from kcompress.models import SequenceClassifier
-from kcompress.sweep import (
-    Budget,
-    EvalSpec,
-    FinetuneSettings,
-    TrialJob,
-    TrialSpec,
-    append_record,
-    best_within_budget,
-    compress_checked,
-    expand_grid,
-    file_sha256,
-    load_evaluation,
-    metric_drop,
-    pareto_front,
-    plot_pareto,
-    read_records,
-    run_trial,
-)
+from kcompress.cli.plot import plot_pareto
+from kcompress.evaluate import Budget, EvalSpec, load_evaluation, metric_drop
+from kcompress.io import file_sha256
+from kcompress.pipeline import FinetuneSettings, compress_checked
+from kcompress.sweep import best_within_budget, expand_grid, pareto_front
+from kcompress.trials import TrialJob, TrialSpec, append_record, read_records, run_trial
 
 
 # ---------------------------------------------------------------------- helpers shared with test_cli

@@ -7,7 +7,6 @@ import torch
 from tensorly.tt_matrix import tt_matrix_to_tensor
 
 from kcompress.errors import KCompressError
-from kcompress.formats import build, get_format
 from kcompress.formats.tt import TT
 from kcompress.tensorize import Tensorization, choose_tensorization
 
@@ -150,22 +149,3 @@ def test_sweeps_never_increase_the_error_and_improve_on_tt_svd() -> None:
     assert tt_svd.error_curve == curve[:1] and tt_svd.relative_error == pytest.approx(curve[0], rel=1e-6)
     assert fitted.fit_info.relative_error < tt_svd.relative_error - 1e-6  # both computed explicitly
 
-
-def test_same_seed_same_factors() -> None:
-    weight = trained_like(96, 64)
-    tz = choose_tensorization(96, 64, order=3)
-    first, second = (TT.fit(weight, tz, 3, seed=7) for _ in range(2))
-    for a, b in zip(first.cores, second.cores):
-        assert torch.equal(a, b)
-
-
-def test_gradients_reach_every_core_and_config_round_trips() -> None:
-    tz = choose_tensorization(100, 70, order=3)
-    fitted = TT.fit(trained_like(100, 70), tz, [2, 3])
-    fitted.multiply(torch.randn(4, 70)).square().sum().backward()
-    assert all(core.grad is not None and core.grad.abs().sum() > 0 for core in fitted.cores)
-    rebuilt = build(fitted.config())
-    rebuilt.load_state_dict(fitted.state_dict())
-    x = torch.randn(3, 70)
-    assert torch.equal(rebuilt.multiply(x), fitted.multiply(x))
-    assert get_format("TT") is TT and rebuilt.rank == [2, 3]

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kcompress.nn import ReconstructedLSTM  # re-exported for compress_lm.py
 
 HERE = pathlib.Path(__file__).resolve().parent
 CHECKPOINT = HERE / "char_lstm.pt"

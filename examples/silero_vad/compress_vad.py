@@ -38,7 +38,7 @@ from kcompress import KCompressWarning, compress
 from kcompress.data import SequenceData
 from kcompress.finetune import finetune
 from kcompress.formats import FORMATS
-from kcompress.nn import ReconstructedLSTM
+from kcompress.nn import executed
 
 from silero_port import CHUNK, SileroVAD
 from speech import read_16k, speech_files
@@ -103,8 +103,9 @@ class RecurrentHead(nn.Module):
 
 def direct_check(compressed: nn.Module, final_conv: nn.Conv1d, features: Sequence[Tensor],
                  expected: Sequence[Tensor]) -> float:
-    """Max |Δp| between ``expected`` and the compressed LSTM's own forward (factorized products)."""
-    got = RecurrentHead(compressed, final_conv).probabilities(features)
+    """Max |Δp| between ``expected`` and the compressed LSTM's factorized forward (products with the factors)."""
+    with executed(compressed, "factorized"):
+        got = RecurrentHead(compressed, final_conv).probabilities(features)
     return max(float((a - b).abs().max()) for a, b in zip(expected, got))
 
 
@@ -278,7 +279,7 @@ def compressed_row(
         lstm, report = compress(dense.lstm, format=fmt, rank=rank, ratio=ratio, targets=settings.targets,
                                 seed=settings.seed, check_speed=False)
     notes = [str(w.message) for w in caught if issubclass(w.category, KCompressWarning)]
-    student = RecurrentHead(ReconstructedLSTM(lstm), dense.final_conv)
+    student = RecurrentHead(lstm, dense.final_conv)  # its plan: fused kernels where they win
     probabilities = student.probabilities(split.test)
     before = Agreement.measure(reference, probabilities)
     check = split.check_files()

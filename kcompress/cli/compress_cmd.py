@@ -1,4 +1,5 @@
-"""``kcompress compress`` (the default command): load, measure, compress, fine-tune, measure, save, report."""
+"""``kcompress compress`` (the default command): parse the options, run the pipeline
+(:func:`kcompress.pipeline.run_pipeline`), render its report and set the exit code."""
 
 from __future__ import annotations
 
@@ -7,36 +8,36 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import click
-from torch import nn
 
-from ..errors import KCompressError
-from ..io import atomic_write, check_output_path, default_output_path, save_artifact
+from .._threads import threads_used
+from ..allocation_report import rich_tables
+from ..io import atomic_write, check_input_file, check_output_paths, default_output_path
+from ..pipeline import FinetuneSettings, run_pipeline
 from ..report import Report
-from ..sweep import (
-    Budget,
-    EvalSpec,
-    Evaluation,
-    FinetuneSettings,
-    apply_metrics,
-    compress_checked,
-    finetune_compressed,
-    load_evaluation,
-    load_model,
-    metrics_record,
-)
+from ..search import run_search
+from .allocation import allocation_options, allocation_request
 from .options import (
     COMPRESSION_FORMATS,
     EXIT_BUDGET,
+    ORDER,
+    SEED,
+    FiniteFloat,
     ModesType,
     RankType,
     budget,
     budget_options,
+    calibration_kwargs,
+    calibration_options,
     check_finetune,
     common_options,
     eval_options,
     eval_spec,
+    fit_option,
+    finetune_data_option,
     finetune_options,
     guarded,
+    model_option,
+    threads_option,
     trust_option,
 )
 from .render import Display
@@ -47,9 +48,13 @@ Examples:
   kcompress model.pt --format svd --ratio 4 --targets ih,hh -o small.safetensors
   kcompress model.pt --format kcp --rank 8 --modes 4,4,16x8,8,8 --gates separate
   kcompress lstm.pt --format kcp --rank 8 --eval japanese-vowels --finetune-epochs 30
+  kcompress lstm.pt --format tt --ratio 4 --targets ih,hh --calibrate japanese-vowels --calibrate-samples 64
   kcompress model.pt --format kcp --rank 4 --eval val.npz --task regression --max-drop 0.05 \\
       --drop-type relative --report report.json --markdown report.md
-  kcompress model.pt --format tt --rank 8 --evaluator mymetrics:score --max-drop 0.01"""
+  kcompress model.pt --format tt --rank 8 --evaluator mymetrics:score --max-drop 0.01
+  kcompress lstm.pt --formats kcp,tt,svd --ratio 8 --calibrate japanese-vowels
+  kcompress lstm.pt --formats kcp,tt,svd --calibrate japanese-vowels --eval japanese-vowels --max-drop 0.01 \\
+      --finetune-epochs 40 --finetune-lr 0.02"""
 
 
 @dataclass(frozen=True)
@@ -62,25 +67,30 @@ class Outputs:
 
 
 @click.command("compress", epilog=EPILOG)
-@click.argument("model", type=click.Path(dir_okay=False, path_type=pathlib.Path))
+@click.argument("model", type=click.Path(readable=False, path_type=pathlib.Path))
 @click.option("--format", "format_", type=click.Choice(COMPRESSION_FORMATS), default="kcp", show_default=True,
               help="Weight format of the compressed matrices.")
 @click.option("--rank", type=RankType(), help="Rank of every compressed matrix (clamped to each matrix's "
               "largest useful rank, with a warning); N,N,... for per-bond ranks.")
-@click.option("--ratio", type=click.FloatRange(min=0, min_open=True), metavar="X",
+@click.option("--ratio", type=FiniteFloat(min=0, min_open=True), metavar="X",
               help="Instead of --rank: per matrix the largest rank with at most 1/X of its parameters.")
 @click.option("--modes", type=ModesType(), metavar="OUTxIN", help="Mode shapes OUTxIN for every matrix, e.g. "
               "4,4,16x8,8,8 "
               "(products must cover the matrix; fused gates fold into the first output mode).")
-@click.option("--order", type=click.IntRange(min=1), metavar="D", help="Tensor order (number of modes).")
-@click.option("--targets", type=click.Choice(["ih", "hh", "ih,hh"]), default="ih", show_default=True,
-              help="Recurrent matrices to compress: input-to-hidden, hidden-to-hidden or both.")
+@click.option("--order", type=ORDER, metavar="D", help="Tensor order (number of modes).")
+@click.option("--targets", type=click.Choice(["ih", "hh", "ih,hh"]), default="ih,hh", show_default=True,
+              help="Recurrent matrices to compress: input-to-hidden, hidden-to-hidden or both (matrices "
+              "left out stay dense, and a warning says so).")
 @click.option("--gates", type=click.Choice(["fused", "separate"]), default="fused", show_default=True,
               help="Fit an LSTM/GRU matrix's gates as one matrix or one fit per gate.")
+@click.option("--execution", type=click.Choice(["auto", "factorized", "materialized"]), default="auto",
+              show_default=True, help="How compressed matrices run: with the factors, as the reconstructed dense "
+              "weight in torch's fused kernels, or whichever is faster here (measured). Stored in the artifact.")
 @click.option("--include", multiple=True, metavar="GLOB", help="Compress only layers whose name matches "
               "(repeatable; Linear layers are compressed only when named here, '*' takes all).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave layers whose name matches (repeatable).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of every fit and of fine-tuning.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of every fit and of fine-tuning.")
+@fit_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=pathlib.Path),
               help="Artifact path (default: beside the input, e.g. model.kcp-r8.safetensors; never the input).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
@@ -88,117 +98,89 @@ class Outputs:
               metavar="FILE.json", help="Write the report as JSON (schema_version, per-matrix rows, metrics, status).")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=pathlib.Path),
               metavar="FILE.md", help="Write the report as Markdown (e.g. for a pull-request comment).")
+@allocation_options
 @eval_options
+@calibration_options
 @finetune_options
+@finetune_data_option
 @budget_options("when it is exceeded the exit code is 3, and the artifact is still written with its report "
                 "marked failed.")
+@model_option
 @trust_option
+@threads_option
 @common_options
 @guarded
 def compress_command(model: pathlib.Path, format_: str, rank: Any, ratio: Optional[float], modes: Any,
-                     order: Optional[int], targets: str, gates: str, include: tuple[str, ...],
-                     exclude: tuple[str, ...], seed: int, output: Optional[pathlib.Path], overwrite: bool,
+                     order: Optional[int], targets: str, gates: str, execution: str, include: tuple[str, ...],
+                     exclude: tuple[str, ...], seed: int, fit_option: tuple[tuple[str, Any], ...],
+                     output: Optional[pathlib.Path], overwrite: bool,
                      report_path: Optional[pathlib.Path], markdown_path: Optional[pathlib.Path],
+                     formats: Optional[list[str]], allocate: Optional[str], params: Optional[int], objective: str,
                      eval_data: Optional[str], task: str, evaluator: Optional[str], lower_is_better: bool,
-                     finetune_epochs: int, finetune_loss: str, finetune_lr: float, max_drop: Optional[float],
-                     drop_type: str, trust_checkpoint: bool, quiet: bool, debug: bool) -> None:
+                     calibrate_data: Optional[str], calibrate_samples: int, distill_epochs: int,
+                     finetune_epochs: int, finetune_loss: str, finetune_lr: float, finetune_data: Optional[str],
+                     max_drop: Optional[float], drop_type: str, model_class: Optional[str], trust_checkpoint: bool,
+                     threads: Optional[int], quiet: bool, debug: bool) -> None:
     """Compress the LSTM/GRU (and chosen Linear) layers of MODEL and write the artifact.
 
     MODEL is a state dict (.pt), safetensors file or kcompress artifact. Without a subcommand,
     `kcompress MODEL ...` runs this command. Progress goes to stderr, the report table to stdout.
     """
-    if (rank is None) == (ratio is None):
-        raise click.UsageError("give exactly one of --rank N and --ratio X")
+    request = allocation_request(format_, formats, allocate, rank, ratio, params, objective, max_drop)
     spec = eval_spec(eval_data, task, evaluator, lower_is_better)
-    check_finetune(finetune_epochs, spec)
+    spec = check_finetune(finetune_epochs, spec, finetune_data)
     limits = budget(max_drop, drop_type, spec)
     if spec is not None:
         spec.check()
-    if not model.is_file():
-        raise KCompressError(f"input file not found: {model}")
-    artifact = output or default_output_path(model, format_, rank=rank, ratio=ratio)
-    outputs = _outputs(model, artifact, overwrite, report_path, markdown_path)
-    compress_kwargs = dict(format=format_, rank=rank, ratio=ratio, modes=modes, order=order, targets=targets,
-                           gates=gates, include=list(include) or None, exclude=list(exclude) or None, seed=seed)
+    check_input_file(model)
+    artifact = output or default_output_path(model, request.output_tag, rank=rank, ratio=ratio)
+    check_output_paths({"--output": artifact, "--report": report_path, "--markdown": markdown_path},
+                       overwrite=overwrite, source=model)
+    outputs = Outputs(artifact, report_path, markdown_path)
+    compress_kwargs = dict(**request.kwargs, modes=modes, order=order, targets=targets,
+                           gates=gates, execution=execution, include=list(include) or None,
+                           exclude=list(exclude) or None, seed=seed, fit_options=dict(fit_option) or None,
+                           **calibration_kwargs(calibrate_data, calibrate_samples, distill_epochs, task))
     display = Display(quiet)
-    with display.warnings_shown():
-        report = _run(display, model, trust_checkpoint, spec, compress_kwargs,
-                      FinetuneSettings(finetune_epochs, finetune_loss, finetune_lr), limits, outputs, overwrite)
+    if spec is not None and spec.holdout > 0:
+        display.note(f"--eval {spec.data} is also the fine-tuning data: scoring on a seeded {spec.holdout:.0%} "
+                     f"held out, fine-tuning on the rest (--finetune-data FILE scores on all of it)")
+    with display.warnings_shown(), threads_used(threads) as counts, display.progress() as progress:
+        display.line(f"threads: {counts['fit']} for fits, {counts['model']} for evaluation and fine-tuning")
+        common = dict(overwrite=overwrite, trust_checkpoint=trust_checkpoint, model_class=model_class,
+                      finetuning=FinetuneSettings(finetune_epochs, finetune_loss, finetune_lr), progress=progress)
+        if request.search:
+            assert spec is not None
+            report = run_search(model, outputs.artifact, evaluation=spec, budget=limits, **common,
+                                **compress_kwargs).run.report
+        else:
+            report = run_pipeline(model, outputs.artifact, evaluation=spec, budget=limits, **common,
+                                  **compress_kwargs).report
+    assert report is not None
+    report.options["threads"] = counts
+    _write_reports(report, outputs, overwrite)
     display.show(report.rich_table())
+    for table in rich_tables(report):
+        display.show(table)
     display.result(f"wrote {outputs.artifact}")
     if report.status == "failed":
         _budget_failed(display, report)
         raise click.exceptions.Exit(EXIT_BUDGET)
 
 
-def _run(display: Display, model_path: pathlib.Path, trust_checkpoint: bool, spec: Optional[EvalSpec],
-         compress_kwargs: dict[str, Any], settings: FinetuneSettings, limits: Budget, outputs: Outputs,
-         overwrite: bool) -> Report:
-    """The steps, each shown as it runs; returns the report (written to its files)."""
-    with display.step(f"loading {model_path}"):
-        dense, source = load_model(model_path, trust_checkpoint)
-    evaluation = _load_evaluation(display, spec)
-    with display.progress() as progress:
-        compressed, report = compress_checked(dense, progress=progress, **compress_kwargs)
-    report.source = source
-    if evaluation is not None:
-        _evaluate(display, evaluation, dense, compressed, report, settings, limits, compress_kwargs["seed"])
-    with display.step(f"writing {outputs.artifact}"):
-        save_artifact(compressed, report, outputs.artifact, overwrite=overwrite, source_path=model_path)
-    _write_reports(report, outputs)
-    return report
-
-
-def _load_evaluation(display: Display, spec: Optional[EvalSpec]) -> Optional[Evaluation]:
-    if spec is None:
-        return None
-    with display.step(f"loading {spec.data or spec.evaluator}"):
-        return load_evaluation(spec)
-
-
-def _measure(display: Display, evaluation: Evaluation, model: nn.Module, what: str) -> float:
-    with display.step(f"measuring {evaluation.description}: {what}"):
-        value = evaluation.measure(model)
-    display.line(f"{evaluation.name} of the {what}: {value:.4g}")
-    return value
-
-
-def _evaluate(display: Display, evaluation: Evaluation, dense: nn.Module, compressed: nn.Module, report: Report,
-              settings: FinetuneSettings, limits: Budget, seed: int) -> None:
-    """Measure the dense and compressed models, fine-tune and measure again when asked; fill the metrics."""
-    baseline = _measure(display, evaluation, dense, "dense model")
-    compressed_metric = _measure(display, evaluation, compressed, "compressed model")
-    finetuned = None
-    if settings.epochs > 0:
-        with display.progress() as progress:
-            finetune_compressed(compressed, dense, evaluation, settings, seed=seed, progress=progress)
-        finetuned = _measure(display, evaluation, compressed, "fine-tuned model")
-    apply_metrics(report, metrics_record(evaluation, baseline, compressed_metric, finetuned, limits))
-
-
-def _outputs(model: pathlib.Path, artifact: pathlib.Path, overwrite: bool, report_path: Optional[pathlib.Path],
-             markdown_path: Optional[pathlib.Path]) -> Outputs:
-    """Checked before any work: the artifact may be written (not the input, new unless ``--overwrite``), and
-    the report files are neither the input nor the artifact (they are replaced when they exist)."""
-    check_output_path(artifact, overwrite=overwrite, source=model)
-    for name, path in (("--report", report_path), ("--markdown", markdown_path)):
-        for other, what in ((model, "the input file"), (artifact, "the artifact path")):
-            if path is not None and path.resolve() == other.resolve():
-                raise KCompressError(f"{name} {path} is {what}; choose another path")
-    return Outputs(artifact, report_path, markdown_path)
-
-
-def _write_reports(report: Report, outputs: Outputs) -> None:
-    if outputs.report is not None:
-        _write_text(outputs.report, report.to_json() + "\n")
-    if outputs.markdown is not None:
-        _write_text(outputs.markdown, report.to_markdown())
-
-
-def _write_text(path: pathlib.Path, text: str) -> None:
-    """Atomically, replacing an existing file (see :func:`kcompress.io.atomic_write`); parent folders are created."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, text.encode("utf8"), overwrite=True)
+def _write_reports(report: Report, outputs: Outputs, overwrite: bool) -> None:
+    """The report files beside the written artifact, each atomically: all outputs, or (on any failure or
+    interruption) none, the artifact included."""
+    written = [outputs.artifact]
+    try:
+        for path, text in ((outputs.report, report.to_json() + "\n"), (outputs.markdown, report.to_markdown())):
+            if path is not None:
+                atomic_write(path, text.encode("utf8"), overwrite)
+                written.append(path)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def _budget_failed(display: Display, report: Report) -> None:

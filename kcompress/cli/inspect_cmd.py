@@ -12,10 +12,11 @@ import click
 from torch import nn
 
 from ..errors import KCompressError
-from ..formats import Stack, get_format
+from ..formats import get_format
+from ..io import check_input_file
 from ..nn import COMPRESSED_TYPES
-from ..sweep import load_model
-from .options import COMPRESSION_FORMATS, FormatListType, IntListType, common_options, guarded, trust_option
+from ..pipeline import load_input
+from .options import COMPRESSION_FORMATS, ORDER, FormatListType, IntListType, common_options, guarded, trust_option
 from .render import Display, layers_table, options_table
 
 EPILOG = """\b
@@ -26,11 +27,11 @@ Examples:
 
 
 @click.command("inspect", epilog=EPILOG)
-@click.argument("model", type=click.Path(dir_okay=False, path_type=pathlib.Path))
+@click.argument("model", type=click.Path(readable=False, path_type=pathlib.Path))
 @click.option("--formats", "format_names", type=FormatListType(), default=",".join(COMPRESSION_FORMATS),
               show_default=True, help="Formats to tabulate.")
 @click.option("--ranks", type=IntListType(), default="2,4,8,16", show_default=True, help="Ranks to tabulate.")
-@click.option("--order", type=click.IntRange(min=1), metavar="D", help="Tensor order (default: per format).")
+@click.option("--order", type=ORDER, metavar="D", help="Tensor order (default: per format).")
 @click.option("--gates", type=click.Choice(["fused", "separate"]), default="fused", show_default=True,
               help="Count an LSTM/GRU matrix's gates as one fit or one per gate.")
 @click.option("--json", "as_json", is_flag=True, help="Print the same data as JSON on stdout.")
@@ -45,11 +46,10 @@ def inspect_command(model: pathlib.Path, format_names: list[str], ranks: list[in
     vector at each rank, and both as ratios against the dense matrix (MACs ratio above 1: predicted
     faster; `kcompress compress` also measures it). Ranks above a format's useful maximum are shown clamped.
     """
-    if not model.is_file():
-        raise KCompressError(f"input file not found: {model}")
+    check_input_file(model)
     display = Display(quiet)
     with display.warnings_shown(), display.step(f"loading {model}"):
-        dense, _ = load_model(model, trust_checkpoint)
+        dense = load_input(model, trust_checkpoint=trust_checkpoint).dense
     layers = [_describe_layer(name, module) for name, module in _candidates(dense)]
     if not layers:
         raise KCompressError(f"nothing to compress: {model} has no LSTM, GRU, LSTMCell, GRUCell or Linear layer")
@@ -105,11 +105,10 @@ def _option(format_name: str, rank: int, shape: tuple[int, int], layer_gates: in
     try:
         tz = fmt.default_tensorization(rows // blocks, cols, order, out_group=layer_gates if blocks == 1 else 1)
         requested = fmt.normalize_rank(tz, rank)
-        used = fmt.normalize_rank(tz, fmt.clamp_rank(tz, requested))
-        module = Stack([fmt(tz, used) for _ in range(blocks)]) if blocks > 1 else fmt(tz, used)
+        used, options = fmt.check(tz, fmt.clamp_rank(tz, requested))
     except KCompressError:
         return None
-    params, macs = int(module.num_params()), int(module.macs_per_vector())
+    params, macs = blocks * fmt.param_count(tz, used), blocks * fmt.macs(tz, used, options)
     modes = tz.describe() if blocks == 1 else f"{blocks}×{tz.describe()}"
     return {"format": format_name, "modes": modes, "rank": requested, "rank_used": used, "params": params,
             "ratio": rows * cols / params, "macs": macs, "macs_ratio": rows * cols / macs}

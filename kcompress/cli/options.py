@@ -3,23 +3,29 @@ exceptions into one-line messages and exit codes (0 ok, 1 error, 2 usage, 3 budg
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
+import math
 import traceback
 from typing import Any, Callable, Optional, TypeVar, Union
 
 import click
 
+from ..calibrate import DEFAULT_SAMPLES, load_calibration_data
 from ..errors import KCompressError
-from ..evaluate import TASKS
+from ..evaluate import DROP_TYPES, TASKS, Budget, EvalSpec
 from ..finetune import LOSSES
-from ..formats import FORMATS
-from ..sweep import DROP_TYPES, Budget, EvalSpec
+from ..formats import compression_formats
 from .render import echo_error, one_line
+from .signals import interruption, terminations_interrupt
 
 EXIT_ERROR = 1
+#: the fraction of an --eval data file held out for scoring when the same file is also fine-tuned on
+HOLDOUT = 0.2
 EXIT_BUDGET = 3
-#: formats a user may ask for (``dense`` is what compression replaces)
-COMPRESSION_FORMATS = sorted(name for name in FORMATS if name != "dense")
+#: formats a user may ask for (not the one that keeps a matrix as it is)
+COMPRESSION_FORMATS = compression_formats()
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -35,14 +41,20 @@ class CliError(click.ClickException):
 
 def guarded(command: F) -> F:
     """Run ``command`` turning KCompressError, file errors and unexpected exceptions into a one-line
-    :class:`CliError` (the traceback first with ``--debug``); click's own exits pass through."""
+    :class:`CliError` (the traceback first with ``--debug``), and SIGINT/SIGTERM into one line and exit code
+    128 + the signal's number; click's own exits pass through."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with terminations_interrupt():
+                return command(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM/SIGHUP (see kcompress.cli.signals)
+            message, code = interruption(error)
+            echo_error(message)
+            raise click.exceptions.Exit(code) from None
         except Exception as error:  # noqa: BLE001 - the boundary: every failure becomes one line
             if kwargs.get("debug"):
                 traceback.print_exception(type(error), error, error.__traceback__)
@@ -61,6 +73,22 @@ def _message(error: Exception, debug: bool) -> str:
 
 
 # ---------------------------------------------------------------------- parameter types
+#: ``--seed``: what numpy's and torch's generators take
+SEED = click.IntRange(0, 2**32 - 1)
+#: ``--order``: modes of at least 2 make higher orders pointless for real layers (and fits explode)
+ORDER = click.IntRange(1, 8)
+
+
+class FiniteFloat(click.FloatRange):
+    """A :class:`click.FloatRange` that also refuses ``nan`` and ``±inf`` (a usage error, exit 2)."""
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 class RankType(click.ParamType):
     """``8`` -> 8; ``4,8,4`` -> [4, 8, 4] (per-bond ranks)."""
 
@@ -120,6 +148,33 @@ class FormatListType(click.ParamType):
         return names
 
 
+class FitOptionType(click.ParamType):
+    """``key=value`` -> ``(key, value)``; the value is read as JSON when it parses (``50``, ``1e-6``, ``true``,
+    ``[0,2,1]``), as a string otherwise (``init=random``). The format checks keys and values."""
+
+    name = "KEY=VALUE"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> tuple:
+        if isinstance(value, tuple):
+            return value
+        key, sep, text = str(value).partition("=")
+        if not sep or not key.strip():
+            self.fail(f"{value!r} is not KEY=VALUE, e.g. max_iterations=50", param, ctx)
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = text
+        return key.strip(), parsed
+
+
+def fit_option(command: F) -> F:
+    """``--fit-option KEY=VALUE`` (repeatable): the format's options (``compress(fit_options=...)``)."""
+    return click.option("--fit-option", "fit_option", type=FitOptionType(), multiple=True,
+                        help="An option of the format, e.g. max_iterations=50 (kcp), max_sweeps=8 (tt, ht), "
+                             "steps=1000 (adtn); repeatable. Unknown keys are refused with the allowed ones "
+                             "(docs/cli.md lists them).")(command)
+
+
 def _positive_ints(text: str, sep: str) -> Optional[list[int]]:
     items = [item.strip() for item in text.split(sep)]
     if not items or not all(item.isdigit() and int(item) > 0 for item in items):
@@ -139,6 +194,14 @@ def trust_option(command: F) -> F:
     return click.option("--trust-checkpoint", is_flag=True,
                         help="Load a checkpoint that runs code when loaded (a pickled module, a TorchScript "
                              "archive): only for files you trust. State dicts and safetensors never need it.")(command)
+
+
+def model_option(command: F) -> F:
+    """``--model FILE.py:CLASS``: the user's own module, built and given the checkpoint's weights."""
+    return click.option("--model", "model_class", metavar="MODULE:CLASS",
+                        help="Your model class (from an importable module or a file.py), constructible without "
+                             "arguments: CLASS() is given the checkpoint's weights, so --eval and --evaluator "
+                             "run your own forward.")(command)
 
 
 def eval_options(command: F) -> F:
@@ -178,7 +241,7 @@ def budget_options(consequence: str) -> Callable[[F], F]:
     def decorate(command: F) -> F:
         command = click.option("--drop-type", type=click.Choice(DROP_TYPES), default="absolute", show_default=True,
                                help="absolute: metric units; relative: a fraction of |baseline|.")(command)
-        return click.option("--max-drop", type=float, metavar="D",
+        return click.option("--max-drop", type=FiniteFloat(min=0), metavar="D",
                             help="Accuracy budget: the largest acceptable drop of the metric from the dense "
                                  f"baseline (positive = worse, in either metric direction); {consequence}")(command)
 
@@ -198,10 +261,10 @@ def finetune_options(command: F) -> F:
     decorators = [
         click.option("--finetune-epochs", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
                      help="Fine-tune the compressed model for up to N epochs (early stopping) on the dataset's "
-                          "train split or the data file."),
+                          f"train split, or on a data file less the seeded {HOLDOUT:.0%} held out for scoring."),
         click.option("--finetune-loss", type=click.Choice(LOSSES), default="distill", show_default=True,
                      help="distill: match the dense model's outputs; task: the labels; both: the sum."),
-        click.option("--finetune-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+        click.option("--finetune-lr", type=FiniteFloat(min=0, min_open=True), default=1e-3, show_default=True,
                      metavar="LR", help="Adam learning rate for fine-tuning."),
     ]
     for decorator in reversed(decorators):
@@ -209,6 +272,63 @@ def finetune_options(command: F) -> F:
     return command
 
 
-def check_finetune(epochs: int, spec: Optional[EvalSpec]) -> None:
+def calibration_options(command: F) -> F:
+    """``--calibrate``, ``--calibrate-samples``, ``--distill-epochs``."""
+    decorators = [
+        click.option("--calibrate", "calibrate_data", metavar="DATA",
+                     help="Fit each matrix to what it computes on these unlabeled inputs (see docs/calibration.md): "
+                          "a built-in dataset (its train split) or a .pt/.npz/.safetensors file with inputs and "
+                          "optional lengths (targets not needed)."),
+        click.option("--calibrate-samples", type=click.IntRange(min=2), default=DEFAULT_SAMPLES, show_default=True,
+                     metavar="N", help="Use at most N calibration sequences (a quarter of them held out)."),
+        click.option("--distill-epochs", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+                     help="Then train the compressed model for up to N epochs to match the dense model's outputs "
+                          "on the calibration inputs (no labels; early stopping on the held-out part)."),
+    ]
+    for decorator in reversed(decorators):
+        command = decorator(command)
+    return command
+
+
+def calibration_kwargs(data: Optional[str], samples: int, distill_epochs: int, task: str) -> dict[str, Any]:
+    """The ``compress`` keyword arguments of the calibration options (data loaded here)."""
+    if data is None:
+        if distill_epochs:
+            raise click.UsageError("--distill-epochs needs inputs to distil on: give --calibrate DATA")
+        return {}
+    return {"calibration": load_calibration_data(data), "calibrate_samples": samples,
+            "distill_epochs": distill_epochs, "calibrate_options": {"task": task}}
+
+
+def check_finetune(epochs: int, spec: Optional[EvalSpec], finetune_data: Optional[str] = None) -> Optional[EvalSpec]:
+    """The spec to run: with fine-tuning, a data file given to --eval is no longer scored on the samples it
+    trains on: ``--finetune-data FILE`` trains on FILE, else a seeded :data:`HOLDOUT` of it is held out for
+    scoring (see :class:`kcompress.evaluate.EvalSpec`)."""
+    if finetune_data is not None and epochs == 0:
+        raise click.UsageError("--finetune-data is the data to fine-tune on: give --finetune-epochs N as well")
+    if finetune_data is not None:
+        if spec is None:
+            raise click.UsageError("--finetune-data needs a metric: give --eval DATA or --evaluator")
+        return dataclasses.replace(spec, data=spec.data if spec.evaluator is None else finetune_data,
+                                   finetune_data=finetune_data if spec.evaluator is None else None)
     if epochs > 0 and (spec is None or spec.data is None):
-        raise click.UsageError("--finetune-epochs needs data to train on: give --eval DATA")
+        raise click.UsageError("--finetune-epochs needs data to train on: give --eval DATA or --finetune-data FILE")
+    if epochs > 0 and spec is not None and spec.evaluator is None and not spec.is_builtin:
+        return dataclasses.replace(spec, holdout=HOLDOUT)
+    return spec
+
+
+def threads_option(command: F) -> F:
+    """``--threads N``."""
+    return click.option("--threads", type=click.IntRange(min=1), metavar="N",
+                        help="torch/BLAS threads for running the model (evaluation, fine-tuning, speed checks); "
+                             "default: torch's setting. Matrix fits always run on one thread, their small "
+                             "kernels' fastest setting (KCOMPRESS_FIT_THREADS overrides).")(command)
+
+
+def finetune_data_option(command: F) -> F:
+    """``--finetune-data FILE``."""
+    return click.option("--finetune-data", metavar="FILE",
+                        help="Fine-tune on this data file (.pt/.npz/.safetensors) and score on all of --eval DATA. "
+                             f"Without it, fine-tuning on a data file holds a seeded {HOLDOUT:.0%} of it out "
+                             "for scoring.")(command)

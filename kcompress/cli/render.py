@@ -16,6 +16,7 @@ from rich.text import Text
 
 from ..errors import KCompressWarning
 from ..progress import ProgressCallback, ProgressEvent, silent
+from ..report_text import keep_numbers_whole
 from ..sweep import trial_label
 
 PROG = "kcompress"
@@ -53,13 +54,21 @@ class Display:
     def line(self, text: str) -> None:
         """One plain progress line on stderr (nothing when quiet)."""
         if not self.quiet:
-            click.echo(text, err=True)
+            self._stderr(text)
 
     def warning(self, message: str) -> None:
-        click.echo(f"{PROG}: warning: {one_line(message)}", err=True)
+        self._stderr(f"{PROG}: warning: {one_line(message)}")
 
     def note(self, message: str) -> None:
-        click.echo(f"{PROG}: {one_line(message)}", err=True)
+        self._stderr(f"{PROG}: {one_line(message)}")
+
+    def _stderr(self, text: str) -> None:
+        """A line on stderr: through the rich console on a terminal, so that it goes above a live progress bar
+        or spinner instead of onto its line; plainly otherwise."""
+        if self.err.is_terminal:
+            self.err.print(text, markup=False, highlight=False, soft_wrap=True)
+        else:
+            click.echo(text, err=True)
 
     @contextlib.contextmanager
     def step(self, text: str) -> Iterator[None]:
@@ -235,7 +244,7 @@ def layers_table(layers: Sequence[Mapping[str, Any]]) -> Table:
     for layer in layers:
         matrices = ", ".join(f"{name} {rows}x{cols}" for name, (rows, cols) in layer["matrices"].items())
         table.add_row(layer["name"] or "(model)", layer["type"], matrices, f"{layer['params']:,}", layer["default"])
-    return table
+    return keep_numbers_whole(table)
 
 
 def options_table(title: str, rows: Sequence[Mapping[str, Any]]) -> Table:
@@ -253,18 +262,19 @@ def options_table(title: str, rows: Sequence[Mapping[str, Any]]) -> Table:
             rank = f"{_rank(row['rank'])}→{rank}"
         table.add_row(row["format"], row["modes"], rank, f"{row['params']:,}", times(row["ratio"]),
                       f"{row['macs']:,}", times(row["macs_ratio"]))
-    return table
+    return keep_numbers_whole(table)
 
 
 def pareto_table(front: Sequence[Mapping[str, Any]], metric_name: str, drop_type: str) -> Table:
-    """``kcompress sweep``: the Pareto front (compression ratio against metric)."""
+    """``kcompress sweep``: the Pareto front (compression ratio against metric) and the host that ran each trial."""
     table = Table(title=f"Pareto front: compression ratio vs {metric_name}")
     headers = ("trial", "ratio", "model ratio", "MACs ratio", metric_name, "compressed", "fine-tuned",
-               f"drop ({drop_type})", "max rel. error")
+               f"drop ({drop_type})", "max rel. error", "host")
     for header in headers:
         table.add_column(header, justify="left" if header == "trial" else "right")
     for row in front:
         table.add_row(trial_label(row["trial"]), times(row["compression_ratio"]), times(row["model_compression_ratio"]),
                       times(row["predicted_speedup"]), _number(row["metric"]), _number(row["compressed"]),
-                      _number(row.get("finetuned")), _number(row.get("drop")), _number(row.get("max_relative_error")))
-    return table
+                      _number(row.get("finetuned")), _number(row.get("drop")), _number(row.get("max_relative_error")),
+                      row.get("host") or "—")
+    return keep_numbers_whole(table)

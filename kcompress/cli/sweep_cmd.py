@@ -1,26 +1,24 @@
-"""``kcompress sweep``: a grid of formats × ranks in worker processes, resumable, with the Pareto front."""
+"""``kcompress sweep``: a grid of formats × ranks in local worker processes or on a Dask cluster, resumable,
+with the Pareto front."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
-from typing import Optional
+from typing import Any, Optional
 
 import click
 
-from ..errors import KCompressError
-from ..sweep import (
-    PLOT_FILE,
-    FinetuneSettings,
-    SweepResult,
-    expand_grid,
-    plot_pareto,
-    run_sweep,
-    trial_label,
-)
+from ..executors import SCHEDULER_ENV, scheduler_address
+from ..io import check_input_file
+from ..pipeline import FinetuneSettings
+from ..sweep import SweepResult, expand_grid, run_sweep, trial_label
 from .options import (
     COMPRESSION_FORMATS,
     EXIT_BUDGET,
+    ORDER,
+    SEED,
     FormatListType,
     IntListType,
     budget,
@@ -30,16 +28,22 @@ from .options import (
     eval_options,
     eval_spec,
     finetune_options,
+    fit_option,
     guarded,
+    model_option,
     trust_option,
 )
+from .plot import plot_pareto
 from .render import Display, pareto_table
+
+PLOT_FILE = "pareto.png"
 
 EPILOG = """\b
 Examples:
   kcompress sweep lstm.pt --formats kcp,svd --ranks 1,2,4,8,16 --eval japanese-vowels
   kcompress sweep model.pt --formats kcp,tt,ht,svd --ranks 2,4,8 --eval val.npz --finetune-epochs 5 \\
       --jobs 4 --out runs/sweep1
+  kcompress sweep model.pt --formats kcp,svd --ranks 2,4,8 --eval val.npz --scheduler tcp://10.0.0.5:8786
   kcompress sweep model.pt --ranks 2,4,8,16 --evaluator mymetrics:loss --lower-is-better --max-drop 0.05
 
 \b
@@ -47,52 +51,69 @@ Rerunning the same command resumes: trials already in DIR/trials.jsonl are skipp
 
 
 @click.command("sweep", epilog=EPILOG)
-@click.argument("model", type=click.Path(dir_okay=False, path_type=pathlib.Path))
+@click.argument("model", type=click.Path(readable=False, path_type=pathlib.Path))
 @click.option("--formats", "format_names", type=FormatListType(), default=",".join(COMPRESSION_FORMATS),
               show_default=True, help="Formats to try.")
 @click.option("--ranks", type=IntListType(), default="2,4,8,16", show_default=True, help="Ranks to try.")
-@click.option("--targets", type=click.Choice(["ih", "hh", "ih,hh"]), default="ih", show_default=True,
+@click.option("--targets", type=click.Choice(["ih", "hh", "ih,hh"]), default="ih,hh", show_default=True,
               help="Recurrent matrices to compress.")
 @click.option("--gates", type=click.Choice(["fused", "separate"]), default="fused", show_default=True,
               help="Fit an LSTM/GRU matrix's gates as one matrix or one fit per gate.")
-@click.option("--order", type=click.IntRange(min=1), metavar="D", help="Tensor order (number of modes).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of every fit and fine-tuning.")
+@click.option("--order", type=ORDER, metavar="D", help="Tensor order (number of modes).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of every fit and fine-tuning.")
+@fit_option
 @click.option("--jobs", type=click.IntRange(min=1), metavar="N",
-              help="Worker processes, each with one torch thread (default: the number of CPUs).")
+              help="Local worker processes, each with one torch thread (default: the number of CPUs).")
+@click.option("--scheduler", metavar="tcp://HOST:PORT",
+              help=f"Run the trials on the Dask cluster of this scheduler instead (default: ${SCHEDULER_ENV} when "
+                   "set; needs pip install 'kcompress[distributed]'). See docs/distributed.md.")
+@click.option("--shared-files", is_flag=True,
+              help="With --scheduler: every worker reads MODEL and the data/evaluator files at the same paths "
+                   "(a shared file system), so their bytes are not sent to each worker.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=pathlib.Path),
               help="Folder for trials.jsonl and pareto.png (default: MODEL's name + '.sweep' beside it).")
 @eval_options
 @finetune_options
 @budget_options("the most compressed trial within it is named, and the exit code is 3 when no trial "
                 "is.")
+@model_option
 @trust_option
 @common_options
 @guarded
 def sweep_command(model: pathlib.Path, format_names: list[str], ranks: list[int], targets: str, gates: str,
-                  order: Optional[int], seed: int, jobs: Optional[int], out_dir: Optional[pathlib.Path],
+                  order: Optional[int], seed: int, fit_option: tuple[tuple[str, Any], ...], jobs: Optional[int],
+                  scheduler: Optional[str],
+                  shared_files: bool, out_dir: Optional[pathlib.Path],
                   eval_data: Optional[str], task: str, evaluator: Optional[str], lower_is_better: bool,
                   finetune_epochs: int, finetune_loss: str, finetune_lr: float, max_drop: Optional[float],
-                  drop_type: str, trust_checkpoint: bool, quiet: bool, debug: bool) -> None:
+                  drop_type: str, model_class: Optional[str], trust_checkpoint: bool, quiet: bool,
+                  debug: bool) -> None:
     """Compress MODEL with every format and rank, measure each, and show the Pareto front.
 
-    Each trial (fit, optional fine-tuning, evaluation) runs in a worker process and is appended to
-    DIR/trials.jsonl as it finishes. With --max-drop, the most compressed trial within the budget is
+    Each trial (fit, optional fine-tuning, evaluation) runs in a local worker process, or on a Dask
+    cluster with --scheduler, and is appended to DIR/trials.jsonl as it finishes. With --max-drop, the most compressed trial within the budget is
     named, and the exit code is 3 when none is.
     """
     spec = eval_spec(eval_data, task, evaluator, lower_is_better)
     if spec is None:
         raise click.UsageError("a sweep needs a metric: give --eval DATA or --evaluator MODULE:FUNCTION")
-    check_finetune(finetune_epochs, spec)
+    spec = check_finetune(finetune_epochs, spec)
     limits = budget(max_drop, drop_type, spec)
-    if not model.is_file():
-        raise KCompressError(f"input file not found: {model}")
+    check_input_file(model)
+    if scheduler and jobs:
+        raise click.UsageError("--jobs sets local worker processes; with --scheduler the cluster's workers run "
+                               "the trials")
+    address = None if jobs else scheduler_address(scheduler)
     out = out_dir or model.with_name(model.name + ".sweep")
     trials = expand_grid(format_names, ranks, targets=targets, gates=gates, order=order, seed=seed,
-                         finetune=FinetuneSettings(finetune_epochs, finetune_loss, finetune_lr))
+                         finetune=FinetuneSettings(finetune_epochs, finetune_loss, finetune_lr),
+                         fit_options=dict(fit_option))
     display = Display(quiet)
     with display.warnings_shown(), display.progress() as progress:
         result = run_sweep(model, trials, spec, out, jobs=jobs or os.cpu_count() or 1,
-                           trust_checkpoint=trust_checkpoint, budget=limits, progress=progress)
+                           scheduler=address, shared_files=shared_files,
+                           trust_checkpoint=trust_checkpoint, model_class=model_class, budget=limits,
+                           progress=progress)
     _show(display, result, out)
     if limits.max_drop is not None and result.best is None:
         display.note(f"budget not met: no trial keeps the {spec.metric_name} drop within {limits.max_drop:g} "
@@ -127,4 +148,6 @@ def _command(row: dict) -> str:
              f"--gates {trial['gates']} --seed {trial['seed']}"]
     if trial["order"] is not None:
         parts.append(f"--order {trial['order']}")
+    parts += [f"--fit-option {key}={json.dumps(value, separators=(',', ':'))}"
+              for key, value in trial.get("fit_options", ())]
     return " ".join(parts)

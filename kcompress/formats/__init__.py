@@ -6,13 +6,16 @@ from typing import Any
 
 from ..errors import KCompressError
 from ..tensorize import Tensorization
-from .adtn import ADTN
+from .adtn import ADTN, ADTNOptions
+from .data_fit import DataFitInfo, DataFitSettings, output_error, refine_to_data, whitened_svd
 from .base import Factorization, FitInfo, ProgressFn, Rank, relative_error
 from .dense import Dense
 from .ht import HT
-from .kcp import KCP
+from .kcp import KCP, KCPOptions
+from .options import FormatOptions
 from .stack import Stack
 from .svd import SVD
+from .treenet import TreeOptions
 from .tt import TT
 
 FORMATS: dict[str, type[Factorization]] = {cls.name: cls for cls in (ADTN, KCP, TT, HT, SVD, Dense)}
@@ -31,7 +34,15 @@ def build(config: dict[str, Any]) -> "Factorization | Stack":
     if config["format"] == Stack.name:
         return Stack([build(part) for part in config["parts"]])
     cls = get_format(config["format"])
-    return cls(Tensorization.from_dict(config["tensorization"]), config["rank"], **config.get("options", {}))
+    # artifacts written before options were typed may hold keys the format never read: dropped with a warning
+    options = cls.options_type.from_dict(config.get("options"), owner=cls.name, unknown="warn")
+    return cls(Tensorization.from_dict(config["tensorization"]), config["rank"], options)
 
 
-__all__ = ["FORMATS", "Dense", "Factorization", "Stack", "FitInfo", "ProgressFn", "Rank", "build", "get_format", "relative_error"]
+def compression_formats() -> list[str]:
+    """Names of the formats a user may ask for (every registered format but the one keeping a matrix as is)."""
+    return sorted(name for name, cls in FORMATS.items() if cls.compresses)
+
+
+__all__ = ["DataFitInfo", "DataFitSettings", "output_error", "refine_to_data", "whitened_svd", "FORMATS", "Dense", "Factorization", "Stack", "FitInfo", "ProgressFn", "Rank", "build", "get_format", "relative_error",
+           "compression_formats", "FormatOptions", "KCPOptions", "TreeOptions", "ADTNOptions"]

@@ -1,7 +1,7 @@
 """ADTN: the weight is the output of a deep tensor network of 2x2x2x2 gates with activations between layers.
 
 Qing, Li, Zhou, Ran, "Compressing Neural Networks Using Tensor Networks with Exponentially Fewer Variational
-Parameters", arXiv 2305.06058 (Intelligent Computing 2025); structure as in ``shared/notes/papers.md`` §B and
+Parameters", arXiv 2305.06058 (Intelligent Computing 2025); structure as in
 ``docs/adtn.md``. The padded ``(2^a, 2^b)`` weight is a vector of ``2^Q`` entries (``Q = a + b`` binary
 indices, row bits first, most significant first). Starting from the product state ``v^{⊗Q}`` with
 ``v = [1, 0]``, ``depth`` layers of ``Q − 1`` gates act on adjacent index pairs, with an activation ``σ``
@@ -10,12 +10,14 @@ between layers (none after the last), and a learned global scale multiplies the 
     W = scale · reshape(𝓛^(depth) σ(… σ(𝓛^(1) v^{⊗Q})), (2^a, 2^b))
 
 The common ``rank`` argument is the depth. Parameters: ``16 · depth · (Q − 1) + 1``. ADTN saves storage, not
-compute: :meth:`ADTN.multiply` is a dense product with the decoded weight, cached in eval mode.
+compute: :meth:`ADTN.multiply` is a dense product with the decoded weight, cached in eval mode. Decoding and
+the fit loop live in :mod:`kcompress.formats.adtn_fit`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +25,9 @@ from torch import Tensor, nn
 
 from ..errors import KCompressError
 from ..tensorize import Tensorization
-from .base import Factorization, ProgressFn, dense_macs
+from . import adtn_fit
+from .base import Factorization, OptionsLike, ProgressFn, Rank, dense_macs
+from .options import FormatOptions, option
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -40,17 +44,49 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 PLACEMENTS = ("brick", "stair")
 #: largest depth :meth:`ADTN.max_rank` allows (fewer when the gates would outnumber the dense entries)
 MAX_DEPTH = 64
-#: fit progress is reported, and the error curve sampled, every this many Adam steps
-PROGRESS_EVERY = 50
-DEFAULTS: dict[str, Any] = {
-    "activation": "relu",
-    "placement": "brick",
-    "steps": 2000,
-    "lr": 0.01,
-    "tol": 1e-4,
-    "init_noise": 0.01,
-    "decode_every_forward": False,
-}
+
+
+@dataclass(frozen=True)
+class ADTNOptions(FormatOptions):
+    """Options of ``adtn``.
+
+    Attributes
+    ----------
+    activation : {'relu', 'leaky_relu', 'tanh', 'identity'}
+        σ between gate layers.
+    placement : {'brick', 'stair'}
+        Gate order within a layer (:func:`gate_pairs`).
+    optimizer : {'adam', 'lbfgs'}
+        Adam with a cosine learning-rate schedule, or L-BFGS with a strong-Wolfe line search (it stalls near
+        error 1 on the bundled example's weights, where Adam reaches 0.5-0.9: see docs/adtn.md).
+    steps : int
+        Most iterations of the fit.
+    lr : float or None
+        Learning rate (None: 1.0 for L-BFGS, 0.01 for Adam).
+    target_error : float
+        The fit stops once the relative error is at most this (earlier key ``tol``).
+    patience : int
+        The fit stops on a plateau: when the best error fell by less than ``plateau`` over this many iterations.
+    plateau : float
+        The smallest relative improvement over ``patience`` iterations that keeps the fit going.
+    init_noise : float
+        Standard deviation of the noise added to the identity gates at the start.
+    decode_every_forward : bool
+        Decode the weight on every multiply instead of caching it (no resident dense copy).
+    """
+
+    renamed: ClassVar[Mapping[str, str]] = {"tol": "target_error"}
+
+    activation: str = option("relu", choices=tuple(ACTIVATIONS))
+    placement: str = option("brick", choices=PLACEMENTS)
+    optimizer: str = option("adam", choices=adtn_fit.OPTIMIZERS)
+    steps: int = option(500, minimum=1)
+    lr: Optional[float] = option(None, positive=True)
+    target_error: float = option(1e-4, minimum=0)
+    patience: int = option(20, minimum=1)
+    plateau: float = option(1e-3, minimum=0)
+    init_noise: float = option(0.01, minimum=0)
+    decode_every_forward: bool = option(False)
 
 
 def bits(size: int) -> int:
@@ -83,24 +119,13 @@ def gate_pairs(qubits: int, placement: str) -> list[int]:
     return list(range(0, qubits - 1, 2)) + list(range(1, qubits - 1, 2))
 
 
-def apply_gate(state: Tensor, gate: Tensor, q: int) -> Tensor:
-    """One gate ``(2,2,2,2)`` (out pair, in pair) on indices ``(q, q+1)`` of a state ``(2^Q,)`` -> ``(2^Q,)``.
-
-    The state is viewed as ``(2^q, 4, 2^{Q−q−2})``: the ``(2^{Q−2} x 4) @ (4 x 4)`` product of papers.md B.2
-    without a permutation copy, ``2^{Q+2}`` MACs.
-    """
-    grouped = state.reshape(2**q, 4, -1)
-    return torch.einsum("ij,ajb->aib", gate.reshape(4, 4), grouped).reshape(-1)
-
-
 class ADTN(Factorization):
     """ADTN weight: ``gates`` of shape ``(depth, Q−1, 2, 2, 2, 2)`` and a scalar ``scale``.
 
     ``rank`` is the depth ``M`` (number of gate layers). ``scale`` is a learned global factor, so a fit can match
     a trained weight of any norm (the gates alone rescale only through σ, and not at all with tanh). Gate ``gates[m, k]`` acts on the index pair
     ``(q, q+1)`` with ``q = gate_pairs(Q, placement)[k]``; its entries are ``(out_q, out_q+1, in_q, in_q+1)``.
-    Options: ``activation`` (``relu``, ``leaky_relu``, ``tanh``, ``identity``), ``placement`` (``brick``,
-    ``stair``), fit options ``steps``, ``lr``, ``tol``, ``init_noise``, and ``decode_every_forward``.
+    Options: :class:`ADTNOptions`.
 
     :meth:`multiply` uses the decoded dense weight: cached while the module is in eval mode or grad is off,
     decoded afresh (so autograd reaches the gates) in training mode with grad on, or always with
@@ -113,20 +138,24 @@ class ADTN(Factorization):
 
     name = "adtn"
     summary = "ADTN, W = deep 2x2x2x2-gate tensor network with activations (Qing et al. 2305.06058), Adam fit"
+    options_type = ADTNOptions
+    options: ADTNOptions
+
+    @classmethod
+    def check(cls, tensorization: Tensorization, rank: Rank, options: OptionsLike = None) -> tuple[Any, ADTNOptions]:
+        """Also: padded sizes that are powers of two, with at least 4 entries."""
+        rank, checked = super().check(tensorization, rank, options)
+        tz = tensorization
+        if cls.qubits_of(tz) < 2:
+            raise KCompressError(f"adtn needs at least 4 padded entries, got {tz.padded_out}x{tz.padded_in}")
+        return rank, checked
 
     def _allocate(self) -> None:
-        unknown = sorted(set(self.options) - set(DEFAULTS))
-        if unknown:
-            raise KCompressError(f"unknown adtn options {unknown}; known: {sorted(DEFAULTS)}")
-        self.options = {**DEFAULTS, **self.options}
-        _check_choice("activation", self.options["activation"], tuple(ACTIVATIONS))
-        _check_choice("placement", self.options["placement"], PLACEMENTS)
         tz = self.tensorization
         self.out_bits, self.in_bits = _exact_bits(tz.padded_out), _exact_bits(tz.padded_in)
         self.qubits = self.out_bits + self.in_bits
-        if self.qubits < 2:
-            raise KCompressError(f"adtn needs at least 4 padded entries, got {tz.padded_out}x{tz.padded_in}")
-        self.pairs = gate_pairs(self.qubits, self.options["placement"])
+        self.pairs = gate_pairs(self.qubits, self.options.placement)
+        self.layout = adtn_fit.windows(self.pairs)
         self.gates = nn.Parameter(torch.empty(self.rank, self.qubits - 1, 2, 2, 2, 2))
         self.scale = nn.Parameter(torch.empty(()))
         self._cache: Optional[tuple[tuple[Any, ...], Tensor]] = None
@@ -168,13 +197,18 @@ class ADTN(Factorization):
         within_dense = (dense_macs(tensorization) - 1) // per_layer
         return max(1, min(MAX_DEPTH, within_dense))
 
-    def macs_per_vector(self) -> int:
+    @classmethod
+    def macs(cls, tensorization: Tensorization, rank: Rank, options: Optional[FormatOptions] = None) -> int:
         """Dense ``M·N``: multiply runs on the decoded (cached) weight. Decoding is :meth:`decode_macs`."""
-        return dense_macs(self.tensorization)
+        return dense_macs(tensorization)
 
     def decode_macs(self) -> int:
-        """MACs of one decode: ``depth · (Q − 1)`` gates of ``2^{Q+2}`` each, plus ``2^Q`` for the scale."""
-        return self.rank * (self.qubits - 1) * 2 ** (self.qubits + 2) + 2**self.qubits
+        """MACs of one decode: per layer and window of ``w`` indices, ``2^Q · k`` for applying its merged operator
+        (``k = 2^w``, or more where it is widened: :func:`adtn_fit.applied_size`) and ``4 · 4^w`` per merged gate
+        for building it; plus ``2^Q`` for the scale."""
+        per_layer = sum(2**self.qubits * adtn_fit.applied_size(w, self.qubits) + w.count * 4 * 4**w.bits
+                        for w in self.layout)
+        return self.rank * per_layer + 2**self.qubits
 
     def reset_parameters(self, seed: int) -> None:
         """Gates = identity + ``init_noise`` · N(0, 1) from a generator seeded with ``seed``; scale = 1."""
@@ -182,25 +216,22 @@ class ADTN(Factorization):
         noise = torch.randn(self.gates.shape, generator=generator, dtype=torch.float64)
         identity = torch.eye(4, dtype=torch.float64).reshape(2, 2, 2, 2)
         with torch.no_grad():
-            self.gates.copy_(identity + float(self.options["init_noise"]) * noise)
+            self.gates.copy_(identity + self.options.init_noise * noise)
             self.scale.fill_(1.0)
 
     # ------------------------------------------------------------------ decoding
     def _reconstruct(self) -> Tensor:
         """Padded ``(2^a, 2^b)`` weight, differentiable in the gates and the scale."""
-        activation = ACTIVATIONS[self.options["activation"]]
-        state = torch.zeros(2**self.qubits, dtype=self.gates.dtype, device=self.gates.device)
-        state[0] = 1.0  # v^{⊗Q} with v = [1, 0]
-        for m, layer in enumerate(self.gates):
-            if m > 0:
-                state = activation(state)
-            for gate, q in zip(layer, self.pairs):
-                state = apply_gate(state, gate, q)
-        return (self.scale * state).reshape(2**self.out_bits, 2**self.in_bits)
+        return self._decode(self.gates, self.scale).reshape(2**self.out_bits, 2**self.in_bits)
+
+    def _decode(self, gates: Tensor, scale: Tensor) -> Tensor:
+        """The ``(2^Q,)`` decoded vector for these ``gates`` and ``scale`` (:func:`adtn_fit.decode`)."""
+        activation = ACTIVATIONS[self.options.activation]
+        return adtn_fit.decode(gates, scale, self.pairs, self.layout, activation)
 
     def multiply(self, x: Tensor) -> Tensor:
         """``(..., N) -> (..., M)``: ``x @ W.T`` with the decoded ``(M, N)`` weight (no padding, ``M·N`` MACs)."""
-        fresh = self.options["decode_every_forward"] or (self.training and torch.is_grad_enabled())
+        fresh = self.options.decode_every_forward or (self.training and torch.is_grad_enabled())
         return F.linear(x, self.reconstruct() if fresh else self._cached_weight())
 
     def _cached_weight(self) -> Tensor:
@@ -221,38 +252,29 @@ class ADTN(Factorization):
 
     # ------------------------------------------------------------------ fitting
     def _fit(self, weight: Tensor, seed: int, progress: Optional[ProgressFn]) -> tuple[int, list[float]]:
-        """Adam on ``‖scale·T − W‖²/‖W‖²`` from identity-plus-noise gates; stops at ``tol`` or ``steps``."""
+        """Minimise ``‖scale·T − W‖/‖W‖`` from identity-plus-noise gates on float32 working copies (Adam or
+        L-BFGS, :func:`adtn_fit.descend`); stops at ``target_error``, on a plateau or after ``steps`` iterations."""
         self.reset_parameters(seed)
         norm = torch.linalg.norm(weight)
         if norm == 0:
             self.scale.zero_()
             return 0, [0.0]
         self.scale.fill_(norm / torch.linalg.norm(self._reconstruct()))
+        gates, scale = (p.detach().float().requires_grad_() for p in (self.gates, self.scale / norm))
+        target = (weight / norm).float().reshape(-1)
+        o = self.options
         with torch.enable_grad():
-            return self._descend(weight, norm, progress)
-
-    def _descend(self, weight: Tensor, norm: Tensor, progress: Optional[ProgressFn]) -> tuple[int, list[float]]:
-        """The Adam loop; returns (steps taken, relative errors sampled every :data:`PROGRESS_EVERY` steps)."""
-        steps, tol = int(self.options["steps"]), float(self.options["tol"])
-        optimizer = torch.optim.Adam([self.gates, self.scale], lr=float(self.options["lr"]))
-        curve: list[float] = []
-        for step in range(1, steps + 1):
-            optimizer.zero_grad()
-            loss = torch.sum((self._reconstruct() - weight) ** 2) / norm**2
-            error = float(loss.detach().sqrt())
-            done = error <= tol or step == steps
-            if step == 1 or step % PROGRESS_EVERY == 0 or done:
-                curve.append(error)
-                if progress is not None:
-                    progress(step, steps, error)
-            if done:
-                return step, curve
-            loss.backward()
-            optimizer.step()
-        return steps, curve
+            result = adtn_fit.descend(
+                [gates, scale], lambda: torch.linalg.norm(self._decode(gates, scale) - target),
+                optimizer=o.optimizer, steps=o.steps, lr=o.lr, target_error=o.target_error, patience=o.patience,
+                plateau=o.plateau, progress=progress,
+            )
+        self.gates.copy_(gates.detach())
+        self.scale.copy_(scale.detach() * norm)
+        return result
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, placement={self.options['placement']}, activation={self.options['activation']}"
+        return f"{super().extra_repr()}, placement={self.options.placement}, activation={self.options.activation}"
 
 
 def _exact_bits(size: int) -> int:
@@ -260,8 +282,3 @@ def _exact_bits(size: int) -> int:
     if size < 1 or size & (size - 1):
         raise KCompressError(f"adtn needs padded sizes that are powers of two, got {size}")
     return bits(size)
-
-
-def _check_choice(option: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise KCompressError(f"adtn {option} must be one of {choices}, got {value!r}")

@@ -7,7 +7,9 @@ defined here and never ask which format they hold.
 Subclasses implement ``_allocate`` (parameters of the right shapes), ``_fit`` (fill them from a dense
 matrix), ``_multiply`` (``(B, N') -> (B, M')`` on padded sizes, never building W), ``_reconstruct``
 (padded dense matrix, for tests and inspection), and the closed forms ``param_count``, ``max_rank`` and
-``macs_per_vector``.
+``macs``. A format with options declares them as a :class:`~.options.FormatOptions` dataclass
+(``options_type``) and its checks of modes, rank and options together in :meth:`Factorization.check`, so
+planning and ``inspect`` validate and count without building modules.
 """
 
 from __future__ import annotations
@@ -15,18 +17,22 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from .._threads import blas_threads
+from .._threads import fit_threads
 from ..errors import KCompressError
 from ..tensorize import Tensorization, choose_tensorization
+from .data_fit import DataFitInfo, DataFitSettings, output_error, refine_to_data
+from .options import FormatOptions
 
 Rank = Union[int, Sequence[int]]
 #: progress callback: ``(iteration, max_iterations, relative_error)``; called during fits
 ProgressFn = Callable[[int, int, float], None]
+#: format options as given: the format's options object, a dict of key -> value, or None (defaults)
+OptionsLike = Union[FormatOptions, Mapping[str, Any], None]
 
 
 @dataclass
@@ -49,12 +55,19 @@ class Factorization(nn.Module):
     summary: ClassVar[str] = ""
     #: False for formats that keep the matrix unfactored (order 1: no modes, no padding)
     factored: ClassVar[bool] = True
+    #: False for the format that keeps the matrix as it is (``dense``): not a compression format
+    compresses: ClassVar[bool] = True
+    #: True where a fit at :meth:`max_rank` represents every matrix exactly (svd, tt, ht, dense)
+    exact_at_max_rank: ClassVar[bool] = False
+    #: the format's options (:mod:`kcompress.formats.options`); the base has none
+    options_type: ClassVar[type[FormatOptions]] = FormatOptions
 
-    def __init__(self, tensorization: Tensorization, rank: Rank, **options: Any) -> None:
+    def __init__(self, tensorization: Tensorization, rank: Rank, options: OptionsLike = None, **keywords: Any) -> None:
+        """An unfitted module; ``options`` (an ``options_type``, a dict, or None) and ``keywords`` (single
+        options, overriding ``options``) are checked with modes and rank by :meth:`check`."""
         super().__init__()
         self.tensorization = tensorization
-        self.rank = self.normalize_rank(tensorization, rank)
-        self.options = dict(options)
+        self.rank, self.options = self.check(tensorization, rank, _merged(options, keywords))
         self.fit_info: Optional[FitInfo] = None
         self._allocate()
 
@@ -85,11 +98,28 @@ class Factorization(nn.Module):
         """Largest rank that makes sense: exact representation (svd, tt, ht) or no larger than dense (kcp)."""
         raise NotImplementedError
 
-    def macs_per_vector(self) -> int:
-        """Multiply-accumulates of :meth:`multiply` for one input vector (closed form)."""
+    @classmethod
+    def macs(cls, tensorization: Tensorization, rank: Rank, options: Optional[FormatOptions] = None) -> int:
+        """Multiply-accumulates of :meth:`multiply` for one input vector (closed form; ``options`` where the
+        format's multiplication depends on them, defaults when None)."""
         raise NotImplementedError
 
     # ----------------------------------------------------------------- shared behaviour
+    @classmethod
+    def check(cls, tensorization: Tensorization, rank: Rank, options: OptionsLike = None) -> tuple[Any, FormatOptions]:
+        """``(normalized rank, typed options)``, or the one-line :class:`KCompressError` that building the
+        module would raise. Formats with checks of modes, rank and options together extend this."""
+        rank = cls.normalize_rank(tensorization, rank)
+        if type(options) is cls.options_type:
+            return rank, options
+        if isinstance(options, FormatOptions):
+            raise KCompressError(f"{cls.name} takes {cls.options_type.__name__}, got {type(options).__name__}")
+        return rank, cls.options_type.from_dict(options, owner=cls.name)
+
+    def macs_per_vector(self) -> int:
+        """Multiply-accumulates of :meth:`multiply` for one input vector (:meth:`macs`)."""
+        return self.macs(self.tensorization, self.rank, self.options)
+
     @classmethod
     def normalize_rank(cls, tensorization: Tensorization, rank: Rank) -> Any:
         """Validate ``rank``; formats with per-bond ranks override this. Returns a JSON-able value."""
@@ -150,11 +180,13 @@ class Factorization(nn.Module):
         *,
         seed: int = 0,
         progress: Optional[ProgressFn] = None,
-        **options: Any,
+        options: OptionsLike = None,
+        **keywords: Any,
     ) -> "Factorization":
         """Fit the factors to a dense ``weight`` of shape ``(M, N)``; parameters get ``weight``'s dtype.
 
-        Numeric work runs in float64 with numpy's BLAS pinned (see :mod:`kcompress._threads`).
+        ``options`` and ``keywords`` as for the constructor. Numeric work runs in float64 on one torch and BLAS
+        thread, the caller's settings restored after (see :mod:`kcompress._threads`).
         """
         expected = (tensorization.out_features, tensorization.in_features)
         if tuple(weight.shape) != expected:
@@ -162,16 +194,61 @@ class Factorization(nn.Module):
         dense = weight.detach().to("cpu", torch.float64)
         if not torch.isfinite(dense).all():
             raise KCompressError("weight contains NaN or Inf values")
-        module = cls(tensorization, rank, **options)
+        module = cls(tensorization, rank, options, **keywords)
         start = time.perf_counter()
-        with blas_threads(), torch.no_grad():
+        with fit_threads(), torch.no_grad():
             module.double()
-            iterations, curve = module._fit(tensorization.pad_weight(dense), seed, progress)
+            if bool((dense == 0).all()):  # nothing to fit (and ALS on it is singular): zero factors are exact
+                for parameter in module.parameters():
+                    parameter.zero_()
+                iterations, curve = 0, [0.0]
+            else:
+                iterations, curve = module._fit(tensorization.pad_weight(dense), seed, progress)
             error = relative_error(dense, module.reconstruct())
         module.to(dtype=weight.dtype if weight.is_floating_point() else torch.float32, device=weight.device)
         norm = float(torch.linalg.norm(dense))
         module.fit_info = FitInfo(error, time.perf_counter() - start, iterations, curve, norm)
         return module
+
+    # ----------------------------------------------------------------- data-aware fitting
+    def fit_to_data(
+        self,
+        weight: Tensor,
+        moment: Tensor,
+        holdout: Tensor,
+        settings: DataFitSettings = DataFitSettings(),
+        *,
+        seed: int = 0,
+        progress: Optional[ProgressFn] = None,
+    ) -> DataFitInfo:
+        """Refit this (already fitted) module in place so that it matches ``weight (M, N)`` on inputs whose
+        second moment is ``moment (N, N)``; kept only if the output error on ``holdout (N, N)`` (the second
+        moment of held-out inputs) goes down, else the plain fit is restored. See
+        :mod:`kcompress.formats.data_fit`; formats with a closed form override :meth:`_fit_to_data`."""
+        start = time.perf_counter()
+        weight = weight.detach().to("cpu", torch.float64)
+        snapshot = {name: value.detach().clone() for name, value in self.state_dict().items()}
+        plain = self.reconstruct().detach()
+        before, fit_before = output_error(weight, plain, holdout), output_error(weight, plain, moment)
+        with fit_threads():
+            method, iterations = self._fit_to_data(weight, moment.double(), settings, seed, progress)
+        fitted = self.reconstruct().detach()
+        after, fit_after = output_error(weight, fitted, holdout), output_error(weight, fitted, moment)
+        kept = after < before
+        if not kept:
+            self.load_state_dict(snapshot)
+            after, fit_after = before, fit_before
+        reference = float(((weight @ holdout.to("cpu", torch.float64)) * weight).sum())
+        return DataFitInfo(before, after, fit_before, fit_after, kept, method, iterations,
+                           time.perf_counter() - start, reference)
+
+    def _fit_to_data(
+        self, weight: Tensor, moment: Tensor, settings: DataFitSettings, seed: int, progress: Optional[ProgressFn]
+    ) -> tuple[str, int]:
+        """Minimise the output error on ``moment`` from the current parameters; ``(method, iterations)``.
+        The default refines the parameters by gradient (:func:`~kcompress.formats.data_fit.refine_to_data`)."""
+        iterations, _ = refine_to_data(self, weight, moment, settings, seed=seed, progress=progress)
+        return settings.optimizer, iterations
 
     def forward(self, x: Tensor) -> Tensor:
         """Same as :meth:`multiply`."""
@@ -198,7 +275,7 @@ class Factorization(nn.Module):
             "format": self.name,
             "tensorization": self.tensorization.to_dict(),
             "rank": self.rank,
-            "options": self.options,
+            "options": self.options.to_dict(),
         }
 
     def extra_repr(self) -> str:
@@ -217,6 +294,15 @@ def relative_error(reference: Tensor, approximation: Tensor) -> float:
 def dense_macs(tensorization: Tensorization) -> int:
     """MACs of the dense product ``W x`` for one vector."""
     return tensorization.out_features * tensorization.in_features
+
+
+def _merged(options: OptionsLike, keywords: Mapping[str, Any]) -> OptionsLike:
+    """``options`` with single ``keywords`` on top (``options`` itself when there are none)."""
+    if not keywords:
+        return options
+    if isinstance(options, FormatOptions):
+        return {**options.to_dict(), **{options.renamed.get(key, key): value for key, value in keywords.items()}}
+    return {**dict(options or {}), **keywords}
 
 
 def prod(values: Sequence[int]) -> int:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..tensorize import Tensorization
 from .base import Factorization, ProgressFn, Rank
+from .options import FormatOptions
 
 
 class Dense(Factorization):
@@ -17,6 +18,8 @@ class Dense(Factorization):
 
     name = "dense"
     factored = False
+    compresses = False
+    exact_at_max_rank = True
     summary = "uncompressed matrix (reference)"
 
     def _allocate(self) -> None:
@@ -35,8 +38,9 @@ class Dense(Factorization):
     def max_rank(cls, tensorization: Tensorization) -> int:
         return 1
 
-    def macs_per_vector(self) -> int:
-        return self.param_count(self.tensorization, 1)
+    @classmethod
+    def macs(cls, tensorization: Tensorization, rank: Rank, options: Optional[FormatOptions] = None) -> int:
+        return cls.param_count(tensorization, 1)
 
     def _fit(self, weight: Tensor, seed: int, progress: Optional[ProgressFn]) -> tuple[int, list[float]]:
         self.weight.copy_(self.tensorization.crop_weight(weight))

@@ -11,7 +11,7 @@ breadth-first order (for d = 4: ``[r_{12}, r_{34}, r_1, r_2, r_3, r_4]``). Param
 ``Σ_leaves m_k n_k r_k + Σ_inner r_l r_r r_t``.
 
 Fit: leaves-to-root hierarchical SVD (each node's frame from the Gram of the core tensor's unfolding, the
-core tensor projected onto it as the tree is climbed), then ALS sweeps (:class:`~.treenet.TreeNetwork`).
+core tensor projected onto it as the tree is climbed), then ALS sweeps (:func:`~.tree_als.tree_als`).
 Multiplication never builds W: the input absorbs one node at a time (a leaf turns ``n_k`` into
 ``(m_k, r_k)``, a transfer tensor joins two bonds into one), in the order that needs the fewest MACs
 (:meth:`TreeLayout.plan`).
@@ -26,11 +26,11 @@ from typing import NamedTuple
 import numpy as np
 import tensorly as tl
 from tensorly.tenalg import mode_dot
-from tensorly.tenalg.svd import svd_interface
 
 from ..tensorize import Tensorization
-from .kcp import gram_svd
+from .linalg import leading_vectors
 from .treenet import TreeFactorization, TreeLayout, take_letters
+
 
 class TreeNode(NamedTuple):
     """Modes ``[lo, hi)`` of a node and the indices of its children (none for a leaf)."""
@@ -69,12 +69,6 @@ def ht_layout(order: int) -> TreeLayout:
         for index, node in enumerate(tree)
     )
     return TreeLayout(physical, bonds, nodes)
-
-
-def leading_vectors(matrix: np.ndarray, count: int) -> np.ndarray:
-    """``(rows, count)``: the leading left singular vectors (Gram-based), zero columns past the matrix's rank."""
-    u, _, _ = svd_interface(matrix, method=gram_svd, n_eigenvecs=min(count, *matrix.shape))
-    return np.pad(u, ((0, 0), (0, count - u.shape[1])))
 
 
 def hierarchical_svd(tensor: np.ndarray, tz: Tensorization, ranks: list[int]) -> list[np.ndarray]:

@@ -15,7 +15,7 @@ both implemented (see ``docs/concepts.md``):
   all R terms (the first one a single GEMM producing every rank, the last one a GEMM that also sums over
   r). Faster, R times the intermediate memory.
 
-Both run the same :class:`ContractionPlan`, chosen over all d! mode orders by a cost of MACs plus memory
+Both run the same :class:`~.kcp_plan.ContractionPlan` (:mod:`kcompress.formats.kcp_plan`), chosen over all d! mode orders by a cost of MACs plus memory
 traffic. Large batches are cut into chunks whose intermediates fit in :data:`CHUNK_BYTES` (measured: the
 first step at batch 128 writes 47 MB and runs at a quarter of its in-cache speed). ``algorithm="auto"`` uses
 ``rank_batch`` unless one vector's rank-batched intermediates exceed that budget.
@@ -23,10 +23,9 @@ first step at batch 128 writes 47 MB and runs at a quarter of its in-cache speed
 
 from __future__ import annotations
 
-import math
 import string
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 import numpy as np
 import tensorly as tl
@@ -35,8 +34,11 @@ from tensorly.decomposition import parafac
 from torch import Tensor, nn
 
 from ..errors import KCompressError
-from ..tensorize import Tensorization, mode_orders
-from .base import Factorization, ProgressFn
+from ..tensorize import Tensorization
+from .base import Factorization, OptionsLike, ProgressFn, Rank
+from .kcp_plan import ContractionPlan, best_plan, kcp_step_costs
+from .linalg import gram_svd
+from .options import FormatOptions, option
 
 #: the batch is cut into chunks whose intermediates stay within this many bytes (cache-sized); ``"auto"``
 #: picks ``per_rank`` when a single vector's rank-batched intermediates exceed it
@@ -44,157 +46,37 @@ CHUNK_BYTES = 8 * 2**20
 ALGORITHMS = ("auto", "rank_batch", "per_rank")
 
 
-def gram_svd(matrix: np.ndarray, n_eigenvecs: Optional[int] = None, **_: Any) -> tuple[np.ndarray, ...]:
-    """Leading singular triplets of a (short, wide) matrix from the eigenvectors of its small Gram.
-
-    Passed to TensorLy as ``svd=``: TensorLy's default runs a full SVD of every unfolding (~45 s at
-    57600x1024 on 2 cores) and its ``symeig_svd`` forms the *larger* Gram for wide matrices.
-    """
-    transpose = matrix.shape[0] > matrix.shape[1]
-    short = matrix.T if transpose else matrix
-    count = min(short.shape) if n_eigenvecs is None else min(n_eigenvecs, *short.shape)
-    values, vectors = np.linalg.eigh(short @ short.T)
-    order = np.argsort(values)[::-1][:count]
-    singular = np.sqrt(np.clip(values[order], 0.0, None))
-    u = vectors[:, order]
-    v = (u.T @ short) / np.where(singular > 0, singular, 1.0)[:, None]
-    return (v.T, singular, u.T) if transpose else (u, singular, v)
-
-
-def kcp_step_costs(tensorization: Tensorization, order: tuple[int, ...]) -> tuple[int, int]:
-    """``(MACs, intermediate elements)`` per vector and per rank for contracting modes in ``order``."""
-    sizes = list(tensorization.in_modes)
-    macs = traffic = 0
-    for mode in order:
-        macs += math.prod(sizes) * tensorization.out_modes[mode]
-        sizes[mode] = tensorization.out_modes[mode]
-        traffic += math.prod(sizes)
-    return macs, traffic
-
-
-#: marks the rank axis in a step's static shape (its size is the factors' leading dimension)
-RANK_AXIS = 0
-
-
 @dataclass(frozen=True)
-class Step:
-    """One mode contraction of a :class:`ContractionPlan`.
+class KCPOptions(FormatOptions):
+    """Options of ``kcp``.
 
-    ``kind``: ``"first"`` (one GEMM creating the rank axis), ``"right"`` (a batched GEMM for a mode right of
-    the rank axis) or ``"einsum"`` (small late tensors; ``equation`` given). ``shape`` is the state's shape
-    without the batch axis before the step (:data:`RANK_AXIS` marks the rank axis); ``post`` is the size
-    right of the mode and ``pre`` the size left of it (for ``"right"``: between the rank axis and the mode).
+    Attributes
+    ----------
+    algorithm : {'auto', 'rank_batch', 'per_rank'}
+        Multiplication: ``rank_batch`` (all ranks at once, R times the intermediate memory), ``per_rank``
+        (one rank at a time) or ``auto`` (``rank_batch`` unless one vector's intermediates exceed
+        :data:`CHUNK_BYTES`).
+    mode_order : list of int, optional
+        Order in which multiplication contracts the modes (a permutation of ``0..d-1``; default: the
+        cheapest, :func:`best_plan`).
+    max_iterations : int
+        Most CP-ALS iterations (earlier key ``n_iter_max``).
+    init : {'svd', 'random'}
+        CP-ALS start (``random`` is drawn from the fit's seed).
+    min_error_change : float
+        CP-ALS stops when an iteration changes the relative error by less than this (earlier key ``tol``).
+    linesearch : bool
+        TensorLy's line search between CP-ALS iterations.
     """
 
-    kind: str
-    mode: int
-    shape: tuple[int, ...]
-    pre: int = 1
-    post: int = 1
-    equation: str = ""
+    renamed: ClassVar[Mapping[str, str]] = {"n_iter_max": "max_iterations", "tol": "min_error_change"}
 
-
-class ContractionPlan:
-    """A mode order and, per step, the cheapest way to run it for the layout reached so far.
-
-    The layout starts as ``(batch, n_1, …, n_d)``. The first step multiplies the stacked factors
-    ``(R·m_k, n_k)`` into the input viewed as ``(batch·pre, n_k, post)`` (no copy of the input) and leaves the
-    rank axis just before mode k. Modes right of the rank axis are batched multiplications that need no
-    permutation either: ``(R, 1, m, n) @ (·, R, ·, n, post)``, or ``(·, R, ·, n) @ (R, n, m)`` for the last axis. The rest (modes left of the rank
-    axis, and the last mode, whose einsum also sums over the rank) runs as einsum on tensors that are small
-    by then.
-    """
-
-    def __init__(self, in_modes: tuple[int, ...], out_modes: tuple[int, ...], order: tuple[int, ...]) -> None:
-        self.in_modes, self.out_modes, self.order = in_modes, out_modes, order
-        sizes = {}
-        for k, (m, n) in enumerate(zip(out_modes, in_modes)):
-            sizes[string.ascii_lowercase[k]], sizes[string.ascii_uppercase[k]] = n, m
-        layout = [string.ascii_lowercase[k] for k in range(len(in_modes))]
-        self.steps: list[Step] = []
-        for index, mode in enumerate(order):
-            step = self._plan_step(layout, sizes, mode, last=index == len(order) - 1)
-            self.steps.append(step)
-            label = string.ascii_lowercase[mode]
-            position = layout.index(label)
-            layout[position] = label.upper()
-            if step.kind == "first":
-                layout.insert(position, "r")
-        layout.remove("r")
-        self.final_shape = tuple(sizes[label] for label in layout)
-        self.output_permutation = [0] + [1 + layout.index(string.ascii_uppercase[k]) for k in range(len(in_modes))]
-
-    @staticmethod
-    def _plan_step(layout: list[str], sizes: dict[str, int], mode: int, last: bool) -> Step:
-        label = string.ascii_lowercase[mode]
-        position = layout.index(label)
-        shape = tuple(RANK_AXIS if axis == "r" else sizes[axis] for axis in layout)
-        rank_position = layout.index("r") if "r" in layout else -1
-        post = math.prod(sizes[axis] for axis in layout[position + 1 :] if axis != "r")
-        if rank_position < 0:
-            pre = math.prod(sizes[axis] for axis in layout[:position])
-            return Step("first", mode, shape, pre=pre, post=post)
-        if rank_position < position and not last:
-            between = math.prod(sizes[axis] for axis in layout[rank_position + 1 : position])
-            return Step("right", mode, shape, pre=between, post=post)
-        source = "z" + "".join(layout)
-        target = source.replace(label, label.upper()).replace("r", "" if last else "r")
-        return Step("einsum", mode, shape, equation=f"{source},r{label.upper()}{label}->{target}")
-
-    def cost(self) -> int:
-        """Work per vector and rank: MACs, elements written, and einsum steps' permutation copies."""
-        total = 0
-        for step in self.steps:
-            elements = math.prod(size for size in step.shape if size != RANK_AXIS)
-            written = elements // self.in_modes[step.mode] * self.out_modes[step.mode]
-            total += elements * self.out_modes[step.mode] + written
-            if step.kind == "einsum":
-                total += 2 * (elements + written)
-        return total
-
-    def elements_per_vector(self, rank: int) -> int:
-        """Largest input + output of a step for one vector, with ``rank`` ranks contracted at once."""
-        largest = 0
-        for step in self.steps:
-            size_in = math.prod(size for size in step.shape if size != RANK_AXIS)
-            size_out = size_in // self.in_modes[step.mode] * self.out_modes[step.mode]
-            copies_in = 1 if step.kind == "first" else rank
-            copies_out = 1 if step is self.steps[-1] else rank
-            largest = max(largest, size_in * copies_in + size_out * copies_out)
-        return largest
-
-    def run(self, x: Tensor, factors: list[Tensor]) -> Tensor:
-        """``x (B, N')`` and factors ``(R, m_k, n_k)`` -> ``(B, M')``, summed over the ranks."""
-        batch, rank = x.shape[0], factors[0].shape[0]
-        state = x
-        for step in self.steps:
-            factor = factors[step.mode]
-            m, n = factor.shape[1], factor.shape[2]
-            if step.kind == "first" and step.post == 1:
-                state = state.reshape(-1, n) @ factor.permute(2, 0, 1).reshape(n, rank * m)
-            elif step.kind == "first":
-                grouped = state.reshape(-1, n, step.post)
-                stacked = factor.reshape(1, rank * m, n).expand(grouped.shape[0], rank * m, n)
-                state = torch.bmm(stacked, grouped)
-            elif step.kind == "right" and step.post == 1:
-                grouped = state.reshape(-1, rank, step.pre, n)
-                blocks = factor.transpose(1, 2).unsqueeze(0).expand(grouped.shape[0], rank, n, m)
-                state = torch.bmm(grouped.reshape(-1, step.pre, n), blocks.reshape(-1, n, m))
-            elif step.kind == "right":
-                grouped = state.reshape(-1, rank, step.pre, n, step.post)
-                blocks = factor.reshape(1, rank, 1, m, n).expand(grouped.shape[0], rank, step.pre, m, n)
-                state = torch.bmm(blocks.reshape(-1, m, n), grouped.reshape(-1, n, step.post))
-            else:
-                shape = [rank if size == RANK_AXIS else size for size in step.shape]
-                state = torch.einsum(step.equation, state.reshape([batch] + shape), factor)
-        return state.reshape((batch,) + self.final_shape).permute(self.output_permutation).reshape(batch, -1)
-
-
-def best_plan(tensorization: Tensorization) -> ContractionPlan:
-    """The plan of least :meth:`ContractionPlan.cost` over all mode orders (ties keep the earlier order)."""
-    tz = tensorization
-    plans = [ContractionPlan(tz.in_modes, tz.out_modes, order) for order in mode_orders(tz.order)]
-    return min(plans, key=ContractionPlan.cost)
+    algorithm: str = option("auto", choices=ALGORITHMS)
+    mode_order: Optional[tuple[int, ...]] = option(None)
+    max_iterations: int = option(100, minimum=1)
+    init: str = option("svd", choices=("svd", "random"))
+    min_error_change: float = option(1e-7, minimum=0)
+    linesearch: bool = option(False)
 
 
 class KCP(Factorization):
@@ -202,21 +84,32 @@ class KCP(Factorization):
 
     name = "kcp"
     summary = "Kronecker CP, W ≈ Σ_r ⊗_k A_r^k (Wang et al. 2008.09342), CP-ALS via TensorLy"
+    options_type = KCPOptions
+    options: KCPOptions
+
+    @classmethod
+    def check(cls, tensorization: Tensorization, rank: Rank, options: OptionsLike = None) -> tuple[Any, KCPOptions]:
+        """Also: at least 2 modes, and ``mode_order`` a permutation of them."""
+        rank, checked = super().check(tensorization, rank, options)
+        if tensorization.order < 2:
+            raise KCompressError("kcp needs at least 2 modes per dimension; use svd for an unfactored matrix")
+        order = checked.mode_order
+        if order is not None and sorted(order) != list(range(tensorization.order)):
+            raise KCompressError(f"mode_order {list(order)} is not a permutation of 0..{tensorization.order - 1}")
+        return rank, checked
+
+    @classmethod
+    def plan_for(cls, tensorization: Tensorization, options: KCPOptions) -> ContractionPlan:
+        """The contraction plan: ``options.mode_order`` when given, else :func:`best_plan`."""
+        tz, order = tensorization, options.mode_order
+        return ContractionPlan(tz.in_modes, tz.out_modes, order) if order else best_plan(tz)
 
     def _allocate(self) -> None:
         tz = self.tensorization
-        algorithm = self.options.get("algorithm", "auto")
-        if algorithm not in ALGORITHMS:
-            raise KCompressError(f"kcp algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-        if tz.order < 2:
-            raise KCompressError("kcp needs at least 2 modes per dimension; use svd for an unfactored matrix")
         self.factors = nn.ParameterList(
             nn.Parameter(torch.empty(self.rank, m, n)) for m, n in zip(tz.out_modes, tz.in_modes)
         )
-        order = self.options.get("mode_order")
-        if order is not None and sorted(order) != list(range(tz.order)):
-            raise KCompressError(f"mode_order {order} is not a permutation of 0..{tz.order - 1}")
-        self.plan = ContractionPlan(tz.in_modes, tz.out_modes, tuple(order)) if order else best_plan(tz)
+        self.plan = self.plan_for(tz, self.options)
 
     @classmethod
     def param_count(cls, tensorization: Tensorization, rank: int) -> int:
@@ -228,67 +121,41 @@ class KCP(Factorization):
         dense = tensorization.out_features * tensorization.in_features
         return max(1, dense // sum(tensorization.merged_modes))
 
-    def macs_per_vector(self) -> int:
-        macs, _ = kcp_step_costs(self.tensorization, self.plan.order)
-        return self.rank * macs
+    @classmethod
+    def macs(cls, tensorization: Tensorization, rank: Rank, options: Optional[FormatOptions] = None) -> int:
+        """``R`` times the MACs of one rank's mode products in the plan's order (:func:`kcp_step_costs`)."""
+        rank, checked = cls.check(tensorization, rank, options)
+        macs, _ = kcp_step_costs(tensorization, cls.plan_for(tensorization, checked).order)
+        return rank * macs
 
     # ------------------------------------------------------------------ fitting
     def _fit(self, weight: Tensor, seed: int, progress: Optional[ProgressFn]) -> tuple[int, list[float]]:
+        """Van Loan–Pitsianis for d = 2, :func:`kcp_als` otherwise, on the rearranged ``weight``."""
         tz = self.tensorization
         tensor = tz.rearrange(weight).numpy()
-        if tz.order == 1:
-            raise KCompressError("kcp needs at least 2 modes; use svd for an unfactored matrix")
         if tz.order == 2:
-            weights, factors, curve = _van_loan_pitsianis(tensor, self.rank)
-            iterations = 1
+            weights, factors, curve = van_loan_pitsianis(tensor, self.rank)
             if progress is not None:
                 progress(1, 1, curve[-1])
         else:
-            weights, factors, curve = self._cp_als(tensor, seed, progress)
-            iterations = len(curve)
-        self._store_factors(weights, factors)
-        return iterations, curve
-
-    def _cp_als(
-        self, tensor: np.ndarray, seed: int, progress: Optional[ProgressFn]
-    ) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
-        n_iter_max = int(self.options.get("n_iter_max", 100))
-        curve: list[float] = []
-
-        def record(_cp: Any, error: float) -> None:
-            curve.append(float(error))
-            if progress is not None:
-                progress(len(curve) - 1, n_iter_max, float(error))
-
-        with tl.backend_context("numpy"):
-            weights, factors = parafac(
+            weights, factors, curve = kcp_als(
                 tensor,
                 self.rank,
-                n_iter_max=n_iter_max,
-                init=self.options.get("init", "svd"),
-                svd=gram_svd,
-                tol=float(self.options.get("tol", 1e-7)),
-                random_state=np.random.RandomState(seed),
-                linesearch=bool(self.options.get("linesearch", False)),
-                callback=record,
+                max_iterations=self.options.max_iterations,
+                init=self.options.init,
+                min_error_change=self.options.min_error_change,
+                linesearch=self.options.linesearch,
+                seed=seed,
+                progress=progress,
             )
-        return weights, factors, curve[1:] or curve
-
-    def _store_factors(self, weights: np.ndarray, factors: list[np.ndarray]) -> None:
-        """CP columns -> ``A_r^(k)``; the weights λ_r are spread as ``|λ_r|^(1/d)`` with the sign on mode 1."""
-        tz = self.tensorization
-        scale = np.abs(weights) ** (1.0 / tz.order)
-        for k, (factor, m, n) in enumerate(zip(factors, tz.out_modes, tz.in_modes)):
-            columns = factor * scale[None, :]
-            if k == 0:
-                columns = columns * np.sign(weights)[None, :]
-            blocks = columns.T.reshape(self.rank, m, n)
-            self.factors[k].copy_(torch.from_numpy(np.ascontiguousarray(blocks)))
+        for param, blocks in zip(self.factors, kronecker_factors(weights, factors, tz)):
+            param.copy_(torch.from_numpy(blocks))
+        return len(curve), curve
 
     # ------------------------------------------------------------------ multiplication
     def algorithm_for(self, batch: int) -> str:
         """Which algorithm ``multiply`` uses (the choice does not depend on the batch, only on memory)."""
-        chosen = self.options.get("algorithm", "auto")
+        chosen = self.options.algorithm
         if chosen != "auto":
             return chosen
         footprint = self.plan.elements_per_vector(self.rank) * self.factors[0].element_size()
@@ -329,8 +196,91 @@ def _cp_to_tensor(columns: list[Tensor]) -> Tensor:
     return torch.einsum(equation, *columns)
 
 
-def _van_loan_pitsianis(tensor: np.ndarray, rank: int) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
-    """Optimal d = 2 KCP: truncated SVD of the rearranged ``(m_1 n_1, m_2 n_2)`` matrix."""
+def kcp_als(
+    tensor: np.ndarray,
+    rank: int,
+    *,
+    max_iterations: int = 100,
+    init: str = "svd",
+    min_error_change: float = 1e-7,
+    linesearch: bool = False,
+    seed: int = 0,
+    progress: Optional[ProgressFn] = None,
+) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
+    """Rank-R CP-ALS of the rearranged weight (KCP for d >= 3) through ``tensorly.decomposition.parafac``.
+
+    Parameters
+    ----------
+    tensor : np.ndarray
+        The rearranged weight, shape ``(m_1 n_1, …, m_d n_d)`` (:meth:`Tensorization.rearrange`), float64.
+    rank : int
+        Number of Kronecker terms R.
+    max_iterations : int
+        Most ALS iterations.
+    init : {'svd', 'random'}
+        TensorLy's initialisation (``'svd'`` with the Gram-based :func:`~.linalg.gram_svd`).
+    min_error_change : float
+        Stop when an iteration changes the relative error by less than this (TensorLy's ``tol``).
+    linesearch : bool
+        TensorLy's line search between iterations.
+    seed : int
+        Seeds the random initialisation; the same seed gives the same factors.
+    progress : callable, optional
+        ``progress(iteration, max_iterations, relative_error)`` after each iteration.
+
+    Returns
+    -------
+    weights : np.ndarray
+        ``(R,)`` the CP weights λ_r.
+    factors : list of np.ndarray
+        ``(m_k n_k, R)`` per mode.
+    curve : list of float
+        Relative error after each iteration.
+    """
+    curve: list[float] = []
+
+    def record(_cp: Any, error: float) -> None:
+        curve.append(float(error))
+        if progress is not None:
+            progress(len(curve) - 1, max_iterations, float(error))
+
+    with tl.backend_context("numpy"):
+        weights, factors = parafac(
+            tensor,
+            rank,
+            n_iter_max=max_iterations,
+            init=init,
+            svd=gram_svd,
+            tol=min_error_change,
+            random_state=np.random.RandomState(seed),
+            linesearch=linesearch,
+            callback=record,
+        )
+    return weights, factors, curve[1:] or curve
+
+
+def kronecker_factors(weights: np.ndarray, factors: list[np.ndarray], tensorization: Tensorization) -> list[np.ndarray]:
+    """CP columns ``(m_k n_k, R)`` -> KCP factors ``A_r^(k)`` as contiguous ``(R, m_k, n_k)`` arrays.
+
+    The weights λ_r are spread as ``|λ_r|^(1/d)`` over the modes, with their sign on mode 1.
+    """
+    tz = tensorization
+    scale = np.abs(weights) ** (1.0 / tz.order)
+    blocks = []
+    for k, (factor, m, n) in enumerate(zip(factors, tz.out_modes, tz.in_modes)):
+        columns = factor * scale[None, :]
+        if k == 0:
+            columns = columns * np.sign(weights)[None, :]
+        blocks.append(np.ascontiguousarray(columns.T.reshape(weights.shape[0], m, n)))
+    return blocks
+
+
+def van_loan_pitsianis(tensor: np.ndarray, rank: int) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
+    """Optimal d = 2 KCP: truncated SVD of the rearranged ``(m_1 n_1, m_2 n_2)`` matrix.
+
+    Returns ``(weights (R,), [left (m_1 n_1, R), right (m_2 n_2, R)], [relative error])`` as :func:`kcp_als`;
+    terms past the matrix's rank are zero.
+    """
     u, s, vh = np.linalg.svd(tensor, full_matrices=False)
     kept = min(rank, s.size)
     weights = np.zeros(rank)

@@ -12,7 +12,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from .base import FitInfo
+from .base import FitInfo, ProgressFn
+from .data_fit import DataFitInfo, DataFitSettings
 
 
 class Stack(nn.Module):
@@ -56,6 +57,32 @@ class Stack(nn.Module):
             iterations=max(info.iterations for info in infos),
             reference_norm=total**0.5,
         )
+
+    def fit_to_data(
+        self,
+        weight: Tensor,
+        moment: Tensor,
+        holdout: Tensor,
+        settings: DataFitSettings = DataFitSettings(),
+        *,
+        seed: int = 0,
+        progress: Optional[ProgressFn] = None,
+    ) -> DataFitInfo:
+        """Each part fitted to its row block of ``weight`` on the same inputs (the output error is a sum over
+        row blocks, so this minimises the whole); the errors combined over the parts."""
+        rows = [part.tensorization.out_features for part in self.parts]
+        infos = [part.fit_to_data(block, moment, holdout, settings, seed=seed, progress=progress)
+                 for part, block in zip(self.parts, weight.split(rows))]
+        reference = sum(info.reference for info in infos)
+
+        def combined(key: str) -> float:
+            if reference <= 0:
+                return 0.0
+            return (sum(getattr(info, key) ** 2 * info.reference for info in infos) / reference) ** 0.5
+
+        return DataFitInfo(combined("before"), combined("after"), combined("fit_before"), combined("fit_after"),
+                           any(info.kept for info in infos), infos[0].method,
+                           max(info.iterations for info in infos), sum(info.seconds for info in infos), reference)
 
     def config(self) -> dict[str, Any]:
         return {"format": self.name, "parts": [part.config() for part in self.parts]}

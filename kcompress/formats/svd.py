@@ -13,6 +13,8 @@ from torch import Tensor, nn
 
 from ..tensorize import Tensorization
 from .base import Factorization, ProgressFn
+from .options import FormatOptions
+from .data_fit import DataFitSettings, output_error, whitened_svd
 
 
 class SVD(Factorization):
@@ -20,6 +22,7 @@ class SVD(Factorization):
 
     name = "svd"
     factored = False
+    exact_at_max_rank = True
     summary = "truncated SVD, W ≈ U·V (baseline)"
 
     def _allocate(self) -> None:
@@ -35,8 +38,9 @@ class SVD(Factorization):
     def max_rank(cls, tensorization: Tensorization) -> int:
         return min(tensorization.out_features, tensorization.in_features)
 
-    def macs_per_vector(self) -> int:
-        return self.param_count(self.tensorization, self.rank)
+    @classmethod
+    def macs(cls, tensorization: Tensorization, rank: int, options: Optional[FormatOptions] = None) -> int:
+        return cls.param_count(tensorization, rank)
 
     def _fit(self, weight: Tensor, seed: int, progress: Optional[ProgressFn]) -> tuple[int, list[float]]:
         weight = self.tensorization.crop_weight(weight)
@@ -48,6 +52,18 @@ class SVD(Factorization):
         if progress is not None:
             progress(1, 1, float(tail))
         return 1, [float(tail)]
+
+    def _fit_to_data(
+        self, weight: Tensor, moment: Tensor, settings: DataFitSettings, seed: int, progress: Optional[ProgressFn]
+    ) -> tuple[str, int]:
+        """The closed-form optimum at this rank: truncated SVD of the whitened weight (:func:`whitened_svd`)."""
+        left, right = whitened_svd(weight, moment, self.rank, settings.ridge)
+        with torch.no_grad():
+            self.left.copy_(left)
+            self.right.copy_(right)
+        if progress is not None:
+            progress(1, 1, output_error(weight, left @ right, moment))
+        return "closed form", 1
 
     def _multiply(self, x: Tensor) -> Tensor:
         return (x @ self.right.T) @ self.left.T

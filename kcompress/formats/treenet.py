@@ -8,14 +8,8 @@ A tree format stores one node tensor per vertex of a tree. Each axis of a node c
 
 Contracting all nodes gives the rearranged weight (:meth:`Tensorization.rearrange`) viewed with axes
 ``(m_1, n_1, …, m_d, n_d)``. The formats differ only in the tree (:class:`TreeLayout`) and the SVD start;
-rank rules, parameter counts, the multiplication plan (:meth:`TreeLayout.plan`), reconstruction and the ALS
-refinement are here.
-
-ALS (:meth:`TreeNetwork.fit`): with every node but one (the *centre*) an isometry towards the centre, the
-centre's environment is an isometry, so the least-squares optimal centre is the projection of the tensor
-onto it, and ``‖T − T̂‖² = ‖T‖² − ‖centre‖²``. A sweep walks an Euler tour of the tree, moving the centre
-along one edge at a time (a QR of the old centre) and re-solving it. Each step is optimal, so the error
-never increases; the best nodes are kept regardless of rounding.
+rank rules, parameter counts, the multiplication plan (:meth:`TreeLayout.plan`) and reconstruction are here;
+the ALS refinement is :func:`~.tree_als.tree_als`.
 """
 
 from __future__ import annotations
@@ -24,10 +18,9 @@ import math
 import string
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable, ClassVar, Iterable, Optional
+from typing import ClassVar, Iterable, Mapping, Optional
 
 import numpy as np
-import opt_einsum
 import tensorly as tl
 import torch
 from torch import Tensor, nn
@@ -35,6 +28,8 @@ from torch import Tensor, nn
 from ..errors import KCompressError
 from ..tensorize import Tensorization
 from .base import Factorization, ProgressFn, Rank
+from .options import FormatOptions, option
+from .tree_als import tree_als
 
 #: einsum labels (torch.einsum accepts letters only)
 LETTERS = string.ascii_letters
@@ -42,9 +37,6 @@ LETTERS = string.ascii_letters
 #: as one GEMM after moving the contracted block last (measured, torch 2.13 MKL, 1 thread: the batched form is up
 #: to 5x slower when it has many small GEMMs, the transposing form up to 6x slower when ``post`` is large)
 BATCHED_GEMM_RATIO = 4
-#: defaults of the ALS options ``n_sweeps`` and ``tol``
-DEFAULT_SWEEPS = 4
-DEFAULT_TOL = 1e-6
 
 
 def take_letters(count: int) -> str:
@@ -275,119 +267,22 @@ class TreeLayout:
         return pairs[::-1]
 
 
-class TreeNetwork:
-    """numpy nodes of a :class:`TreeLayout` during a fit, with the gauge moves and projections of ALS."""
+@dataclass(frozen=True)
+class TreeOptions(FormatOptions):
+    """Options of ``tt`` and ``ht`` (the ALS sweeps after the SVD start, :func:`~.tree_als.tree_als`).
 
-    def __init__(self, layout: TreeLayout, nodes: list[np.ndarray]) -> None:
-        self.layout = layout
-        self.nodes = [np.asarray(node, dtype=np.float64) for node in nodes]
-        self._projections: dict[int, Callable[..., np.ndarray]] = {}
+    Attributes
+    ----------
+    max_sweeps : int
+        Most ALS sweeps (0: the SVD start with its centre re-solved; earlier key ``n_sweeps``).
+    min_sweep_gain : float
+        Sweeps stop when one lowers the relative error by no more than this (earlier key ``tol``).
+    """
 
-    def move_center(self, source: int, target: int) -> None:
-        """Make ``source`` an isometry towards ``target`` (QR) and absorb the triangular factor into ``target``.
+    renamed: ClassVar[Mapping[str, str]] = {"n_sweeps": "max_sweeps", "tol": "min_sweep_gain"}
 
-        The represented tensor is unchanged. Needs the bond no larger than the product of ``source``'s other
-        axes (:meth:`TreeLayout.feasible`).
-        """
-        bond = next(label for other, label in self.layout.neighbours(source) if other == target)
-        axis = self.layout.nodes[source].index(bond)
-        moved = np.moveaxis(self.nodes[source], axis, -1)
-        q, r = np.linalg.qr(moved.reshape(-1, moved.shape[-1]))
-        self.nodes[source] = np.moveaxis(q.reshape(moved.shape), -1, axis)
-        target_axis = self.layout.nodes[target].index(bond)
-        self.nodes[target] = np.moveaxis(np.tensordot(r, self.nodes[target], axes=(1, target_axis)), 0, target_axis)
-
-    def orthogonalize(self, center: int) -> None:
-        """Every node but ``center`` becomes an isometry towards ``center``; the tensor is unchanged."""
-        for node, parent in self.layout.edges_towards(center):
-            self.move_center(node, parent)
-
-    def project(self, tensor: np.ndarray, center: int) -> np.ndarray:
-        """``tensor`` contracted with every node but ``center``: the optimal centre when the others are isometries."""
-        edge, reduced, labels = self._absorb_end(tensor, center)
-        rest = [index for index in range(len(self.nodes)) if index not in (center, edge)]
-        others = [self._connected_view(index) for index in rest]
-        if center not in self._projections:
-            inputs = [labels] + [self.layout.connected(index) for index in rest]
-            equation = ",".join(inputs) + "->" + self.layout.connected(center)
-            shapes = [reduced.shape] + [node.shape for node in others]
-            self._projections[center] = opt_einsum.contract_expression(equation, *shapes, memory_limit="max_input")
-        return self._projections[center](reduced, *others).reshape(self.nodes[center].shape)
-
-    def _absorb_end(self, tensor: np.ndarray, center: int) -> tuple[int, np.ndarray, str]:
-        """The tensor contracted with the node holding its first mode pair (the last pair's node if the first
-        is the centre) as one GEMM on a free view; returns ``(that node, result, result's labels)``.
-
-        Left to opt_einsum, this first and largest contraction may transpose (copy) the whole tensor.
-        """
-        physical = self.layout.physical
-        front = self.layout.holder(physical[0])
-        edge = front if front != center else self.layout.holder(physical[-1])
-        labels = self.layout.connected(edge)
-        pair = physical[:2] if edge == front else physical[-2:]
-        node_axes = [labels.index(label) for label in pair]
-        free = "".join(label for label in labels if label not in pair)
-        if edge == front:
-            return edge, np.tensordot(self._connected_view(edge), tensor, axes=(node_axes, [0, 1])), free + physical[2:]
-        ends = [tensor.ndim - 2, tensor.ndim - 1]
-        return edge, np.tensordot(tensor, self._connected_view(edge), axes=(ends, node_axes)), physical[:-2] + free
-
-    def _connected_view(self, index: int) -> np.ndarray:
-        """Node ``index`` without its dangling axes (a size-1 axis summed alone would force a slow einsum)."""
-        connected = self.layout.connected(index)
-        labels, shape = self.layout.nodes[index], self.nodes[index].shape
-        return self.nodes[index].reshape([size for label, size in zip(labels, shape) if label in connected])
-
-    def fit(
-        self, tensor: np.ndarray, center: int, n_sweeps: int, tol: float, progress: Optional[ProgressFn]
-    ) -> list[float]:
-        """ALS sweeps from the current nodes; returns the relative error before the sweeps and after each.
-
-        ``tensor``: shape ``(m_1, n_1, …, m_d, n_d)``. The curve is the best error so far (never increasing);
-        the nodes end as the best seen. Stops after ``n_sweeps`` or when a sweep gains less than ``tol``.
-        """
-        norm2 = float(np.vdot(tensor, tensor))
-        self.orthogonalize(center)
-        curve = [self._solve(tensor, center, norm2)]
-        if progress is not None:
-            progress(0, n_sweeps, curve[0])
-        best = list(self.nodes)
-        path = self.layout.tour(center)[1:]
-        for sweep in range(1, n_sweeps + 1):
-            current = center
-            for node in path:
-                self.move_center(current, node)
-                error = self._solve(tensor, node, norm2)
-                current = node
-            gain = curve[-1] - error
-            if gain > 0:
-                best = list(self.nodes)
-            curve.append(min(error, curve[-1]))
-            if progress is not None:
-                progress(sweep, n_sweeps, curve[-1])
-            if gain <= tol:
-                break
-        self.nodes = best
-        return curve
-
-    def _solve(self, tensor: np.ndarray, center: int, norm2: float) -> float:
-        """Replace ``center`` by its optimal value; return the relative error of the network."""
-        self.nodes[center] = self.project(tensor, center)
-        if norm2 == 0.0:
-            return 0.0
-        kept = float(np.vdot(self.nodes[center], self.nodes[center]))
-        return math.sqrt(max(norm2 - kept, 0.0) / norm2)
-
-
-def sweep_options(options: dict[str, Any]) -> tuple[int, float]:
-    """Validated ``(n_sweeps, tol)`` from a format's options."""
-    n_sweeps = options.get("n_sweeps", DEFAULT_SWEEPS)
-    tol = options.get("tol", DEFAULT_TOL)
-    if isinstance(n_sweeps, bool) or not isinstance(n_sweeps, int) or n_sweeps < 0:
-        raise KCompressError(f"n_sweeps must be a non-negative integer, got {n_sweeps!r}")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
-        raise KCompressError(f"tol must be a non-negative number, got {tol!r}")
-    return n_sweeps, float(tol)
+    max_sweeps: int = option(4, minimum=0)
+    min_sweep_gain: float = option(1e-6, minimum=0)
 
 
 class TreeFactorization(Factorization):
@@ -399,6 +294,9 @@ class TreeFactorization(Factorization):
 
     #: name of the ``nn.ParameterList`` holding the nodes in layout order
     node_attribute: ClassVar[str] = "nodes"
+    options_type = TreeOptions
+    options: TreeOptions
+    exact_at_max_rank = True
 
     @classmethod
     def layout(cls, order: int) -> TreeLayout:
@@ -443,8 +341,11 @@ class TreeFactorization(Factorization):
         ranks = cls.normalize_rank(tensorization, rank)
         return cls.layout(tensorization.order).param_count(tensorization, ranks)
 
-    def macs_per_vector(self) -> int:
-        return self.plan.macs
+    @classmethod
+    def macs(cls, tensorization: Tensorization, rank: Rank, options: Optional[FormatOptions] = None) -> int:
+        """MACs of the cheapest absorption order (:meth:`TreeLayout.plan`)."""
+        ranks = cls.normalize_rank(tensorization, rank)
+        return cls.layout(tensorization.order).plan(tensorization, ranks).macs
 
     # ------------------------------------------------------------------ module
     @property
@@ -452,7 +353,6 @@ class TreeFactorization(Factorization):
         return getattr(self, self.node_attribute)
 
     def _allocate(self) -> None:
-        sweep_options(self.options)
         shapes = self.layout(self.tensorization.order).shapes(self.tensorization, self.rank)
         setattr(self, self.node_attribute, nn.ParameterList(nn.Parameter(torch.empty(shape)) for shape in shapes))
         self.plan = self.layout(self.tensorization.order).plan(self.tensorization, self.rank)
@@ -465,10 +365,10 @@ class TreeFactorization(Factorization):
         merged = tz.rearrange(weight).numpy()
         with tl.backend_context("numpy"):
             nodes, center = self._initial_nodes(merged, layout.feasible(tz, self.rank))
-        network = TreeNetwork(layout, nodes)
         interleaved = merged.reshape([size for pair in zip(tz.out_modes, tz.in_modes) for size in pair])
-        curve = network.fit(interleaved, center, *sweep_options(self.options), progress)
-        for param, node in zip(self.node_params, network.nodes):
+        nodes, curve = tree_als(interleaved, layout, nodes, center, max_sweeps=self.options.max_sweeps,
+                                min_sweep_gain=self.options.min_sweep_gain, progress=progress)
+        for param, node in zip(self.node_params, nodes):
             param.zero_()
             param[tuple(slice(0, size) for size in node.shape)] = torch.from_numpy(node)
         return len(curve), curve

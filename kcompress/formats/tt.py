@@ -5,7 +5,7 @@ Cores ``G_k`` have shape ``(r_{k-1}, m_k, n_k, r_k)`` with ``r_0 = r_d = 1`` (Os
 ranks ``[r_1, …, r_{d-1}]``.
 
 Fit: TT-SVD of the ``(m_k n_k)``-merged tensor through ``tensorly.decomposition.tensor_train`` (with the
-Gram-based :func:`~kcompress.formats.kcp.gram_svd`), then ALS sweeps (:class:`~.treenet.TreeNetwork`).
+Gram-based :func:`~kcompress.formats.linalg.gram_svd`), then ALS sweeps (:func:`~.tree_als.tree_als`).
 Parameters: ``Σ_k r_{k-1} m_k n_k r_k``. Multiplication contracts the input with one core at a time, in the
 order that needs the fewest MACs (left to right, right to left, or from the middle out; :meth:`TreeLayout.plan`).
 """
@@ -17,7 +17,7 @@ from functools import lru_cache
 import numpy as np
 from tensorly.decomposition import tensor_train
 
-from .kcp import gram_svd
+from .linalg import gram_svd
 from .treenet import TreeFactorization, TreeLayout, take_letters
 
 

@@ -3,7 +3,8 @@
 
 Each holds its matrices in ``self.matrices`` (keyed by torch's parameter names) and torch's biases as
 parameters. ``Cls.from_dense(dense, build)`` builds one from the dense module; :func:`rebuild` recreates
-an unfitted one from ``layer.layer_config()`` and the matrices' ``config()`` (to load a state dict into).
+an unfitted one from ``layer.layer_config()`` and the matrices' ``config()`` (to load a state dict into),
+with the execution plan the config records (:mod:`kcompress.nn.execution`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from ..errors import KCompressError
 from .base import CompressedLayer, MatrixBuilder
 from .cells import CompressedGRUCell, CompressedLSTMCell
 from .linear import CompressedLinear
-from .reconstructed import ReconstructedLSTM
+from .execution import FACTORIZED, MATERIALIZED, MODES
+from .plan import auto_plan, closed_form, executed, execution_of, replan, set_execution
 from .recurrent import CompressedGRU, CompressedLSTM
 
 #: torch layer type -> its compressed drop-in
@@ -52,11 +54,16 @@ def rebuild(layer_config: Mapping[str, Any], matrix_configs: Mapping[str, Mappin
     layer = cls.from_dense(dense, lambda name, weight, gates: formats.build(dict(matrix_configs[name])))
     for name, bias in list(layer.named_parameters(recurse=False)):
         setattr(layer, name, nn.Parameter(torch.empty(bias.shape, dtype=bias.dtype, device="cpu")))
+    plan = layer_config.get("execution", {})
+    if not isinstance(plan, Mapping):
+        raise KCompressError(f"{kind}: execution must map matrix names to paths, got {plan!r}")
+    # "auto" entries: the closed form for now (never slower than dense); load() measures once weights are in
+    layer.set_execution({name: closed_form(layer.matrices[name]) or MATERIALIZED if mode == "auto" else mode
+                         for name, mode in plan.items()}, requested=plan)
     return layer
 
 
 __all__ = [
-    "ReconstructedLSTM",
     "COMPRESSED_TYPES",
     "CompressedGRU",
     "CompressedGRUCell",
@@ -64,6 +71,14 @@ __all__ = [
     "CompressedLSTMCell",
     "CompressedLayer",
     "CompressedLinear",
+    "FACTORIZED",
+    "MATERIALIZED",
+    "MODES",
     "MatrixBuilder",
+    "auto_plan",
+    "executed",
+    "execution_of",
+    "replan",
     "rebuild",
+    "set_execution",
 ]

@@ -1,9 +1,11 @@
 """What every compressed layer shares: matrices keyed by torch's parameter names, torch's bias parameters,
 construction from the dense module (:meth:`CompressedLayer.from_dense`) and :meth:`CompressedLayer.layer_config`.
 
-A *matrix module* is anything with ``multiply(x)``: ``(..., in) -> (..., out)`` (a format's
-``Factorization``, ``formats.Stack`` or ``formats.Dense``). Layers only ever call ``multiply``; the
-:data:`MatrixBuilder` handed to ``from_dense`` decides the format.
+A *matrix module* is anything with ``multiply(x)``: ``(..., in) -> (..., out)`` and ``reconstruct()``
+(a format's ``Factorization``, ``formats.Stack`` or ``formats.Dense``); the :data:`MatrixBuilder` handed
+to ``from_dense`` decides the format. Each layer holds an execution plan, ``layer.execution``:
+``{matrix name: "factorized" | "materialized"}`` (see :mod:`kcompress.nn.execution`), and multiplies only
+through :meth:`CompressedLayer.product` / :meth:`CompressedLayer.weight`, never asking which format it holds.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, Callable, ClassVar, Mapping, Optional
 from torch import Tensor, nn
 
 from ..errors import KCompressError
+from .execution import FACTORIZED, MATERIALIZED, WeightCache, check_mode, chunked_multiply, is_dense
 
 #: ``(torch parameter name, dense weight (rows, cols), gates) -> matrix module``; gates is 4 for LSTM
 #: matrices, 3 for GRU, 1 for Linear
@@ -50,6 +53,42 @@ class CompressedLayer(nn.Module):
         for name in bias_names:
             bias = biases[name]
             self.register_parameter(name, None if bias is None else nn.Parameter(bias))
+        self.execution: dict[str, str] = {}
+        #: what was asked per matrix: a path, or ``"auto"`` where the planner chose it (stored in artifacts,
+        #: so a file records the request and not a machine-dependent measurement)
+        self.requested: dict[str, str] = {}
+        self._weights = WeightCache()
+        self.set_execution({name: FACTORIZED for name in matrix_names})
+
+    def set_execution(self, plan: Mapping[str, str], requested: Optional[Mapping[str, str]] = None) -> None:
+        """Set the path of the matrices named in ``plan`` (``"factorized"`` or ``"materialized"``); a
+        ``formats.Dense`` matrix is always materialized. ``requested``: ``"auto"`` for the matrices whose
+        path the planner chose (default: the path itself is what was asked)."""
+        unknown = sorted(set(plan) - set(self.matrices))
+        if unknown:
+            raise KCompressError(f"{type(self).__name__} has no matrix {', '.join(unknown)}")
+        for name, mode in plan.items():
+            mode = check_mode(mode, name)
+            self.execution[name] = MATERIALIZED if is_dense(self.matrices[name]) else mode
+            self.requested[name] = (requested or {}).get(name, self.execution[name])
+        self._weights.clear()
+
+    @property
+    def all_materialized(self) -> bool:
+        return all(mode == MATERIALIZED for mode in self.execution.values())
+
+    def materialized(self, name: str) -> bool:
+        return self.execution[name] == MATERIALIZED
+
+    def weight(self, name: str) -> Tensor:
+        """The dense ``(M, N)`` weight of matrix ``name``: cached, or rebuilt differentiably while training."""
+        return self._weights.get(name, self.matrices[name])
+
+    def product(self, name: str, x: Tensor) -> Tensor:
+        """``x @ W.T`` for ``x (..., N)`` on the matrix's planned path -> ``(..., M)``."""
+        if self.materialized(name):
+            return nn.functional.linear(x, self.weight(name))
+        return chunked_multiply(self.matrices[name], x)
 
     @classmethod
     def parameter_names(cls, config: Mapping[str, Any]) -> tuple[list[str], list[str]]:
@@ -75,8 +114,9 @@ class CompressedLayer(nn.Module):
         return cls(config, matrices, biases)
 
     def layer_config(self) -> dict[str, Any]:
-        """``{"type": torch class name, "kwargs": its constructor kwargs}`` (see :func:`kcompress.nn.rebuild`)."""
-        return {"type": self.dense_type.__name__, "kwargs": dict(self._config)}
+        """``{"type": torch class name, "kwargs": its constructor kwargs, "execution": the plan as requested}``
+        (``"auto"`` where the planner chose; see :func:`kcompress.nn.rebuild`)."""
+        return {"type": self.dense_type.__name__, "kwargs": dict(self._config), "execution": dict(self.requested)}
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value}" for key, value in self._config.items())

@@ -13,17 +13,20 @@ LSTM folds both biases into ``input_bias`` (one add per sequence instead of one 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping, Optional, Union
+from typing import Any, Callable, ClassVar, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from .base import CompressedLayer
+from .execution import fused_cell
 
 #: internal recurrent state: ``(h,)`` for GRU, ``(h, c)`` for LSTM, each ``(batch, hidden)``
 State = tuple[Tensor, ...]
 #: the state as torch's modules take and return it: ``h`` for GRU, ``(h, c)`` for LSTM
 PublicState = Union[Tensor, tuple[Tensor, Tensor]]
+#: ``h (B, H) -> W_hh h (B, G·H)``
+Product = Callable[[Tensor], Tensor]
 
 
 class CellMath:
@@ -46,9 +49,10 @@ class CellMath:
         """``gi``, ``gh`` ``(B, G·H)`` and the state ``(B, H)`` each -> the next state."""
         raise NotImplementedError
 
-    def step(self, gi: Tensor, hh: nn.Module, hidden_bias: Optional[Tensor], state: State) -> State:
-        """One time step from the input pre-activations ``gi (B, G·H)`` (biases included)."""
-        gh = hh.multiply(state[0])
+    def step(self, gi: Tensor, hh: Product, hidden_bias: Optional[Tensor], state: State) -> State:
+        """One time step from the input pre-activations ``gi (B, G·H)`` (biases included); ``hh(h)`` is
+        ``W_hh h`` on the matrix's planned path."""
+        gh = hh(state[0])
         if hidden_bias is not None:
             gh = gh + hidden_bias
         return self.gate(gi, gh, state)
@@ -136,12 +140,17 @@ class CompressedCell(CompressedLayer):
         return self.cell.to_public(state if batched else tuple(value.squeeze(0) for value in state))
 
     def _step(self, input: Tensor, state: State) -> State:
-        """``input (B, input_size)``, state ``(B, H)`` each -> next state."""
-        gi = self.matrices["weight_ih"].multiply(input)
+        """``input (B, input_size)``, state ``(B, H)`` each -> next state; torch's cell kernel when both
+        matrices are materialized."""
+        if self.materialized("weight_ih") and self.materialized("weight_hh"):
+            weights = (self.weight("weight_ih"), self.weight("weight_hh"), self.bias_ih, self.bias_hh)
+            return fused_cell(self.cell.name, input, state, *weights)
+        gi = self.product("weight_ih", input)
         input_bias = self.cell.input_bias(self.bias_ih, self.bias_hh)
         if input_bias is not None:
             gi = gi + input_bias
-        return self.cell.step(gi, self.matrices["weight_hh"], self.cell.hidden_bias(self.bias_hh), state)
+        hh = lambda h: self.product("weight_hh", h)  # noqa: E731
+        return self.cell.step(gi, hh, self.cell.hidden_bias(self.bias_hh), state)
 
 
 class CompressedLSTMCell(CompressedCell):

@@ -30,5 +30,7 @@ class CompressedLinear(CompressedLayer):
         return {"in_features": dense.in_features, "out_features": dense.out_features, "bias": dense.bias is not None}
 
     def forward(self, input: Tensor) -> Tensor:
-        out = self.matrices["weight"].multiply(input)
+        if self.materialized("weight"):
+            return nn.functional.linear(input, self.weight("weight"), self.bias)
+        out = self.product("weight", input)
         return out if self.bias is None else out + self.bias

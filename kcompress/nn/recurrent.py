@@ -2,9 +2,15 @@
 
 Every input is run in torch's packed layout: ``data (N, features)`` holding the rows of each time step
 one after the other, and ``sizes[t]`` rows at step ``t`` (a padded ``(T, B, F)`` tensor is ``N = T·B``
-with ``B`` rows at every step; a ``PackedSequence`` gives its ``batch_sizes``, sorted longest first). Per layer
-and direction, the input-to-hidden product of all steps is one ``multiply`` on ``(N, input)`` before the
-loop (as cuDNN does); the loop only does ``W_hh h`` and the gate math, and, like torch's own packed
+with ``B`` rows at every step; a ``PackedSequence`` gives its ``batch_sizes``, sorted longest first).
+
+Each layer takes the fastest path its execution plan allows (:meth:`CompressedRNN.layer_path`): with every
+matrix materialized, torch's fused kernel (``_VF.lstm``/``_VF.gru``) on the reconstructed weights; with
+``W_hh`` materialized and ``W_ih`` factorized, the input pre-activations of all steps in one factorized
+product, then the fused kernel fed them through an identity ``W_ih`` (exact in IEEE arithmetic); with a
+factorized ``W_hh``, the Python time loop :func:`scan`. In the loop, per direction, the input-to-hidden
+product of all steps is one product on ``(N, input)`` before the loop (as cuDNN does); the loop only does
+``W_hh h`` and the gate math, and, like torch's own packed
 implementation, drops finished sequences from the batch (forward) or adds starting ones (reverse), so
 padded steps are never computed and each sequence's final state is taken at its own last step.
 
@@ -28,9 +34,12 @@ from torch.nn.utils.rnn import PackedSequence
 
 from ..errors import KCompressError
 from .base import CompressedLayer
-from .cells import CellMath, GRUMath, LSTMMath, PublicState, State
+from .cells import CellMath, GRUMath, LSTMMath, Product, PublicState, State
+from .execution import fused_rnn, identity, tracing
 
 Input = Union[Tensor, PackedSequence]
+#: the Python overhead of one step of the time loop, in multiply-accumulates of a one-thread GEMM (~50 µs)
+LOOP_STEP_MACS = 2**21
 
 
 class _Direction(NamedTuple):
@@ -57,7 +66,7 @@ def scan(
     cell: CellMath,
     steps: Sequence[Tensor],
     initial: State,
-    hh: nn.Module,
+    hh: Product,
     hidden_bias: Optional[Tensor],
     reverse: bool,
     sizes: Optional[Sequence[int]] = None,
@@ -130,6 +139,7 @@ class CompressedRNN(CompressedLayer):
     ) -> None:
         super().__init__(config, matrices, biases)
         self._layers = _directions(self.num_layers, self.bidirectional)
+        self._identities: dict[tuple, Tensor] = {}
 
     @classmethod
     def parameter_names(cls, config: Mapping[str, Any]) -> tuple[list[str], list[str]]:
@@ -153,7 +163,7 @@ class CompressedRNN(CompressedLayer):
         return self._forward_padded(input, hx)
 
     def _forward_packed(self, input: PackedSequence, hx: Optional[PublicState]) -> tuple[PackedSequence, PublicState]:
-        if _tracing():
+        if tracing():
             raise KCompressError(
                 f"{type(self).__name__}: PackedSequence input cannot be traced or exported (its lengths would be "
                 "frozen into the graph); use padded input"
@@ -203,7 +213,7 @@ class CompressedRNN(CompressedLayer):
         return (input.new_zeros(self._state_shape(batch)),) * self.cell.state_count
 
     def _check_input(self, input: Tensor) -> None:
-        if not _tracing() and input.shape[-1] != self.input_size:
+        if not tracing() and input.shape[-1] != self.input_size:
             raise RuntimeError(
                 f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {input.shape[-1]}"
             )
@@ -212,7 +222,7 @@ class CompressedRNN(CompressedLayer):
         """``state`` after checking each is ``(num_layers·D, batch, H)`` (as torch's errors)."""
         expected = self._state_shape(batch)
         for index, value in enumerate(state):
-            if not _tracing() and tuple(value.shape) != expected:
+            if not tracing() and tuple(value.shape) != expected:
                 raise RuntimeError(f"Expected hidden[{index}] size {expected}, got {list(value.shape)}")
         return state
 
@@ -220,39 +230,111 @@ class CompressedRNN(CompressedLayer):
         """All layers: ``data (N, input_size)`` in packed row order, ``state`` each ``(L·D, B, H)`` ->
         output ``(N, D·H)`` and the final state, each ``(L·D, B, H)``. ``sizes``: rows per step, an int when
         every step has all rows (padded input), a PackedSequence's batch sizes otherwise."""
+        if self.all_materialized:  # every layer in torch's kernel, in one call (dropout as nn.LSTM does it)
+            weights = [w for layer in self._layers for d in layer
+                       for w in self._flat_weights(d, self.weight(d.weight_ih))]
+            return fused_rnn(self.cell.name, data, sizes, state, weights, self.bias, self.bidirectional,
+                             self.num_layers, self.dropout, self.training)
         finals: list[State] = []
         for layer, directions in enumerate(self._layers):
-            outputs = []
-            for direction in directions:
-                initial = tuple(value[len(finals)] for value in state)
-                output, final = self._run_direction(direction, data, sizes, initial)
-                outputs.append(output)
-                finals.append(final)
-            data = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+            first = layer * len(directions)
+            initial = tuple(value[first : first + len(directions)] for value in state)
+            data, final = self._run_layer(layer, data, sizes, initial)
+            finals.append(final)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 data = nn.functional.dropout(data, self.dropout, training=True)
-        return data, tuple(torch.stack([final[k] for final in finals]) for k in range(self.cell.state_count))
+        return data, tuple(torch.cat([final[k] for final in finals]) for k in range(self.cell.state_count))
+
+    def layer_path(self, layer: int, batch: int = 1) -> str:
+        """How layer ``layer`` runs for ``batch`` sequences: ``"fused"`` (every matrix materialized: torch's
+        kernel), ``"fused_input"`` (W_hh materialized, some W_ih factorized: the input pre-activations of all
+        steps first, then torch's kernel with an identity W_ih) or ``"loop"`` (the per-step loop of :func:`scan`).
+
+        The identity costs ``(D·G·H)²`` MACs per row, so ``"fused_input"`` is taken only when that is at most a
+        quarter of the dense input product ``D·G·H·input`` (wide inputs such as the KCP paper's 57,600) and
+        the identity's MACs per step, ``batch·(D·G·H)²``, stay below :data:`LOOP_STEP_MACS`, what one step of
+        the Python loop costs in overhead (measured: on LSTM(H, H) the identity made the layer 3-5x slower
+        than the loop). Otherwise a factorized W_ih runs the loop; a factorized W_hh always does."""
+        directions = self._layers[layer]
+        if not all(self.materialized(d.weight_hh) for d in directions):
+            return "loop"
+        if all(self.materialized(d.weight_ih) for d in directions):
+            return "fused"
+        width = len(directions) * self.cell.gates * self.hidden_size
+        features = self.input_size if layer == 0 else len(directions) * self.hidden_size
+        return "fused_input" if 4 * width <= features and batch * width * width <= LOOP_STEP_MACS else "loop"
+
+    def _run_layer(
+        self, layer: int, data: Tensor, sizes: Union[int, list[int]], initial: State
+    ) -> tuple[Tensor, State]:
+        """One layer, all directions: ``data (N, in)`` and ``initial`` ``(D, B, H)`` each -> ``(N, D·H)`` and
+        the final state ``(D, B, H)`` each."""
+        directions = self._layers[layer]
+        batch = sizes[0] if isinstance(sizes, list) else sizes if isinstance(sizes, int) else 1  # traced: a tensor
+        path = self.layer_path(layer, batch)
+        bidirectional = len(directions) == 2
+        if path == "fused":
+            weights = [w for d in directions for w in self._flat_weights(d, self.weight(d.weight_ih))]
+            return fused_rnn(self.cell.name, data, sizes, initial, weights, self.bias, bidirectional)
+        if path == "fused_input":
+            return self._run_fused_input(directions, data, sizes, initial)
+        results = [
+            self._run_direction(d, data, sizes, tuple(value[k] for value in initial))
+            for k, d in enumerate(directions)
+        ]
+        output = results[0][0] if len(results) == 1 else torch.cat([output for output, _ in results], dim=1)
+        return output, tuple(torch.stack([final[k] for _, final in results]) for k in range(self.cell.state_count))
+
+    def _flat_weights(self, names: _Direction, weight_ih: Tensor) -> list[Tensor]:
+        """torch's flat weights of one direction: ``[w_ih, w_hh, b_ih, b_hh]`` (no biases without bias)."""
+        weights = [weight_ih, self.weight(names.weight_hh)]
+        return weights + [getattr(self, names.bias_ih), getattr(self, names.bias_hh)] if self.bias else weights
+
+    def _run_fused_input(
+        self, directions: list[_Direction], data: Tensor, sizes: Union[int, list[int]], initial: State
+    ) -> tuple[Tensor, State]:
+        """The input pre-activations ``(N, G·H)`` of every direction in one product each (biases folded as
+        in :func:`scan`), then torch's kernel on them with ``W_ih`` the identity block of its direction (exact)
+        and only the bias :meth:`CellMath.hidden_bias` keeps with ``W_hh h`` (GRU's ``b_hh``)."""
+        count = len(directions)
+        pre = [self._input_preactivations(d, data) for d in directions]
+        inputs = pre[0] if count == 1 else torch.cat(pre, dim=1)
+        weights: list[Tensor] = []
+        for k, names in enumerate(directions):
+            weights += [self._identity(pre[0].shape[1], inputs, k, count), self.weight(names.weight_hh)]
+            hidden_bias = self.cell.hidden_bias(getattr(self, names.bias_hh))
+            if hidden_bias is not None:
+                weights += [torch.zeros_like(hidden_bias), hidden_bias]
+        has_biases = len(weights) > 2 * count
+        return fused_rnn(self.cell.name, inputs, sizes, initial, weights, has_biases, count == 2)
+
+    def _identity(self, size: int, like: Tensor, block: int, blocks: int) -> Tensor:
+        key = (size, block, blocks, like.dtype, like.device)
+        if tracing():  # a constant of the graph, not an attribute assigned while exporting
+            return identity(size, like, block, blocks)
+        if key not in self._identities:
+            self._identities[key] = identity(size, like, block, blocks)
+        return self._identities[key]
+
+    def _input_preactivations(self, names: _Direction, data: Tensor) -> Tensor:
+        """``W_ih x + input_bias`` for every row of ``data (N, in)`` -> ``(N, G·H)``."""
+        gi = self.product(names.weight_ih, data)
+        input_bias = self.cell.input_bias(getattr(self, names.bias_ih), getattr(self, names.bias_hh))
+        return gi if input_bias is None else gi + input_bias
 
     def _run_direction(
         self, names: _Direction, data: Tensor, sizes: Union[int, list[int]], initial: State
     ) -> tuple[Tensor, State]:
-        """One direction of one layer: ``data (N, in)`` -> output ``(N, H)`` and final state ``(B, H)`` each."""
-        bias_hh = getattr(self, names.bias_hh)
-        gi = self.matrices[names.weight_ih].multiply(data)
-        input_bias = self.cell.input_bias(getattr(self, names.bias_ih), bias_hh)
-        if input_bias is not None:
-            gi = gi + input_bias
+        """One direction of one layer through :func:`scan`: ``data (N, in)`` -> output ``(N, H)`` and final
+        state ``(B, H)`` each."""
+        gi = self._input_preactivations(names, data)
         if isinstance(sizes, list):
             steps, varying = gi.split(sizes), sizes
         else:  # a view, not split(int): under tracing the batch size is a graph value
             steps, varying = gi.view(-1, sizes, gi.shape[1]).unbind(0), None
-        hh = self.matrices[names.weight_hh]
-        return scan(self.cell, steps, initial, hh, self.cell.hidden_bias(bias_hh), names.reverse, varying)
-
-
-def _tracing() -> bool:
-    """Inside ``torch.jit.trace``, ``torch.export`` or ONNX export (shapes may be graph values there)."""
-    return torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+        hh = lambda h: self.product(names.weight_hh, h)  # noqa: E731
+        hidden_bias = self.cell.hidden_bias(getattr(self, names.bias_hh))
+        return scan(self.cell, steps, initial, hh, hidden_bias, names.reverse, varying)
 
 
 class CompressedLSTM(CompressedRNN):

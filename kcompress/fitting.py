@@ -1,0 +1,143 @@
+"""Fitting planned matrices: each selected layer becomes its compressed drop-in, matrix by matrix (with a
+data-aware refinement when calibrating), with progress events and one report row per matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+from torch import Tensor, nn
+
+from . import formats
+from .calibrated import CalibrationRun
+from .errors import KCompressError
+from .formats import DataFitInfo, Stack, relative_error
+from .nn import COMPRESSED_TYPES, MatrixBuilder
+from .planning import MatrixPlan
+from .progress import ProgressCallback, ProgressEvent
+from .report import MatrixReport
+
+
+def fit_layers(
+    model: nn.Module, plans: Mapping[str, Mapping[str, MatrixPlan]], seed: int, progress: Optional[ProgressCallback],
+    calibration: Optional[CalibrationRun] = None,
+) -> tuple[nn.Module, list[MatrixReport]]:
+    """Replace each planned layer of ``model`` by its fitted drop-in (same training mode), in plan order;
+    returns the model (the drop-in itself when the model is the layer) and the report rows in plan order.
+    With ``calibration`` each targeted matrix is then fitted to its data (see :class:`CalibrationRun`)."""
+    fitter = _Fitter(seed, progress, sum(p.targeted for layer in plans.values() for p in layer.values()), calibration)
+    for name, layer_plans in plans.items():
+        fitter.model = model
+        dense = model.get_submodule(name)
+        compressed = COMPRESSED_TYPES[type(dense)].from_dense(dense, fitter.builder(layer_plans))
+        compressed.train(dense.training)
+        model = replace_module(model, dense, compressed)
+    return model, fitter.rows
+
+
+class _Fitter:
+    """Fits planned matrices, sends progress events and collects the report rows.
+
+    Events per targeted matrix: ``layer`` (``index`` = 1-based position among the ``total`` targeted
+    matrices), ``iteration`` (``index``/``total`` as the fit reports them; ``message`` = ``"gate g/G"`` for
+    separate gates) and ``done`` (``error`` = relative error of the whole matrix).
+    """
+
+    def __init__(self, seed: int, progress: Optional[ProgressCallback], total: int,
+                 calibration: Optional[CalibrationRun] = None) -> None:
+        self.seed, self.progress, self.total, self.calibration = seed, progress, total, calibration
+        self.index = 0
+        self.rows: list[MatrixReport] = []
+        #: the model being compressed, as it is while the current layer is fitted
+        self.model: Optional[nn.Module] = None
+
+    def builder(self, plans: Mapping[str, MatrixPlan]) -> MatrixBuilder:
+        """The ``from_dense`` builder of one layer: fits ``plans[name]`` (the gate count is in the plan)."""
+        fitted: dict[str, nn.Module] = {}
+
+        def build(name: str, weight: Tensor, gates: int) -> nn.Module:
+            fitted[name] = self.fit(plans[name], weight, fitted)
+            return fitted[name]
+
+        return build
+
+    def fit(self, plan: MatrixPlan, weight: Tensor, fitted: Optional[Mapping[str, nn.Module]] = None) -> nn.Module:
+        """The fitted matrix module for ``weight (M, N)``: one fit, or a ``Stack`` of ``plan.blocks`` fits."""
+        if plan.targeted:
+            self.index += 1
+            self._emit(ProgressEvent("layer", plan.name, self.index, self.total))
+        blocks = weight.chunk(plan.blocks) if plan.blocks > 1 else [weight]
+        try:
+            parts = [
+                plan.fmt.fit(block, plan.tensorization, plan.rank_used, seed=self.seed,
+                             progress=self._iteration_callback(plan, g, len(blocks)), options=plan.options)
+                for g, block in enumerate(blocks)
+            ]
+        except KCompressError as error:
+            raise KCompressError(f"{plan.name}: {error}") from None
+        module = Stack(parts) if plan.blocks > 1 else parts[0]
+        data_fit = None
+        if plan.targeted and self.calibration is not None and self.model is not None:
+            data_fit = self.calibration.refine(self.model, plan.layer, plan.matrix, module, weight, fitted or {},
+                                               self.seed, self._iteration_callback(plan, 0, 1))
+        error = relative_error(weight, module.reconstruct())
+        if plan.targeted:
+            self._emit(ProgressEvent("done", plan.name, self.index, self.total, error=error))
+        self.rows.append(_matrix_report(plan, module, error, data_fit))
+        return module
+
+    def _emit(self, event: ProgressEvent) -> None:
+        if self.progress is not None:
+            self.progress(event)
+
+    def _iteration_callback(self, plan: MatrixPlan, gate: int, gates: int) -> Optional[formats.ProgressFn]:
+        if self.progress is None or not plan.targeted:
+            return None
+        message = f"gate {gate + 1}/{gates}" if gates > 1 else ""
+        return lambda it, total, error: self._emit(
+            ProgressEvent("iteration", plan.name, it, total, float(error), message)
+        )
+
+
+def _matrix_report(
+    plan: MatrixPlan, module: nn.Module, error: float, data_fit: Optional[tuple[DataFitInfo, int]] = None
+) -> MatrixReport:
+    """The report row of a fitted matrix; counts from the module's closed forms, error recomputed;
+    ``data_fit``: the data-aware fit's result and the calibration sample count."""
+    rows, cols = plan.shape
+    info = module.fit_info
+    calibrated = {} if data_fit is None else {
+        "output_error_before": data_fit[0].before, "output_error_after": data_fit[0].after,
+        "calibration_samples": data_fit[1], "data_fit_seconds": data_fit[0].seconds,
+    }
+    return MatrixReport(
+        layer=plan.layer,
+        layer_type=plan.layer_type,
+        matrix=plan.matrix,
+        shape=plan.shape,
+        format=plan.fmt.name,
+        modes=plan.modes(),
+        rank_requested=plan.rank_requested,
+        rank_used=plan.rank_used,
+        params_before=rows * cols,
+        params_after=int(module.num_params()),
+        macs_before=rows * cols,
+        macs_after=int(module.macs_per_vector()),
+        relative_error=error,
+        fit_seconds=float(info.seconds),
+        iterations=int(info.iterations),
+        clamped=plan.clamped,
+        **calibrated,
+    )
+
+
+def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> nn.Module:
+    """Put ``new`` at every path where ``model`` holds ``old`` (``setattr`` on the parents); returns the
+    model, which is ``new`` itself when ``old`` is the model."""
+    if model is old:
+        return new
+    paths = [name for name, module in model.named_modules(remove_duplicate=False) if module is old]
+    for path in paths:
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+    return model

@@ -1,0 +1,43 @@
+"""Checkpoints in, compressed artifacts out: safe by default, atomic, never touching the user's file.
+
+One module per job; import the names below from ``kcompress.io``:
+
+- :mod:`.checkpoint`: detect a file's kind from its bytes and load it safely (:func:`load_checkpoint`);
+- :mod:`.recognize`: LSTM/GRU/LSTMCell/GRUCell/Linear layers in a state dict (:func:`find_layers`);
+- :mod:`.standalone`: the model to compress (:func:`model_from_checkpoint`, :class:`StandaloneModel`);
+- :mod:`.artifact`: write an artifact (:func:`save_artifact`) and rebuild a model from one (:func:`load`);
+- :mod:`.files`: output paths, atomic writes, sha256.
+
+Imports go one way: files <- recognize <- standalone <- artifact <- checkpoint.
+"""
+
+from .artifact import ARTIFACT_SCHEMA_VERSION, METADATA_KEY, artifact_description, load, save_artifact
+from .checkpoint import KINDS, Checkpoint, load_checkpoint
+from .files import (PathLike, atomic_write, check_input_file, check_output_path, check_output_paths,
+                    default_output_path, file_sha256)
+from .recognize import LayerSpec, find_layers
+from .standalone import WEIGHTS_ONLY, StandaloneModel, model_from_checkpoint, model_from_state_dict
+
+__all__ = [
+    "ARTIFACT_SCHEMA_VERSION",
+    "KINDS",
+    "METADATA_KEY",
+    "WEIGHTS_ONLY",
+    "Checkpoint",
+    "LayerSpec",
+    "PathLike",
+    "StandaloneModel",
+    "artifact_description",
+    "atomic_write",
+    "check_input_file",
+    "check_output_path",
+    "check_output_paths",
+    "default_output_path",
+    "file_sha256",
+    "find_layers",
+    "load",
+    "load_checkpoint",
+    "model_from_checkpoint",
+    "model_from_state_dict",
+    "save_artifact",
+]

@@ -1,0 +1,251 @@
+"""Choosing each compressed matrix's execution path: :func:`set_execution` and the ``"auto"`` planner.
+
+``"auto"`` decides per matrix (Linear, cells) or per layer of an LSTM/GRU (a factorized ``W_hh`` forces the
+per-step Python loop for its whole layer, so the matrices of a layer are decided together):
+
+1. Closed form where the answer is clear: a factorized product needing at least the dense product's MACs
+   is materialized; one needing at most :data:`CLEAR_FRACTION` of them on a matrix of at least
+   :data:`CLEAR_MACS` MACs per row (where fixed kernel costs no longer matter) stays factorized.
+2. Otherwise a short measurement (:func:`kcompress.speed.time_interleaved`, interleaved runs, medians) of
+   the whole layer's forward on random input of :data:`MEASURE_STEPS` steps at each of
+   :data:`MEASURE_BATCHES` sequences under each candidate plan; a factorized candidate must beat the
+   all-materialized one by :data:`MARGIN` at every batch, in the median of per-round time ratios (robust
+   to load changes between rounds on a shared machine).
+   Without measuring (``measure=False``) the unclear matrices are materialized: never slower than dense.
+
+Timings decide the plan but are kept nowhere: the plan (names and paths) is all that is stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import itertools
+from typing import Callable, Iterator, Mapping, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import KCompressError
+from ..speed import CHECK_BATCH, paired, time_interleaved
+from .base import CompressedLayer
+from .execution import FACTORIZED, MATERIALIZED, MODES, check_mode, is_dense
+from .recurrent import CompressedRNN
+
+#: ``"auto"``, one mode for every matrix, or ``{glob over "layer.matrix" names: mode}`` (later globs win)
+Plan = Union[str, Mapping[str, str]]
+CLEAR_FRACTION = 1 / 16
+CLEAR_MACS = 2**20
+MEASURE_STEPS = 16
+#: batch sizes (rows for a matrix, sequences for a layer) a factorized candidate must win at
+MEASURE_BATCHES = (1, CHECK_BATCH)
+#: a factorized candidate must take at most this fraction of the materialized one's time (median of the
+#: per-round ratios) to be chosen
+MARGIN = 0.9
+#: seconds of interleaved measurement per decision
+BUDGET = 0.1
+
+
+def set_execution(model: nn.Module, plan: Plan = "auto", *, measure: bool = True) -> dict[str, dict[str, str]]:
+    """Set the execution path of every compressed matrix of ``model``; returns ``{layer path: its plan}``.
+
+    ``plan``: ``"factorized"``, ``"materialized"``, ``"auto"`` (see the module docs; ``measure=False``
+    decides by closed forms only) or ``{glob: mode}`` matched against ``"layer.matrix"`` names (the layer
+    alone also matches), later globs winning; matrices no glob names keep their path.
+    """
+    check_plan(plan)
+    layers = compressed_layers(model)
+    if isinstance(plan, str):
+        for layer in layers.values():
+            if plan == "auto":
+                layer.set_execution(auto_plan(layer, measure), requested=dict.fromkeys(layer.matrices, "auto"))
+            else:
+                layer.set_execution(dict.fromkeys(layer.matrices, check_mode(plan, "set_execution")))
+    elif isinstance(plan, Mapping):
+        _set_by_globs(layers, plan, measure)
+    else:
+        raise KCompressError(f"execution must be a mode name or a mapping of glob -> mode, got {plan!r}")
+    return {name: dict(layer.execution) for name, layer in layers.items()}
+
+
+def check_plan(plan: object) -> None:
+    """A one-line :class:`KCompressError` unless ``plan`` is a valid :data:`Plan` (before any work starts)."""
+    if isinstance(plan, str):
+        if plan != "auto" and plan not in MODES:
+            raise KCompressError(f"execution must be 'auto', 'factorized' or 'materialized', got {plan!r}")
+        return
+    if not isinstance(plan, Mapping) or not all(isinstance(glob, str) for glob in plan):
+        raise KCompressError(f"execution must be 'auto', a path name or a mapping of glob -> path, got {plan!r}")
+    for glob, mode in plan.items():
+        if mode != "auto":
+            check_mode(mode, f"execution {glob!r}")
+
+
+@contextlib.contextmanager
+def executed(model: nn.Module, plan: Plan) -> Iterator[None]:
+    """Run the block with ``plan`` set (``measure=False`` for ``"auto"``), then restore every layer's plan."""
+    saved = {name: (dict(layer.execution), dict(layer.requested)) for name, layer in compressed_layers(model).items()}
+    set_execution(model, plan, measure=False)
+    try:
+        yield
+    finally:
+        for name, layer in compressed_layers(model).items():
+            paths, requested = saved.get(name, ({}, {}))
+            layer.set_execution(paths, requested)
+
+
+def compressed_layers(model: nn.Module) -> dict[str, CompressedLayer]:
+    """``{path: layer}`` of the compressed layers in ``model`` (``""`` when the model is one)."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, CompressedLayer)}
+
+
+def replan(model: nn.Module, measure: bool = True) -> None:
+    """Decide, on this machine, the path of every matrix whose requested path is ``"auto"`` (an artifact
+    stores the request, so :func:`kcompress.load` calls this once the tensors are loaded)."""
+    for layer in compressed_layers(model).values():
+        automatic = [name for name, mode in layer.requested.items() if mode == "auto"]
+        if automatic:
+            chosen = auto_plan(layer, measure)
+            layer.set_execution({name: chosen[name] for name in automatic}, dict.fromkeys(automatic, "auto"))
+
+
+def execution_of(model: nn.Module) -> dict[str, dict[str, str]]:
+    """``{layer path: {matrix: path}}`` as it is now."""
+    return {name: dict(layer.execution) for name, layer in compressed_layers(model).items()}
+
+
+def _set_by_globs(layers: Mapping[str, CompressedLayer], plan: Mapping[str, str], measure: bool) -> None:
+    unused = set(plan)
+    for path, layer in layers.items():
+        chosen: dict[str, str] = {}
+        for matrix in layer.matrices:
+            qualified = f"{path}.{matrix}" if path else matrix
+            for glob, mode in plan.items():
+                if fnmatch.fnmatchcase(qualified, glob) or fnmatch.fnmatchcase(path, glob):
+                    chosen[matrix] = mode if mode == "auto" else check_mode(mode, glob)
+                    unused.discard(glob)
+        requested = dict(chosen)
+        if "auto" in chosen.values():
+            automatic = auto_plan(layer, measure)
+            chosen = {name: automatic[name] if mode == "auto" else mode for name, mode in chosen.items()}
+        layer.set_execution(chosen, requested)
+    if unused:
+        raise KCompressError(f"execution glob(s) {', '.join(sorted(unused))} matched no compressed matrix")
+
+
+# ---------------------------------------------------------------------- the auto planner
+def auto_plan(layer: CompressedLayer, measure: bool = True) -> dict[str, str]:
+    """``{matrix: path}`` for one layer (see the module docs)."""
+    if isinstance(layer, CompressedRNN):
+        plan: dict[str, str] = {}
+        for index in range(layer.num_layers):
+            plan.update(_auto_rnn_layer(layer, index, measure))
+        return plan
+    return {name: _auto_matrix(layer, name, measure) for name in layer.matrices}
+
+
+def closed_form(matrix: nn.Module) -> Optional[str]:
+    """The path the MAC counts make clear for one matrix, or None when only a measurement can tell."""
+    if is_dense(matrix):
+        return MATERIALIZED
+    dense = _dense_macs(matrix)
+    factorized = int(matrix.macs_per_vector())
+    if factorized >= dense:
+        return MATERIALIZED
+    if factorized <= CLEAR_FRACTION * dense and dense >= CLEAR_MACS:
+        return FACTORIZED
+    return None
+
+
+def _dense_macs(matrix: nn.Module) -> int:
+    """``M·N`` of the matrix (``Stack`` and ``Factorization`` alike)."""
+    if hasattr(matrix, "tensorization"):
+        return matrix.tensorization.out_features * matrix.tensorization.in_features
+    return int(matrix.out_features * matrix.in_features)
+
+
+def _in_features(matrix: nn.Module) -> int:
+    return int(matrix.tensorization.in_features if hasattr(matrix, "tensorization") else matrix.in_features)
+
+
+def _auto_matrix(layer: CompressedLayer, name: str, measure: bool) -> str:
+    """One matrix of a Linear or a cell: closed form, else the product timed both ways at each of
+    :data:`MEASURE_BATCHES` rows."""
+    matrix = layer.matrices[name]
+    clear = closed_form(matrix)
+    if clear is not None or not measure:
+        return clear or MATERIALIZED
+    inputs = [_random(matrix, batch, _in_features(matrix)) for batch in MEASURE_BATCHES]
+    runs = [lambda x=x: layer.product(name, x) for x in inputs]
+    return _fastest(layer, _candidates({name: None}), runs)[name]
+
+
+def _auto_rnn_layer(layer: CompressedRNN, index: int, measure: bool) -> dict[str, str]:
+    """The matrices of layer ``index`` (all directions) decided together, on the whole layer's forward at
+    each of :data:`MEASURE_BATCHES` sequences: the unclear input matrices share one path, the unclear hidden
+    ones another (at most four candidates)."""
+    directions = layer._layers[index]
+    clear = {name: closed_form(layer.matrices[name]) for d in directions for name in (d.weight_ih, d.weight_hh)}
+    candidates = _candidates(clear)
+    if not measure or len(candidates) == 1:
+        return candidates[0]
+    first = layer.matrices[directions[0].weight_ih]
+    runs = []
+    for batch in MEASURE_BATCHES:
+        data = _random(first, MEASURE_STEPS * batch, _in_features(first))
+        state = tuple(data.new_zeros(len(directions), batch, layer.hidden_size) for _ in range(layer.cell.state_count))
+        runs.append(lambda data=data, batch=batch, state=state: layer._run_layer(index, data, batch, state))
+    return _fastest(layer, candidates, runs)
+
+
+def _candidates(clear: Mapping[str, Optional[str]]) -> list[dict[str, str]]:
+    """Plans to try: clear matrices fixed; the unclear ones grouped by kind (``weight_ih*``, ``weight_hh*``,
+    any other name) with each group materialized or factorized. The all-materialized plan comes first."""
+    groups: dict[str, list[str]] = {}
+    for name, mode in clear.items():
+        if mode is None:
+            groups.setdefault(name[:9] if name.startswith("weight_") else name, []).append(name)
+    plans = []
+    for choice in itertools.product((MATERIALIZED, FACTORIZED), repeat=len(groups)):
+        plan = {name: mode or MATERIALIZED for name, mode in clear.items()}
+        for members, mode in zip(groups.values(), choice):
+            plan.update(dict.fromkeys(members, mode))
+        plans.append(plan)
+    return plans
+
+
+def _fastest(
+    layer: CompressedLayer, candidates: list[dict[str, str]], runs: list[Callable[[], object]]
+) -> dict[str, str]:
+    """The candidate plan that is fastest at every one of ``runs`` (one per batch size): the first (most
+    materialized) candidate wins unless another takes at most :data:`MARGIN` of its time in every run."""
+    saved = {name: layer.execution[name] for name in candidates[0]}
+    worst = dict.fromkeys(range(len(candidates)), 0.0)  # per candidate: its largest time ratio to candidate 0
+    with torch.no_grad():
+        for run in runs:
+            for plan in candidates:  # build the cached weights once, outside the timing
+                layer.set_execution(plan)
+                run()
+            timings = time_interleaved({k: _under(layer, plan, run) for k, plan in enumerate(candidates)},
+                                       budget=BUDGET / len(runs))
+            for k, timing in timings.items():
+                worst[k] = max(worst[k], paired(timing, timings[0]).ratio)
+    layer.set_execution(saved)
+    best = min(worst, key=worst.__getitem__)
+    return candidates[best if worst[best] <= MARGIN else 0]
+
+
+def _under(layer: CompressedLayer, plan: dict[str, str], run: Callable[[], object]) -> Callable[[], None]:
+    """``run()`` under ``plan``, keeping the layer's weight cache (``set_execution`` would drop it)."""
+
+    def call() -> None:
+        layer.execution.update(plan)
+        run()
+
+    return call
+
+
+def _random(matrix: nn.Module, rows: int, features: int) -> Tensor:
+    reference = next(matrix.parameters())
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(rows, features, generator=generator).to(reference.device, reference.dtype)

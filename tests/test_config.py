@@ -1,0 +1,83 @@
+"""CompressConfig: checked on construction, round-trips through its dict, and is what compress runs."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import pytest
+import torch
+
+import kcompress
+from kcompress import compress
+from kcompress.config import CompressConfig, config_defaults, config_fields
+from kcompress.errors import KCompressError
+from kcompress.models import SequenceClassifier
+from kcompress.speed import Speed
+
+
+@pytest.fixture(autouse=True)
+def _no_speed_check(monkeypatch) -> None:
+    monkeypatch.setattr("kcompress.convert.measured_speedup", lambda matrix, *args, **kwargs: Speed(0.5, 0.0))
+
+
+def tiny() -> SequenceClassifier:
+    torch.manual_seed(0)
+    return SequenceClassifier(4, 8, 3)
+
+
+def test_round_trip_through_json() -> None:
+    config = CompressConfig(format="tt", rank=[2, 3], modes=((4, 8), (2, 2)), targets="ih",
+                            overrides={"rnn.weight_ih*": {"rank": 2, "fit_options": {"max_sweeps": 1}}},
+                            fit_options={"min_sweep_gain": 0.0}, seed=3, execution={"rnn": "materialized"})
+    data = json.loads(json.dumps(config.to_dict()))
+    assert data["version"] == 1 and set(data) == {"version", *config_fields()}
+    assert CompressConfig.from_dict(data) == config
+    assert config.target_kinds == ("ih",) and config.base["rank"] == [2, 3]
+    assert config.replace(seed=4).seed == 4
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({}, "exactly one of rank and ratio"),
+    ({"rank": 2, "ratio": 4}, "exactly one of rank and ratio"),
+    ({"rank": 0}, "rank must be"),
+    ({"rank": 2, "targets": "xy"}, "targets must be"),
+    ({"rank": 2, "gates": "some"}, "gates must be"),
+    ({"rank": 2, "seed": 1.5}, "seed must be an integer"),
+    ({"rank": 2, "overrides": {"*": {"colour": 1}}}, "unknown key"),
+    ({"rank": 2, "execution": "fastest"}, "execution must be"),
+    ({"rank": 2, "distill_epochs": -1}, "distill_epochs must be an integer >= 0"),
+    ({"rank": 2, "calibrate_options": {"nope": 1}}, "nope"),
+    ({"format": ["kcp", "svd"], "allocate": "auto", "rank": 2}, "chooses the ranks"),
+    ({"format": ["kcp", "dense"], "allocate": "auto", "ratio": 4}, "not a compression format"),
+])
+def test_every_setting_is_checked_on_construction(settings: dict, message: str) -> None:
+    with pytest.raises(KCompressError, match=message) as error:
+        CompressConfig(**settings)
+    assert "\n" not in str(error.value)
+
+
+def test_from_dict_refuses_unknown_keys_and_other_versions() -> None:
+    with pytest.raises(KCompressError, match="unknown compress setting.*colour; allowed: format, rank"):
+        CompressConfig.from_dict({"rank": 2, "colour": "red"})
+    assert CompressConfig.from_dict({"rank": 2, "threads": 1}, extra="ignore") == CompressConfig(rank=2)
+    with pytest.raises(KCompressError, match="version 9"):
+        CompressConfig.from_dict({"rank": 2, "version": 9})
+
+
+def test_compress_keywords_are_the_config_fields_with_the_same_defaults() -> None:
+    parameters = inspect.signature(compress).parameters
+    assert {name: parameters[name].default for name in config_fields()} == config_defaults()
+    assert kcompress.CompressConfig is CompressConfig
+
+
+def test_compress_with_a_config_equals_compress_with_keywords() -> None:
+    config = CompressConfig(format="svd", rank=2, targets="ih", seed=1)
+    by_config, report = compress(tiny(), config=config)
+    by_keywords, _ = compress(tiny(), "svd", 2, targets="ih", seed=1)
+    for (name, a), (_, b) in zip(by_config.state_dict().items(), by_keywords.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert CompressConfig.from_dict(report.options, extra="ignore") == config
+    assert compress(tiny(), config)[1].options == report.options  # the config may also come second
+    with pytest.raises(KCompressError, match="either in config or as keywords.*rank"):
+        compress(tiny(), config=config, rank=4)
