@@ -79,7 +79,7 @@ def calibration_set(
     if not 0.0 < holdout < 1.0:
         raise KCompressError(f"the held-out fraction must be between 0 and 1, got {holdout}")
     batches = _capped(_batches(data, samples, seed, batch_size), samples)
-    total = sum(_batch_rows(call) for call in batches)
+    total = sum(batch_rows(call) for call in batches)
     if total < 2:
         raise KCompressError(f"calibration needs at least 2 sequences, the data gave {total}")
     held = min(max(1, round(holdout * total)), total - 1)
@@ -87,7 +87,7 @@ def calibration_set(
     chosen[torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:held]] = True
     fit, kept, start = [], [], 0
     for call in batches:
-        rows = _batch_rows(call)
+        rows = batch_rows(call)
         mask = chosen[start : start + rows]
         start += rows
         for part, selected in ((fit, ~mask), (kept, mask)):
@@ -104,7 +104,7 @@ def _batches(data: CalibrationData, samples: int, seed: int, batch_size: int) ->
             yield _as_call(inputs)
     elif isinstance(data, Tensor) or (isinstance(data, tuple) and data and all(isinstance(t, Tensor) for t in data)):
         call = _as_call(data)
-        rows = _batch_rows(call)
+        rows = batch_rows(call)
         pick = _random_rows(rows, samples, seed)
         for start in range(0, len(pick), batch_size):
             yield _take(call, rows, pick[start : start + batch_size])
@@ -135,7 +135,7 @@ def _as_call(inputs: Any) -> Inputs:
     raise KCompressError(f"calibration inputs must be tensors (or tuples of them), got {type(inputs).__name__}")
 
 
-def _batch_rows(call: Inputs) -> int:
+def batch_rows(call: Inputs) -> int:
     """The batch size of a call: the first dimension of its first tensor."""
     first = next((value for value in call if isinstance(value, Tensor) and value.dim() > 0), None)
     if first is None:
@@ -153,7 +153,7 @@ def _capped(calls: Iterator[Inputs], samples: int) -> list[Inputs]:
     """The calls up to ``samples`` sequences (the last one cut)."""
     kept, count = [], 0
     for call in calls:
-        rows = _batch_rows(call)
+        rows = batch_rows(call)
         if count + rows > samples:
             call, rows = _take(call, rows, torch.arange(samples - count)), samples - count
         if rows:
@@ -245,6 +245,7 @@ def _layers(model: nn.Module, names: Optional[Iterable[str]]) -> dict[str, nn.Mo
     found = {name: module for name, module in model.named_modules() if type(module) in COMPRESSED_TYPES}
     if names is None:
         return found
+    names = list(names)  # read twice below; a generator would come back empty the second time
     missing = sorted(set(names) - set(found))
     if missing:
         raise KCompressError(f"no LSTM/GRU/cell/Linear layer named {', '.join(map(repr, missing))}")

@@ -25,6 +25,7 @@ from .calibrate import (
     CalibrationSet,
     Calibrator,
     Inputs,
+    batch_rows,
     calibration_set,
 )
 from .errors import KCompressError
@@ -201,11 +202,7 @@ def distill(
 
 def _unlabeled(calls: Sequence[Inputs]) -> list[tuple[Inputs, Tensor]]:
     """``(inputs, placeholder)`` batches: finetune's batch shape; the placeholder only counts the rows."""
-    return [(call, torch.zeros(_rows(call))) for call in calls]
-
-
-def _rows(call: Inputs) -> int:
-    return next(value.shape[0] for value in call if isinstance(value, Tensor) and value.dim() > 0)
+    return [(call, torch.zeros(batch_rows(call))) for call in calls]
 
 
 def output_agreement(model: nn.Module, reference: nn.Module, calls: Sequence[Inputs]) -> dict[str, Any]:

@@ -93,6 +93,8 @@ def compress(
     if isinstance(progress, bool):  # True: the CLI's progress display on stderr for this call
         with progress_callback(progress) as callback:
             return compress(**{**arguments, "progress": callback})
+    if not isinstance(model, nn.Module):
+        raise KCompressError(f"compress needs a torch nn.Module, got {type(model).__name__}")
     config = _config(arguments)
     if config.allocated:
         from .auto import compress_allocated
@@ -101,8 +103,6 @@ def compress(
                                            inplace=inplace)
         report.options.update(config.to_dict())  # the settings asked for; the allocation's are in report.allocation
         return model, report
-    if not isinstance(model, nn.Module):
-        raise KCompressError(f"compress needs a torch nn.Module, got {type(model).__name__}")
     report = Report(format=config.base["format"], options=config.to_dict(), versions=_versions(),
                     model_params_before=count_parameters(model))
     report.options["threads"] = {"fit": fit_thread_count(), "model": torch.get_num_threads()}

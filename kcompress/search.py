@@ -100,6 +100,9 @@ def search_budget(
         raise KCompressError("the budget search needs a maximum drop")
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise KCompressError(f"max_steps must be a positive integer, got {max_steps!r}")
+    chosen_by_search = sorted({"format", "rank", "ratio", "params", "allocate", "overrides", "config"} & set(compress_kwargs))
+    if chosen_by_search:
+        raise KCompressError(f"the budget search chooses {', '.join(chosen_by_search)} itself; do not give them")
     result = SearchResult()
     runs: list[CompressionRun] = []
     limit = largest_ratio(prepared)

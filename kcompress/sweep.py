@@ -20,10 +20,10 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 from .errors import KCompressError
 from .evaluate import Budget, EvalSpec, metric_drop
 from .executors import TrialExecutor, open_executor
-from .io import file_sha256
+from .io import PathLike, file_sha256
 from .pipeline import FinetuneSettings
 from .progress import ProgressCallback, ProgressEvent
-from .trials import (BASELINE_FORMAT, PathLike, TrialJob, TrialSpec, append_record, is_baseline, one_line, read_records,
+from .trials import (BASELINE_FORMAT, TrialJob, TrialSpec, append_record, is_baseline, one_line, read_records,
                      worker_trial)
 from .usercode import split_reference
 
@@ -127,6 +127,8 @@ def run_sweep(
     """
     if jobs < 1:
         raise KCompressError(f"jobs must be at least 1, got {jobs}")
+    if not any(is_baseline(asdict(trial)) for trial in trials):
+        raise KCompressError("a sweep needs the dense baseline among its trials (expand_grid adds it)")
     eval_spec.check()
     if model_class is not None:
         split_reference(model_class, "model", kind="class")

@@ -21,21 +21,20 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional
 
-import torch
-
+from ._threads import threads
 from .config import CompressConfig
 from .errors import KCompressError
 from .evaluate import EvalSpec, Evaluation, load_evaluation
 from .executors import worker_name
 from .formats import FORMATS, get_format
+from .io import PathLike, atomic_write
 from .pipeline import CompressionRun, FinetuneSettings, compress_stages, load_input, measure
 
 #: the trial format of the uncompressed baseline: the registered format that keeps a matrix as it is
 BASELINE_FORMAT = next(name for name, cls in FORMATS.items() if not cls.compresses)
 
-PathLike = Union[str, os.PathLike]
 
 
 @dataclass(frozen=True)
@@ -112,9 +111,10 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
 
 
 def worker_trial(job: TrialJob, files: Optional[Mapping[str, bytes]] = None) -> dict[str, Any]:
-    """A trial in a worker process: one torch thread (the pool or cluster provides the parallelism)."""
-    torch.set_num_threads(1)
-    return execute_trial(job, files)
+    """A trial in a worker process: one torch and BLAS thread (the pool or cluster provides the parallelism),
+    the worker's own settings restored afterwards."""
+    with threads(1):
+        return execute_trial(job, files)
 
 
 def execute_trial(job: TrialJob, files: Optional[Mapping[str, bytes]] = None) -> dict[str, Any]:
@@ -191,9 +191,7 @@ def _local_copy(path: str, data: bytes) -> str:
     target = folder / pathlib.Path(path).name
     if not target.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        partial = folder / f".{target.name}.{os.getpid()}"
-        partial.write_bytes(data)
-        os.replace(partial, target)
+        atomic_write(target, data, overwrite=True)  # trials running side by side may write it at once
     return str(target)
 
 

@@ -163,6 +163,17 @@ def test_the_weight_cache_follows_the_factors() -> None:
     assert layer.weight("weight").requires_grad  # grad enabled: rebuilt with its graph, not cached
 
 
+def test_the_weight_cache_follows_a_replaced_factor() -> None:
+    layer = COMPRESSED_TYPES[nn.Linear].from_dense(nn.Linear(6, 5), svd)
+    set_execution(layer, "materialized")
+    x = torch.randn(2, 6)
+    with torch.no_grad():
+        before = layer(x)
+        matrix = layer.matrices["weight"]
+        matrix.left = nn.Parameter(2.0 * matrix.left)  # a new tensor: id and data_ptr change, _version does not
+        close(layer(x) - layer.bias, 2 * (before - layer.bias))
+
+
 def test_chunked_multiply_equals_one_multiply() -> None:
     matrix = formats.KCP.fit(torch.randn(16, 16), formats.KCP.default_tensorization(16, 16, order=2), 3)
     x = torch.randn(50, 16)

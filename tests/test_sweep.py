@@ -234,3 +234,26 @@ def test_run_trial_appends_its_record(tmp_path) -> None:
     assert record["status"] == "error" and "\n" not in record["error"]
     assert read_records(log)["k"]["status"] == "error"
     assert os.path.getsize(log) == sum(len(line) + 1 for line in log.read_text().splitlines())
+
+
+def test_a_sweep_without_the_baseline_is_refused_before_any_work(tmp_path) -> None:
+    from kcompress.sweep import run_sweep
+
+    save_tiny_model(tmp_path / "m.pt")
+    with pytest.raises(KCompressError, match="dense baseline"):
+        run_sweep(tmp_path / "m.pt", [TrialSpec("svd", 2)], EvalSpec(evaluator="x:y"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_worker_trial_restores_the_workers_threads(tmp_path, monkeypatch) -> None:
+    from kcompress import trials
+
+    seen = []
+    monkeypatch.setattr(trials, "execute_trial", lambda job, files=None: seen.append(torch.get_num_threads()) or {})
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        trials.worker_trial(None)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

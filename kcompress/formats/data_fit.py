@@ -176,22 +176,23 @@ def refine_to_data(
         at the best point of the curve.
     """
     dtype, device = next(module.parameters()).dtype, next(module.parameters()).device
+    factor = whitening_factor(moment.cpu(), settings.ridge).to(device)  # may refuse the moment: before any change
+    parameters = [p for p in module.parameters()]
+    flags = [p.requires_grad for p in parameters]
     module.double()
     target = weight.detach().to(device, torch.float64)
-    factor = whitening_factor(moment.cpu(), settings.ridge).to(device)
     projected = target @ factor
     scale = float((projected * projected).sum())
     scale = scale if scale > 0 else 1.0
-    parameters = [p for p in module.parameters()]
-    flags = [p.requires_grad for p in parameters]
 
     def loss() -> Tensor:
         residual = projected - module.reconstruct() @ factor
         return (residual * residual).sum() / scale
 
-    best = (float(loss().detach()), [p.detach().clone() for p in parameters])
+    best = (float("inf"), [p.detach().clone() for p in parameters])
     curve: list[float] = []
     try:
+        best = (float(loss().detach()), best[1])
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
             torch.manual_seed(seed)
             for p in parameters:

@@ -74,23 +74,24 @@ class WeightCache:
     """
 
     def __init__(self) -> None:
-        self._entries: dict[str, tuple[list[Tensor], list[tuple[int, int]], Tensor]] = {}
+        self._entries: dict[str, tuple[list[tuple[int, int, int]], Tensor]] = {}
 
     def get(self, name: str, matrix: nn.Module) -> Tensor:
         """The ``(M, N)`` weight of ``matrix`` (stored under ``name``)."""
-        entry = self._entries.get(name)
-        params = entry[0] if entry is not None else list(matrix.parameters())
+        params = list(matrix.parameters())
         if torch.is_grad_enabled() and any(p.requires_grad for p in params) or tracing():
             return matrix.reconstruct()
-        key = [(p.data_ptr(), p._version) for p in params]  # a move or cast changes data_ptr
-        if entry is None or entry[1] != key:
+        # a replaced parameter changes id, a move or cast data_ptr, an in-place update _version
+        key = [(id(p), p.data_ptr(), p._version) for p in params]
+        entry = self._entries.get(name)
+        if entry is None or entry[0] != key:
             with torch.no_grad():
-                entry = (params, key, matrix.reconstruct().contiguous())
+                entry = (key, matrix.reconstruct().contiguous())
             self._entries[name] = entry
-        return entry[2]
+        return entry[1]
 
     def clear(self) -> None:
-        """Forget every weight (and the parameter lists, in case a matrix's parameters were replaced)."""
+        """Forget every weight."""
         self._entries.clear()
 
 

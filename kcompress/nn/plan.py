@@ -220,17 +220,20 @@ def _fastest(
     """The candidate plan that is fastest at every one of ``runs`` (one per batch size): the first (most
     materialized) candidate wins unless another takes at most :data:`MARGIN` of its time in every run."""
     saved = {name: layer.execution[name] for name in candidates[0]}
+    requested = {name: layer.requested.get(name, mode) for name, mode in saved.items()}
     worst = dict.fromkeys(range(len(candidates)), 0.0)  # per candidate: its largest time ratio to candidate 0
-    with torch.no_grad():
-        for run in runs:
-            for plan in candidates:  # build the cached weights once, outside the timing
-                layer.set_execution(plan)
-                run()
-            timings = time_interleaved({k: _under(layer, plan, run) for k, plan in enumerate(candidates)},
-                                       budget=BUDGET / len(runs))
-            for k, timing in timings.items():
-                worst[k] = max(worst[k], paired(timing, timings[0]).ratio)
-    layer.set_execution(saved)
+    try:
+        with torch.no_grad():
+            for run in runs:
+                for plan in candidates:  # build the cached weights once, outside the timing
+                    layer.set_execution(plan)
+                    run()
+                timings = time_interleaved({k: _under(layer, plan, run) for k, plan in enumerate(candidates)},
+                                           budget=BUDGET / len(runs))
+                for k, timing in timings.items():
+                    worst[k] = max(worst[k], paired(timing, timings[0]).ratio)
+    finally:
+        layer.set_execution(saved, requested)
     best = min(worst, key=worst.__getitem__)
     return candidates[best if worst[best] <= MARGIN else 0]
 
