@@ -233,6 +233,15 @@ def test_search_without_a_passing_step_returns_the_closest_marked_failed() -> No
     assert result.run.report.status == "failed" and result.run.report.search["passed"] is False
 
 
+def test_search_refuses_settings_it_chooses_itself() -> None:
+    model, _ = toy_model()
+    prepared = prepare(model, ["svd"], targets="ih,hh")
+    run = search_run(model, lambda m: 1.0)
+    for key, value in (("rank", 2), ("format", "kcp"), ("ratio", 4.0)):
+        with pytest.raises(KCompressError, match=f"chooses {key}"):
+            search_budget(run, prepared, Budget(0.0), **{key: value})
+
+
 # ---------------------------------------------------------------------- the command line
 def cli(*args: object):
     from click.testing import CliRunner
