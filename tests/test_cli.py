@@ -24,7 +24,6 @@ from kcompress.cli.render import PlainProgress
 from kcompress.io import default_output_path
 from kcompress.progress import ProgressEvent
 from kcompress.report import validate_report_dict
-from kcompress.speed import Speed
 
 from .conftest import EXAMPLE_LSTM, ROOT
 from .test_sweep import save_tiny_data, save_tiny_model, write_param_evaluator
@@ -48,11 +47,7 @@ def one_error_line(stderr: str) -> str:
     return lines[0]
 
 
-@pytest.fixture(autouse=True)
-def _steady_speed_check(monkeypatch) -> None:
-    """compress() times every compressed matrix against its dense product; on these tiny matrices that is
-    noise (and a ratio that rounds to 0 crashes convert._check_speed), so in-process runs get a fixed one."""
-    monkeypatch.setattr("kcompress.convert.measured_speedup", lambda matrix, *args, **kwargs: Speed(0.5, 0.0))
+pytestmark = pytest.mark.usefixtures("steady_speed")
 
 
 @pytest.fixture

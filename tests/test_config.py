@@ -13,12 +13,9 @@ from kcompress import compress
 from kcompress.config import CompressConfig, config_defaults, config_fields
 from kcompress.errors import KCompressError
 from kcompress.models import SequenceClassifier
-from kcompress.speed import Speed
 
 
-@pytest.fixture(autouse=True)
-def _no_speed_check(monkeypatch) -> None:
-    monkeypatch.setattr("kcompress.convert.measured_speedup", lambda matrix, *args, **kwargs: Speed(0.5, 0.0))
+pytestmark = pytest.mark.usefixtures("steady_speed")
 
 
 def tiny() -> SequenceClassifier:

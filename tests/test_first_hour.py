@@ -25,7 +25,6 @@ from kcompress.cli.render import Display, PlainProgress
 from kcompress.formats.svd import SVD
 from kcompress.io import model_from_state_dict
 from kcompress.progress import ProgressEvent
-from kcompress.speed import Speed
 
 from .test_sweep import save_tiny_data, save_tiny_model
 
@@ -34,10 +33,7 @@ def run(*args: object):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture(autouse=True)
-def _steady_speed_check(monkeypatch) -> None:
-    """Tiny matrices time as noise: a fixed speed check (as in test_cli)."""
-    monkeypatch.setattr("kcompress.convert.measured_speedup", lambda matrix, *args, **kwargs: Speed(0.5, 0.0))
+pytestmark = pytest.mark.usefixtures("steady_speed")
 
 
 @pytest.fixture

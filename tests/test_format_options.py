@@ -20,17 +20,13 @@ from kcompress.evaluate import EvalSpec
 from kcompress.formats import KCPOptions, TreeOptions, build, get_format
 from kcompress.io import file_sha256
 from kcompress.models import SequenceClassifier
-from kcompress.speed import Speed
 from kcompress.sweep import expand_grid
 from kcompress.trials import TrialJob, TrialSpec, run_trial
 
 from .test_sweep import save_tiny_data, save_tiny_model
 
 
-@pytest.fixture(autouse=True)
-def _no_speed_check(monkeypatch) -> None:
-    """The tiny matrices' timings are noise; these tests are about options."""
-    monkeypatch.setattr("kcompress.convert.measured_speedup", lambda matrix, *args, **kwargs: Speed(0.5, 0.0))
+pytestmark = pytest.mark.usefixtures("steady_speed")
 
 
 def tiny() -> SequenceClassifier:
