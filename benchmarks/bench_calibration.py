@@ -2,7 +2,7 @@
 unlabeled distillation, statistics from the compressed or the dense model, Silero VAD agreement, timing.
 
     python benchmarks/bench_calibration.py                       # every section -> results/calibration.*
-    python benchmarks/bench_calibration.py --sections jv,timing  # some of: jv, distill, distill256, source, vad, timing
+    python benchmarks/bench_calibration.py --sections jv,timing  # some of: jv, distill, distill256, ablation, source, vad, timing
 
 One thread (``torch.set_num_threads(1)``). Accuracy is deterministic; times are noisy on a shared machine.
 Calibration inputs are never labelled: JapaneseVowels' train split (64 sequences, 16 of them held out),
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine_markdown, markdown_table, write_results  # noqa: E402
 
 from kcompress import compress  # noqa: E402
-from kcompress.calibrate import calibration_set, collect_second_moments  # noqa: E402
+from kcompress.calibrate import collect_second_moments  # noqa: E402
 from kcompress.data import SequenceData, load_builtin  # noqa: E402
 from kcompress.evaluate import evaluate  # noqa: E402
 from kcompress.formats import DataFitSettings, get_format  # noqa: E402
@@ -63,8 +63,9 @@ def _row(model: nn.Module, test: SequenceData, baseline: float, report: Any, sec
 
 def jv_section(settings: dict[str, dict], distill_epochs: int = 0, samples: int = SAMPLES,
                cells: tuple[str, ...] = ("lstm", "gru")) -> list[dict]:
-    """Plain fit vs calibrated fit (and distillation: Adam 1e-3, early stopping after 50 epochs without
-    improvement of the held-out distillation loss) on JapaneseVowels, recurrent weights (ih, hh)."""
+    """Plain fit vs calibrated fit (and distillation: Adam 1e-3, the default teacher-labelled augmentation and
+    layer matching, early stopping after 50 epochs without improvement of the held-out distillation loss) on
+    JapaneseVowels, recurrent weights (ih, hh)."""
     rows = []
     for cell in cells:
         model, train, test = _jv(cell)
@@ -83,6 +84,38 @@ def jv_section(settings: dict[str, dict], distill_epochs: int = 0, samples: int 
                     row["epochs_run"] = report.calibration["distill"]["epochs_run"]
                 rows.append(row)
                 print(row, flush=True)
+    return rows
+
+
+#: distillation variants (calibrate_options): outputs only, each augmentation alone, all, matching, both
+ABLATION = {
+    "outputs only": {"augment_copies": 0, "match_weight": 0.0},
+    "jitter": {"mixup": False, "crop": 1.0, "match_weight": 0.0},
+    "crop": {"mixup": False, "jitter": 0.0, "match_weight": 0.0},
+    "mixup": {"jitter": 0.0, "crop": 1.0, "match_weight": 0.0},
+    "augmentation": {"match_weight": 0.0},
+    "matching": {"augment_copies": 0},
+    "augmentation + matching (default)": {},
+}
+
+
+def ablation_section(distill_epochs: int) -> list[dict]:
+    """The distillation's parts (:data:`ABLATION`) on the LSTM, ih 3x + hh 12x, kcp and tt, 64 sequences."""
+    model, train, test = _jv("lstm")
+    dense = evaluate(model, test)
+    rows = []
+    for fmt in ("kcp", "tt"):
+        for label, variant in ABLATION.items():
+            start = time.perf_counter()
+            compressed, report = _quiet(lambda: compress(
+                model, fmt, targets="ih,hh", check_speed=False, calibration=train, calibrate_samples=SAMPLES,
+                distill_epochs=distill_epochs, calibrate_options={"patience": 50, "ridge": 1.0, **variant},
+                **SETTINGS_8X["ih 3x, hh 12x"]))
+            row = _row(compressed, test, dense, report, time.perf_counter() - start, cell="lstm", format=fmt,
+                       setting="ih 3x, hh 12x", distillation=label,
+                       epochs_run=report.calibration["distill"]["epochs_run"])
+            rows.append(row)
+            print(row, flush=True)
     return rows
 
 
@@ -152,10 +185,13 @@ def vad_section(calibration_files: int = 8, test_files: int = 60) -> list[dict]:
     return rows
 
 
-def timing_section(hidden: int = 512, iterations: int = 25) -> list[dict]:
-    """Seconds per matrix at hidden 512: statistics of an LSTM(512, 512) on 64 sequences of 100 steps, and
-    the data-aware fit of its (2048, 512) hidden matrix at about 4x (svd closed form; tt refinement capped at
-    ``iterations``, whose cost per iteration is ``M·N·k`` for ``k`` input directions: here all 512)."""
+def timing_section(hidden: int = 512) -> list[dict]:
+    """Seconds per matrix at hidden 512 (LSTM(512, 512), random weights, 64 sequences of 100 random steps):
+    the statistics; the data-aware fit of the (2048, 512) hidden matrix at about 4x per format with the
+    default settings (ridge 1, up to 300 iterations and the stopping rule; every input direction carries
+    energy, so each evaluation costs ``M·N²``); and ``compress`` of the LSTM (ih, hh) with and without
+    calibration (``ridge="auto"``: three ridges, each warm-started from the previous), the difference per
+    matrix. kcp's plain fit runs 5 CP-ALS iterations (the default 100 take minutes at this size)."""
     torch.manual_seed(0)
     lstm = nn.LSTM(hidden, hidden, batch_first=True)
     inputs = torch.randn(64, 100, hidden)
@@ -163,19 +199,35 @@ def timing_section(hidden: int = 512, iterations: int = 25) -> list[dict]:
     moments = collect_second_moments(lstm, inputs, samples=64)
     statistics = time.perf_counter() - start
     rows = [{"what": "statistics, all matrices", "matrices": len(moments), "seconds": round(statistics, 2)}]
+    torch.optim.Adam([nn.Parameter(torch.zeros(1))])  # torch.optim's one-time import (seconds), not timed
     moment = moments["weight_hh_l0"]
     weight = lstm.weight_hh_l0.detach()
-    for fmt_name in ("svd", "tt"):  # kcp's plain fit alone takes minutes at this size (CP-ALS, order 3)
+    fit_options = {"kcp": {"max_iterations": 5}}
+    for fmt_name in ("svd", "tt", "ht", "kcp"):
         fmt = get_format(fmt_name)
         tz = fmt.default_tensorization(4 * hidden, hidden, out_group=4)
         start = time.perf_counter()
-        module = fmt.fit(weight, tz, fmt.rank_for_ratio(tz, 4))
+        module = fmt.fit(weight, tz, fmt.rank_for_ratio(tz, 4), options=fit_options.get(fmt_name))
         plain = time.perf_counter() - start
-        info = module.fit_to_data(weight, moment.fit, moment.holdout, DataFitSettings(iterations=iterations))
-        rows.append({"what": f"{fmt_name} data-aware fit ({info.method}, {info.iterations} it.)",
+        info = module.fit_to_data(weight, moment.fit, moment.holdout, DataFitSettings())
+        rows.append({"what": f"{fmt_name} data-aware fit, hh matrix, ridge 1 ({info.method}, {info.iterations} it.)",
                      "plain_fit_seconds": round(plain, 2), "seconds": round(info.seconds, 2),
                      "seconds_per_iteration": round(info.seconds / info.iterations, 3),
                      "output_error": f"{info.before:.3f} -> {info.after:.3f}"})
+        print(rows[-1], flush=True)
+    model = nn.Sequential(lstm)
+    for fmt_name in ("svd", "tt", "ht", "kcp"):
+        options = {"ratio": 4, "targets": "ih,hh", "check_speed": False, "fit_options": fit_options.get(fmt_name)}
+        start = time.perf_counter()
+        _quiet(lambda: compress(model, fmt_name, **options))
+        plain = time.perf_counter() - start
+        start = time.perf_counter()
+        _, report = _quiet(lambda: compress(model, fmt_name, calibration=inputs, calibrate_samples=64, **options))
+        calibrated = time.perf_counter() - start
+        errors = ", ".join(f"{row.output_error_before:.3f} -> {row.output_error_after:.3f}" for row in report.matrices)
+        rows.append({"what": f"{fmt_name} compress ih+hh, calibration ridge auto (ridge {report.calibration['ridge']})",
+                     "matrices": len(report.matrices), "plain_fit_seconds": round(plain / len(report.matrices), 2),
+                     "seconds": round((calibrated - plain) / len(report.matrices), 2), "output_error": errors})
         print(rows[-1], flush=True)
     return rows
 
@@ -187,12 +239,12 @@ def _table(rows: list[dict]) -> str:
 
 INTRO = """## Data-aware compression (calibration)
 
-`python benchmarks/bench_calibration.py` (one thread; sections: jv, distill, distill256, source, vad, timing;
+`python benchmarks/bench_calibration.py` (one thread; sections: jv, distill, distill256, ablation, source, vad, timing;
 each section's rows in `results/calibration_<section>.json` with its machine and command). Calibration
 inputs are unlabeled: 64 JapaneseVowels train sequences (48 fitted, 16 held out), or Silero VAD features of
 8 speech files. Accuracy is on the JapaneseVowels test split (370 sequences); "ratio" is over the recurrent
-matrices (ih and hh). See [calibration.md](calibration.md) for the method. Times are from a shared 2-core
-machine and noisy.
+matrices (ih and hh). See [calibration.md](calibration.md) for the method. Each section gives the
+load it ran under: times measured while the 2 cores were shared are noisy.
 """
 
 
@@ -227,7 +279,7 @@ def _targets(results: dict[str, list[dict]]) -> str:
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="jv,distill,distill256,source,vad,timing")
+    parser.add_argument("--sections", default="jv,distill,distill256,ablation,source,vad,timing")
     parser.add_argument("--distill-epochs", type=int, default=300)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -236,6 +288,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         "distill": lambda: jv_section(SETTINGS_8X, args.distill_epochs),
         "distill256": lambda: jv_section({"ih 3x, hh 12x": SETTINGS_8X["ih 3x, hh 12x"]}, args.distill_epochs, 256,
                                          ("lstm",)),
+        "ablation": lambda: ablation_section(args.distill_epochs),
         "source": source_section,
         "vad": vad_section,
         "timing": timing_section,

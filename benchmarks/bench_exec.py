@@ -7,7 +7,7 @@
 * ``grid``: LSTM/GRU(H, H), T = 32, both recurrent matrices compressed (random factors at the rank of the
   ratio; the dense baseline holds the reconstructed weights, so both compute the same function and
   value-dependent costs such as denormals match), execution planned with ``set_execution(model, "auto")``;
-  forward (no grad) and one training step (forward + backward through ``kcompress.finetune.fast``, the
+  forward (no grad) and one training step (forward + backward through ``kcompress.nn.trained``, the
   path fine-tuning takes), each timed interleaved with dense ``nn.LSTM``/``nn.GRU`` of the same run
   (:func:`kcompress.speed.time_interleaved`: medians within a time budget, interquartile spread).
 * ``paper``: the KCP paper shape (57,600 -> 4x256, W_ih as KCP rank 8, modes of bench_speed.py, T = 16),
@@ -102,7 +102,7 @@ def interleaved(dense: Callable[[], Any], compressed: Callable[[], Any], budget:
 
 # ---------------------------------------------------------------------- parts
 def bench_grid(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
-    from kcompress.finetune import fast
+    from kcompress.nn import trained
 
     rows = []
     for cell, hidden, fmt, ratio in ((c, h, f, r) for c in args.cells for h in args.hidden for f in args.formats
@@ -126,7 +126,7 @@ def bench_grid(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
                 d_fwd, c_fwd = interleaved(lambda: dense(x), lambda: model(x), args.budget)
             train = {"train_x": None, "train_spread": None, "dense_train_ms": None}
             if fmt in args.train_formats:
-                with fast(model):
+                with trained(model):
                     d_train, c_train = interleaved(training_step(dense, x), training_step(model, x), args.budget)
                 train = {"dense_train_ms": round(d_train.median * 1e3, 3), "train_x": round(c_train.ratio, 2),
                          "train_spread": round(c_train.spread, 2)}

@@ -9,7 +9,8 @@ Runs, for the bundled LSTM and GRU, the command
         --finetune-epochs 40 --finetune-lr 0.02 --threads 1 -o <tmp> --report <tmp>
 
 as a subprocess and records its wall time, exit code, the chosen compression ratio of the recurrent
-weights and the trajectory. Results: benchmarks/results/search.{json,md}.
+weights and the trajectory (per step: accuracy right after the fit, the recovery that ran because the step
+was failing, final accuracy). Results: benchmarks/results/{--name, default search}.{json,md}.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 
 from common import machine_markdown, markdown_table, write_results
 
+from kcompress.allocation_report import recovery_label
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,6 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--max-drop", default="0.01")
     parser.add_argument("--threads", default="1")
+    parser.add_argument("--name", default="search", help="results file name under benchmarks/results/")
     parser.add_argument("extra", nargs="*")
     args = parser.parse_args()
     rows, trajectories = [], []
@@ -53,8 +57,9 @@ def main() -> None:
                      "baseline": report.get("metrics", {}).get("baseline"), "drop": chosen.get("drop"),
                      "steps": len(search.get("steps", [])), "trajectory": search.get("steps", []),
                      "command": " ".join(command[1:])})
-        trajectories += [[cell, i + 1, f"{s['achieved_ratio']:.2f}x", f"{s['metric']:.4f}", f"{s['drop']:.4f}",
-                          "pass" if s["passed"] else "fail", f"{s['seconds']:.1f}"]
+        trajectories += [[cell, i + 1, f"{s['achieved_ratio']:.2f}x", f"{s['fitted_metric']:.4f}",
+                          recovery_label(s), f"{s['metric']:.4f}", f"{s['drop']:.4f}", "pass" if s["passed"] else "fail",
+                          f"{s['seconds']:.1f}"]
                          for i, s in enumerate(search.get("steps", []))]
     table = markdown_table(["model", "exit code", "ratio found (recurrent weights)", "accuracy", "dense", "drop",
                             "steps", "wall seconds"],
@@ -63,9 +68,10 @@ def main() -> None:
                              f"{r['baseline']:.4f}" if r["baseline"] is not None else "—",
                              f"{r['drop']:.4f}" if r["drop"] is not None else "—", r["steps"], f"{r['seconds']:.0f}"]
                             for r in rows])
-    steps = markdown_table(["model", "step", "ratio", "accuracy", "drop", "result", "seconds"], trajectories)
+    steps = markdown_table(["model", "step", "ratio", "accuracy after fit", "recovery", "accuracy", "drop", "result",
+                            "seconds"], trajectories)
     print(table + "\n\n" + steps)
-    write_results("search", rows, table + "\n\n" + steps + "\n\n" + machine_markdown())
+    write_results(args.name, rows, table + "\n\n" + steps + "\n\n" + machine_markdown())
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PARTS = ["params", "speed", "speed_matrix_2threads_quiet", "fit", "memory", "sweep", "sweep_executors", "calibration",
-         "exec_summary", "exec_paper", "exec_distill_memory", "exec_grid_lstm", "exec_grid_gru"]
+         "allocate", "search_distill_lr", "search", "search_distill", "exec_summary", "exec_train", "exec_train_h256svd", "exec_quiet",
+         "exec_paper_quiet", "exec_paper", "exec_distill_memory", "exec_grid_lstm", "exec_grid_gru"]
 
 HEADER = """# Benchmarks
 
@@ -27,6 +28,8 @@ python benchmarks/bench_memory.py     # peak RSS of an LSTM forward at the paper
 python benchmarks/bench_sweep.py      # one 24-trial sweep: 1 and 2 local processes, Dask with 2 workers
 python benchmarks/bench_calibration.py  # data-aware fitting and unlabeled distillation on the bundled data
 python benchmarks/bench_exec.py       # execution plans: compressed vs dense forward/training, paper shape, memory
+python benchmarks/bench_allocate.py   # automatic allocation vs uniform at 8x (JapaneseVowels)
+python benchmarks/bench_search.py     # --max-drop 0.01 budget search (JapaneseVowels LSTM and GRU)
 python benchmarks/make_docs.py        # this page
 ```
 """

@@ -15,7 +15,7 @@ import os
 from typing import Iterator, Optional
 
 import torch
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import threadpool_limits
 
 from .errors import KCompressError
 
@@ -62,14 +62,3 @@ def threads_used(count: Optional[int]) -> Iterator[dict[str, int]]:
     with threads(count) as model:
         yield {"fit": fit, "model": model}
 
-
-def thread_report() -> dict[str, object]:
-    """Thread counts in effect: torch's intra-op pool and each loaded BLAS pool (for benchmark records)."""
-    return {
-        "torch_threads": torch.get_num_threads(),
-        "blas": [
-            {"library": pool.get("internal_api"), "threads": pool.get("num_threads")}
-            for pool in threadpool_info()
-            if pool.get("user_api") == "blas"
-        ],
-    }

@@ -8,7 +8,8 @@ from typing import Any, Mapping, Optional
 from rich.table import Table
 
 ALLOCATION_HEADERS = ["matrix", "format", "rank", "params", "MACs", "est. output error", "output error", "path"]
-SEARCH_HEADERS = ["step", "ratio asked", "budget", "used", "ratio", "metric", "drop", "result", "seconds"]
+SEARCH_HEADERS = ["step", "ratio asked", "budget", "used", "ratio", "after fit", "recovery", "metric", "drop", "result",
+                  "seconds"]
 
 
 def allocation_rows(allocation: Mapping[str, Any]) -> list[list[str]]:
@@ -33,9 +34,17 @@ def search_rows(search: Mapping[str, Any]) -> list[list[str]]:
     for index, step in enumerate(search.get("steps", [])):
         mark = "*" if index == search.get("chosen") else ""
         rows.append([f"{index + 1}{mark}", f"{step['ratio']:.3g}×", f"{step['budget']:,}", f"{step['used']:,}",
-                     f"{step['achieved_ratio']:.2f}×", _number(step["metric"], 4), _number(step["drop"], 4),
-                     "pass" if step["passed"] else "fail", f"{step['seconds']:.1f}"])
+                     f"{step['achieved_ratio']:.2f}×", _number(step.get("fitted_metric"), 4), recovery_label(step),
+                     _number(step["metric"], 4), _number(step["drop"], 4), "pass" if step["passed"] else "fail",
+                     f"{step['seconds']:.1f}"])
     return rows
+
+
+def recovery_label(step: Mapping[str, Any]) -> str:
+    """What ran after the step's fit: ``reused N`` (an earlier step's model), distill / finetune, or —."""
+    if step.get("reused") is not None:
+        return f"reused {step['reused'] + 1}"
+    return "+".join(step.get("recovery") or []) or "—"
 
 
 def search_caption(search: Mapping[str, Any]) -> str:

@@ -16,8 +16,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence
 
+from .augment import Augmentation, AugmentedCalls
 from .calibrate import (
     DEFAULT_HOLDOUT,
     SOURCES,
@@ -32,6 +32,8 @@ from .errors import KCompressError
 from .evaluate import TASKS, eval_mode, run_model
 from .finetune import FinetuneResult, finetune
 from .formats import DataFitInfo, DataFitSettings, ProgressFn
+from .layer_match import first_tensor
+from .nn.plan import compressed_layers, set_execution
 from .progress import ProgressCallback
 from .report import Report
 
@@ -51,7 +53,10 @@ class CalibrationOptions:
     ``ridge="auto"`` fits the model once per ridge of :data:`RIDGE_CANDIDATES` and keeps the one whose
     outputs agree best with the dense model's on the held-out calibration inputs;
     ``distill_lr``, ``task`` (``classification``: KL on logits, ``regression``: MSE on outputs),
-    ``patience`` (epochs without improvement of the held-out loss): the unlabeled distillation."""
+    ``patience`` (epochs without improvement of the held-out loss): the unlabeled distillation;
+    ``augment_copies``, ``mixup``, ``jitter``, ``crop``: its teacher-labelled augmentation of the calibration
+    inputs (:class:`kcompress.augment.Augmentation`; ``augment_copies=0``: none); ``match_weight``: weight of
+    matching each compressed layer's outputs to the dense layer's (:mod:`kcompress.layer_match`; 0: off)."""
 
     source: str = "dense"
     holdout: float = DEFAULT_HOLDOUT
@@ -61,7 +66,12 @@ class CalibrationOptions:
     lr: float = DataFitSettings.lr
     distill_lr: float = 1e-3
     task: str = "classification"
-    patience: int = 20
+    patience: int = 50
+    augment_copies: int = Augmentation.copies
+    mixup: bool = Augmentation.mixup
+    jitter: float = Augmentation.jitter
+    crop: float = Augmentation.crop
+    match_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -75,6 +85,10 @@ class CalibrationOptions:
         if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
             raise KCompressError(f"patience must be an integer >= 1, got {self.patience!r}")
         self.fit_settings()  # checks ridge, optimizer, iterations, lr
+        self.augmentation()  # checks augment_copies, mixup, jitter, crop
+        if isinstance(self.match_weight, bool) or not (isinstance(self.match_weight, (int, float))
+                                                       and 0 <= self.match_weight < math.inf):
+            raise KCompressError(f"match_weight must be a number >= 0, got {self.match_weight!r}")
 
     @classmethod
     def from_mapping(cls, options: Optional[Mapping[str, Any]]) -> "CalibrationOptions":
@@ -97,6 +111,10 @@ class CalibrationOptions:
         ridges = RIDGE_CANDIDATES if self.ridge == "auto" else (self.ridge,)
         return [DataFitSettings(ridge=float(ridge), optimizer=self.optimizer, iterations=self.iterations, lr=self.lr)
                 for ridge in ridges]
+
+    def augmentation(self) -> Augmentation:
+        """The distillation's augmentation settings (checked)."""
+        return Augmentation(copies=self.augment_copies, mixup=self.mixup, jitter=self.jitter, crop=self.crop)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,6 +139,9 @@ class CalibrationRun:
         self.seconds = 0.0
         #: with several candidate ridges: each one's held-out agreement with the dense model
         self.scores: list[dict[str, Any]] = []
+        #: per (layer, matrix): the previous candidate's data-aware fit (where the next one starts) and this one's
+        self.starts: dict[tuple[str, str], nn.Module] = {}
+        self.refined: dict[tuple[str, str], nn.Module] = {}
 
     def start(self, model: nn.Module, layers: Sequence[str]) -> None:
         """Before the first fit: ``model`` is the (copied) dense model about to be compressed, ``layers`` the
@@ -132,20 +153,25 @@ class CalibrationRun:
     def fit(self, model: nn.Module, teacher: nn.Module, layers: Sequence[str],
             fit: Callable[[nn.Module], FitResult], copy: Callable[[nn.Module], nn.Module]) -> FitResult:
         """``fit(model)`` (the converter's fit loop, which calls :meth:`refine` per matrix) once per candidate
-        ridge, each but the last on a copy of the dense ``model``; returns the result whose outputs agree best
-        with ``teacher`` on the held-out calibration inputs (argmax agreement, then output error)."""
-        best: Optional[tuple[tuple[float, float], FitResult, float]] = None
-        self.scores = []
+        ridge, each but the last on a copy of the dense ``model``, each matrix's refinement starting from its fit
+        at the previous ridge; returns the result whose outputs are closest to ``teacher``'s on the held-out
+        calibration inputs (relative output error: continuous, so near-equal candidates are not told apart by
+        a few argmax flips)."""
+        best: Optional[tuple[float, FitResult, float]] = None
+        self.scores, self.refined = [], {}
         for index, settings in enumerate(self.candidates):
             candidate = model if index == len(self.candidates) - 1 else copy(model)
             self.settings = settings
-            self.start(candidate, layers)
+            self.starts, self.refined = self.refined, {}
+            if index == 0 or self.options.source != "dense":  # the dense model's statistics serve every ridge
+                self.start(candidate, layers)
             result = fit(candidate)
             if len(self.candidates) == 1:
                 return result
+            set_execution(result[0], "materialized", measure=False)  # same outputs, fast; compress sets it after
             agreement = output_agreement(result[0], teacher, self.data.holdout)
             self.scores.append({"ridge": settings.ridge, **agreement})
-            key = (-agreement.get("argmax_agreement", 0.0), agreement["relative_error"])
+            key = agreement["relative_error"]
             if best is None or key < best[0]:
                 best = (key, result, settings.ridge)
         assert best is not None
@@ -163,7 +189,9 @@ class CalibrationRun:
         self.seconds += time.perf_counter() - begin
         if moment is None:
             return None
-        info = module.fit_to_data(weight, moment.fit, moment.holdout, self.settings, seed=seed, progress=progress)
+        info = module.fit_to_data(weight, moment.fit, moment.holdout, self.settings, seed=seed, progress=progress,
+                                  start=self.starts.get((layer, matrix)))
+        self.refined[(layer, matrix)] = module
         return info, moment.samples
 
     def finish(self, model: nn.Module, teacher: nn.Module, report: Report, seed: int,
@@ -178,6 +206,7 @@ class CalibrationRun:
         if self.distill_epochs > 0:
             result = distill(model, teacher, self.data, self.distill_epochs, self.options, seed, progress)
             record["distill"] = {"epochs_run": len(result.history) - 1, "best_epoch": result.best_epoch,
+                                 "matched_layers": matched_layers(model, self.options),
                                  "holdout_loss": result.best_val,
                                  "agreement": output_agreement(model, teacher, self.data.holdout)}
         report.calibration = record
@@ -192,12 +221,22 @@ def distill(
     seed: int = 0,
     progress: Optional[ProgressCallback] = None,
 ) -> FinetuneResult:
-    """Train ``model`` in place to match ``teacher``'s outputs on the fitting calls of ``calibration``, early
-    stopping on the held-out calls (:func:`kcompress.finetune` with ``loss="distill"``: the placeholder
+    """Train ``model`` in place to match ``teacher``'s outputs on the fitting calls of ``calibration`` and on
+    augmented copies of them (``options.augmentation()``, labelled by the teacher), and the outputs of its
+    compressed layers to the teacher's layers of the same names (:func:`matched_layers`); early stopping on
+    the held-out calls as they are (:func:`kcompress.finetune` with ``loss="distill"``: the placeholder
     targets it is handed are never read)."""
-    return finetune(model, _unlabeled(calibration.fit), teacher=teacher, epochs=epochs, lr=options.distill_lr,
+    calls = AugmentedCalls(calibration.fit, options.augmentation(), seed)
+    return finetune(model, calls, teacher=teacher, epochs=epochs, lr=options.distill_lr,
                     loss="distill", task=options.task, val_data=_unlabeled(calibration.holdout),
-                    patience=options.patience, seed=seed, progress=progress)
+                    patience=options.patience, seed=seed, progress=progress,
+                    match_layers=matched_layers(model, options), match_weight=options.match_weight)
+
+
+def matched_layers(model: nn.Module, options: CalibrationOptions) -> list[str]:
+    """The qualified names of ``model``'s compressed layers, whose outputs distillation matches (none with
+    ``match_weight=0``)."""
+    return list(compressed_layers(model)) if options.match_weight > 0 else []
 
 
 def _unlabeled(calls: Sequence[Inputs]) -> list[tuple[Inputs, Tensor]]:
@@ -213,7 +252,7 @@ def output_agreement(model: nn.Module, reference: nn.Module, calls: Sequence[Inp
     same = rows = 0
     with torch.no_grad(), eval_mode(model), eval_mode(reference):
         for call in calls:
-            output, expected = _tensor(run_model(model, call)), _tensor(run_model(reference, call))
+            output, expected = first_tensor(run_model(model, call)), first_tensor(run_model(reference, call))
             num += float((output.double() - expected.double()).square().sum())
             den += float(expected.double().square().sum())
             if expected.dim() >= 1 and expected.shape[-1] > 1:
@@ -224,13 +263,3 @@ def output_agreement(model: nn.Module, reference: nn.Module, calls: Sequence[Inp
         result["argmax_agreement"] = same / rows
     return result
 
-
-def _tensor(output: Any) -> Tensor:
-    """The first tensor of a model's output (``(output, state)`` tuples, PackedSequence data)."""
-    if isinstance(output, PackedSequence):
-        return output.data
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output:
-        return _tensor(output[0])
-    raise KCompressError(f"cannot compare model outputs of type {type(output).__name__}")

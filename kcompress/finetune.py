@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional, Union
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from .data import Batch, SequenceData
 from .errors import KCompressError
-from .nn.plan import executed
+from .layer_match import captured, matching_loss
+from .nn.plan import trained
 from .evaluate import (
     check_task,
     eval_mode,
@@ -78,18 +79,24 @@ class _Objective:
     task: str
     teacher: Optional[nn.Module]
     temperature: float
+    #: layers whose outputs are also matched to the teacher's (:mod:`kcompress.layer_match`), and the weight
+    match_layers: tuple[str, ...] = ()
+    match_weight: float = 1.0
 
     def __call__(self, model: nn.Module, inputs: Union[Tensor, tuple[Tensor, ...]], targets: Tensor) -> Tensor:
         """Mean loss of the batch, a scalar (``targets`` are never read for ``loss="distill"``)."""
-        outputs = run_model(model, inputs)
+        with captured(model, self.match_layers) as student:
+            outputs = run_model(model, inputs)
         value = outputs.new_zeros(())
         if self.loss in ("task", "both"):
             value = value + _task_loss(outputs, targets.to(outputs.device), self.task)
         if self.loss in ("distill", "both"):
             assert self.teacher is not None
-            with torch.no_grad():
+            with torch.no_grad(), captured(self.teacher, self.match_layers) as teacher:
                 reference = run_model(self.teacher, inputs).to(outputs.device)
             value = value + _distill_loss(outputs, reference, self.task, self.temperature)
+            if self.match_layers:
+                value = value + self.match_weight * matching_loss(student, teacher)
         return value
 
 
@@ -121,6 +128,8 @@ def finetune(
     batch_size: int = 32,
     temperature: float = 2.0,
     progress: ProgressLike = None,
+    match_layers: Sequence[str] = (),
+    match_weight: float = 1.0,
 ) -> FinetuneResult:
     """Tune ``model`` in place with Adam and return it with the best epoch's state restored.
 
@@ -129,28 +138,24 @@ def finetune(
     arguments, e.g. ``(x (B, T, F), lengths (B,))``). ``loss``: ``"task"`` (cross entropy / MSE on the
     targets), ``"distill"`` (KL at ``temperature`` to the teacher's logits for classification, MSE to its
     outputs for regression; no labels read) or ``"both"`` (their sum); None: ``"distill"`` when a ``teacher``
-    is given, else ``"task"``. Early stopping after ``patience`` epochs without improvement (None: never) of
+    is given, else ``"task"``. ``match_layers``: qualified names of layers present in both models whose
+    outputs the distillation also matches (normalised squared error times ``match_weight``, see
+    :mod:`kcompress.layer_match`); early stopping watches the output loss alone. Early stopping after ``patience`` epochs without improvement (None: never) of
     the monitored metric (see ``FinetuneResult.metric``), announced by a ``"stopped"`` progress event; epoch 0
     is the starting point, so a run that only hurts returns the model unchanged. ``progress``: a callback of
     :class:`kcompress.progress.ProgressEvent`, or True for a progress bar on stderr (see
     :func:`kcompress.progress.progress_callback`).
     """
     loss = loss if loss is not None else ("distill" if teacher is not None else "task")
-    objective = _objective(loss, task, teacher, temperature, model)
+    objective = _objective(loss, task, teacher, temperature, model, tuple(match_layers), match_weight)
     _check_numbers(epochs, lr, batch_size, val_fraction, patience)
     train_data, val_data = _split(data, val_data, val_fraction, seed)
     monitor = _monitor(objective, train_data, val_data, batch_size)
     teacher_mode = eval_mode(teacher) if teacher is not None else contextlib.nullcontext()
-    with torch.random.fork_rng(devices=_cuda_devices(model)), kept_modes(model), teacher_mode, fast(model):
+    with torch.random.fork_rng(devices=_cuda_devices(model)), kept_modes(model), teacher_mode, trained(model):
         torch.manual_seed(seed)
         with progress_callback(progress) as callback:
             return _run(model, train_data, objective, monitor, epochs, lr, patience, seed, batch_size, callback)
-
-
-def fast(model: nn.Module) -> contextlib.AbstractContextManager[None]:
-    """Every compressed matrix materialized for the run (torch's fused kernels, the weights rebuilt from the
-    factors on each training step so gradients reach them), the model's own plan restored afterwards."""
-    return executed(model, "materialized")
 
 
 def _run(
@@ -250,7 +255,8 @@ def _distill_loss(outputs: Tensor, reference: Tensor, task: str, temperature: fl
 
 
 def _objective(
-    loss: str, task: str, teacher: Optional[nn.Module], temperature: float, model: nn.Module
+    loss: str, task: str, teacher: Optional[nn.Module], temperature: float, model: nn.Module,
+    match_layers: tuple[str, ...] = (), match_weight: float = 1.0,
 ) -> _Objective:
     """The validated objective."""
     check_task(task)
@@ -262,7 +268,12 @@ def _objective(
         raise KCompressError("the teacher must be a separate model (e.g. a copy taken before compression)")
     if not (temperature > 0 and math.isfinite(temperature)):
         raise KCompressError(f"temperature must be positive, got {temperature}")
-    return _Objective(loss, task, teacher if loss != "task" else None, temperature)
+    if match_layers and loss == "task":
+        raise KCompressError("match_layers needs a teacher to match (loss 'distill' or 'both')")
+    if isinstance(match_weight, bool) or not (isinstance(match_weight, (int, float)) and 0 <= match_weight < math.inf):
+        raise KCompressError(f"match_weight must be a number >= 0, got {match_weight!r}")
+    match = match_layers if match_weight > 0 else ()
+    return _Objective(loss, task, teacher if loss != "task" else None, temperature, match, float(match_weight))
 
 
 def _check_numbers(epochs: int, lr: float, batch_size: int, val_fraction: float, patience: Optional[int]) -> None:
@@ -296,7 +307,8 @@ def _monitor(objective: _Objective, train_data: Data, val_data: Optional[Data], 
             lambda m: evaluate(m, val_data, task, batch_size), _TASK_METRICS[task], higher_is_better(task)
         )
     watched, metric = (val_data, "distill_loss") if val_data is not None else (train_data, "train_loss")
-    return _Monitor(lambda m: _mean_objective(m, _epoch_batches(watched, batch_size), objective), metric, False)
+    outputs_only = replace(objective, match_layers=())
+    return _Monitor(lambda m: _mean_objective(m, _epoch_batches(watched, batch_size), outputs_only), metric, False)
 
 
 _TASK_METRICS = {"classification": "accuracy", "regression": "mse"}

@@ -26,7 +26,7 @@ import inspect
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from torch import nn
 
@@ -128,15 +128,11 @@ def compress_stages(
     finetuning: FinetuneSettings = FinetuneSettings(),
     budget: Budget = Budget(),
     progress: Optional[ProgressCallback] = None,
-    after_fit: Optional[Callable[[CompressionRun], None]] = None,
     **compress_kwargs: Any,
 ) -> CompressionRun:
     """The stages between a loaded model and its artifact: fit, then (with an evaluation) measure,
-    fine-tune and measure again, and the metrics with their budget when the baseline was measured.
-    ``after_fit(run)`` runs right after the fit (e.g. the budget search records its allocation there)."""
+    fine-tune and measure again, and the metrics with their budget when the baseline was measured."""
     fit(run, progress=progress, **compress_kwargs)
-    if after_fit is not None:
-        after_fit(run)
     if run.evaluation is None:
         return run
     assert run.compressed is not None

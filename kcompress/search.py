@@ -1,53 +1,70 @@
 """The accuracy budget search: the smallest model whose measured metric drop stays within ``max_drop``.
 
-Each step allocates one global budget (:mod:`kcompress.allocate`, error curves estimated once by
-:func:`kcompress.auto.prepare`), compresses, optionally fine-tunes, and measures the metric through the
-pipeline's stages (:func:`kcompress.pipeline.compress_stages`). The budget is a compression ratio over the
-targeted matrices: the search starts at :data:`FIRST_RATIO` and doubles the ratio until
-:data:`EXPANSION_FAILURES` steps in a row fail (or the smallest model the formats allow is reached), then
-bisects in log space between the largest passing ratio and the smallest failing one above it, until they
-are within ``tolerance`` of each other or ``max_steps`` ran. The result
-is the passing step with the largest ratio, or, when none passed, the step with the smallest drop (its
-report marked failed).
+Each step allocates one global budget (:mod:`kcompress.allocate`; the calibration set and the error curves
+are made once per search by :func:`kcompress.auto.prepare` and reused by every step), fits it, and measures
+the metric through the pipeline's stages. Recovery is spent only where it decides the answer: a step whose
+fitted model already passes is not trained further; one that fails is distilled on the calibration inputs
+(``distill_epochs``, no labels; :func:`kcompress.calibrated.distill`) and measured again, and, if it still
+fails, fine-tuned (``finetuning``) and measured again. A step whose allocation equals an earlier step's is
+not fitted again: it reuses that step's model and metric.
+
+The budget is a compression ratio over the targeted matrices: the search starts at :data:`FIRST_RATIO` and
+doubles the ratio while steps pass. Accuracy is not monotone in the ratio (a smaller model with another
+choice of formats can measure better, e.g. the JapaneseVowels GRU fails at 4x and passes at 8x), so one
+failure does not end the doubling: it ends after :data:`EXPANSION_FAILURES` failures in a row. Then the
+ratio is bisected in log space between the largest passing ratio and the smallest failing one above it
+(a pass above a failure moves the lower bound past it), until they are within ``tolerance`` of each other
+or ``max_steps`` ran. The result is the passing step with the largest achieved ratio, or, when none passed,
+the step with the smallest drop (its report marked failed).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
+from .allocate import Allocation
 from .auto import Prepared, attach_allocation, prepare_for
+from .calibrate import DEFAULT_SAMPLES, calibration_set
+from .calibrated import CalibrationOptions, CalibrationRun
 from .errors import KCompressError
 from .evaluate import Budget, EvalSpec
 from .io import PathLike, check_output_path, default_output_path
 from .pipeline import (
     CompressionRun,
     FinetuneSettings,
-    compress_stages,
+    fine_tune,
+    fit,
     load_input,
+    measure,
     prepare_evaluation,
+    record_metrics,
     write_artifact,
 )
 from .progress import ProgressCallback, ProgressEvent
+from .report import Report
 
 #: stop bisecting when the upper over the lower ratio bound is below ``1 + TOLERANCE``
-TOLERANCE = 0.15
+TOLERANCE = 0.2
 MAX_STEPS = 10
 #: the first ratio tried, and the factor by which passing ratios grow until one fails
 FIRST_RATIO = 2.0
 GROWTH = 2.0
-#: consecutive failing steps that end the doubling (one failure may be noise: a model one step smaller can
-#: measure better after fine-tuning)
+#: consecutive failing steps that end the doubling (accuracy is not monotone in the ratio: a model one step
+#: smaller can measure better)
 EXPANSION_FAILURES = 2
 
 
 @dataclass
 class SearchStep:
     """One budget tried: the ratio asked, the parameter (or MAC) budget and what the allocation used, the
-    metric after compression (and fine-tuning), its drop from the dense baseline, whether it passed."""
+    final metric, its drop from the dense baseline, whether it passed, and the seconds the step took.
+    ``fitted_metric`` is the metric right after the fit; ``recovery`` the stages run after it because the
+    step was failing (``"distill"``, ``"finetune"``); ``reused`` the index of the earlier step with the same
+    allocation whose model and metric this step took (nothing fitted)."""
 
     ratio: float
     budget: int
@@ -57,6 +74,9 @@ class SearchStep:
     drop: float
     passed: bool
     seconds: float
+    fitted_metric: float = math.nan
+    recovery: list[str] = field(default_factory=list)
+    reused: Optional[int] = None
 
 
 @dataclass
@@ -103,12 +123,16 @@ def search_budget(
     chosen_by_search = sorted({"format", "rank", "ratio", "params", "allocate", "overrides", "config"} & set(compress_kwargs))
     if chosen_by_search:
         raise KCompressError(f"the budget search chooses {', '.join(chosen_by_search)} itself; do not give them")
+    compress_kwargs = with_calibration_set(compress_kwargs)
+    if compress_kwargs.get("distill_epochs") and compress_kwargs.get("calibration") is None:
+        raise KCompressError("distill_epochs needs calibration data (the inputs to distil on)")
     result = SearchResult()
     runs: list[CompressionRun] = []
     limit = largest_ratio(prepared)
     ratio, expanding = min(FIRST_RATIO, limit), True
     while len(result.steps) < max_steps:
-        step_run, step = _step(run, prepared, ratio, budget, finetuning, progress, compress_kwargs)
+        step_run, step = _step(run, prepared, ratio, budget, finetuning, progress, compress_kwargs,
+                               result.steps, runs)
         runs.append(step_run)
         result.steps.append(step)
         low, high = _bounds(result.steps, limit)
@@ -153,11 +177,25 @@ def run_search(
     prepare_evaluation(run, evaluation, progress)
     if progress is not None:
         progress(ProgressEvent("step", "allocate", message="estimating error curves ..."))
+    compress_kwargs = with_calibration_set(compress_kwargs)
     prepared = prepare_for(run.dense, format, objective, compress_kwargs)
     result = search_budget(run, prepared, budget, finetuning=finetuning, progress=progress, **compress_kwargs)
     assert result.run is not None
     write_artifact(result.run, target, overwrite=overwrite, progress=progress)
     return result
+
+
+def with_calibration_set(compress_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``compress_kwargs`` with the calibration data sampled once into a
+    :class:`~kcompress.calibrate.CalibrationSet` (as every ``compress`` call would sample it: same samples,
+    held-out fraction and seed), so the error curves and every step use the same calls."""
+    options = dict(compress_kwargs)
+    if options.get("calibration") is not None:
+        holdout = CalibrationOptions.from_mapping(options.get("calibrate_options")).holdout
+        options["calibration"] = calibration_set(options["calibration"],
+                                                 options.get("calibrate_samples") or DEFAULT_SAMPLES,
+                                                 holdout, options.get("seed") or 0)
+    return options
 
 
 def _bounds(steps: Sequence[SearchStep], limit: float) -> tuple[float, float]:
@@ -174,30 +212,90 @@ def largest_ratio(prepared: Prepared) -> float:
 
 
 def _step(run: CompressionRun, prepared: Prepared, ratio: float, budget: Budget, finetuning: FinetuneSettings,
-          progress: Optional[ProgressCallback], compress_kwargs: dict[str, Any]) -> tuple[CompressionRun, SearchStep]:
-    """Allocate, compress, fine-tune and measure at one ratio."""
+          progress: Optional[ProgressCallback], compress_kwargs: dict[str, Any], steps: Sequence[SearchStep],
+          runs: Sequence[CompressionRun]) -> tuple[CompressionRun, SearchStep]:
+    """Allocate at one ratio; reuse an earlier step with the same allocation, else fit, measure, and recover
+    (distil, then fine-tune) only while the step fails."""
     start = time.perf_counter()
     allocation = prepared.allocate(ratio=ratio)
     if progress is not None:
         progress(ProgressEvent("step", "search", message=f"trying {ratio:.3g}x ({allocation.used:,} of "
                                                          f"{allocation.dense:,} {_unit(prepared)}) ..."))
+    earlier = next((i for i, s in enumerate(steps) if s.reused is None and _same(runs[i], allocation)), None)
+    if earlier is not None:
+        step = replace(steps[earlier], ratio=ratio, budget=allocation.budget, recovery=[], reused=earlier,
+                       seconds=time.perf_counter() - start)
+        _announce(progress, step, runs[earlier])
+        return runs[earlier], step
     step_run = CompressionRun(dense=run.dense, source=dict(run.source), evaluation=run.evaluation,
                               baseline=run.baseline)
     options = dict(compress_kwargs)
-    overrides = {**dict(options.pop("overrides", None) or {}), **allocation.overrides()}
-    attach = lambda fitted: attach_allocation(fitted.report, fitted.compressed, prepared, allocation)
-    compress_stages(step_run, finetuning=finetuning, budget=budget, progress=progress, after_fit=attach,
-                    format=prepared.formats[0], rank=1, overrides=overrides, **options)
-    assert step_run.report is not None and step_run.metric is not None
+    distill_epochs = options.pop("distill_epochs", 0) or 0
+    fit(step_run, progress=progress, format=prepared.formats[0], rank=1, overrides=allocation.overrides(), **options)
+    assert step_run.report is not None and step_run.compressed is not None
+    attach_allocation(step_run.report, step_run.compressed, prepared, allocation)
+    fitted = _measure(step_run, budget, "compressed model", progress)
+    recovery = []
+    if not step_run.report.metrics["passed"] and distill_epochs:
+        _distill(step_run, options, distill_epochs, progress)
+        recovery.append("distill")
+        _measure(step_run, budget, "distilled model", progress)
+    if not step_run.report.metrics["passed"] and finetuning.epochs > 0:
+        fine_tune(step_run, finetuning, seed=options.get("seed") or 0, progress=progress)
+        recovery.append("finetune")
+        _measure(step_run, budget, "fine-tuned model", progress)
     metrics = step_run.report.metrics
+    assert step_run.metric is not None
     step = SearchStep(ratio, allocation.budget, allocation.used, allocation.ratio, step_run.metric,
-                      float(metrics["drop"]), bool(metrics["passed"]), time.perf_counter() - start)
-    if progress is not None:
-        verdict = "pass" if step.passed else "fail"
-        progress(ProgressEvent("metric", "search", error=step.metric,
-                               message=f"{allocation.ratio:.3g}x: {metrics['name']} {step.metric:.4g}, "
-                                       f"drop {step.drop:.4g} ({verdict})"))
+                      float(metrics["drop"]), bool(metrics["passed"]), time.perf_counter() - start, fitted,
+                      recovery)
+    _announce(progress, step, step_run)
     return step_run, step
+
+
+def _same(earlier: CompressionRun, allocation: Allocation) -> bool:
+    """Whether ``earlier`` fitted exactly ``allocation``'s (matrix, format, rank) choices."""
+    assert earlier.report is not None and earlier.report.allocation is not None
+    chosen = [(row["matrix"], row["format"], row["rank"]) for row in earlier.report.allocation["rows"]]
+    return chosen == [(row.matrix, row.format, row.rank) for row in allocation.rows]
+
+
+def _measure(run: CompressionRun, budget: Budget, what: str, progress: Optional[ProgressCallback]) -> float:
+    """Measure ``run.compressed`` (as its fine-tuned metric once fine-tuning ran) and record the metrics."""
+    assert run.compressed is not None
+    value = measure(run, run.compressed, what, progress)
+    if run.finetuning is None:
+        run.compressed_metric = value
+    else:
+        run.finetuned_metric = value
+    record_metrics(run, budget)
+    return value
+
+
+def _distill(run: CompressionRun, compress_kwargs: Mapping[str, Any], epochs: int,
+             progress: Optional[ProgressCallback]) -> None:
+    """Unlabeled distillation of ``run.compressed`` from the dense model on the calibration set, as
+    ``compress(distill_epochs=epochs)`` runs it (:meth:`kcompress.calibrated.CalibrationRun.finish`), its
+    record put into ``report.calibration["distill"]`` beside the fit's calibration record."""
+    assert run.compressed is not None and run.report is not None
+    seed = compress_kwargs.get("seed") or 0
+    calibration = CalibrationRun(compress_kwargs["calibration"], compress_kwargs.get("calibrate_samples") or
+                                 DEFAULT_SAMPLES, compress_kwargs.get("calibrate_options"), epochs, seed)
+    finished = Report()
+    calibration.finish(run.compressed, run.dense, finished, seed, progress)
+    run.report.calibration = {**(run.report.calibration or {}), "distill": finished.calibration["distill"]}
+
+
+def _announce(progress: Optional[ProgressCallback], step: SearchStep, run: CompressionRun) -> None:
+    if progress is None:
+        return
+    assert run.report is not None
+    verdict = "pass" if step.passed else "fail"
+    how = f", reusing step {step.reused + 1}" if step.reused is not None else (
+        f" after {' and '.join(step.recovery)}" if step.recovery else "")
+    progress(ProgressEvent("metric", "search", error=step.metric,
+                           message=f"{step.achieved_ratio:.3g}x: {run.report.metrics['name']} {step.metric:.4g}, "
+                                   f"drop {step.drop:.4g} ({verdict}{how})"))
 
 
 def _choose(steps: list[SearchStep]) -> int:

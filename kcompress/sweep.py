@@ -17,13 +17,13 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
-from .errors import KCompressError
+from .errors import KCompressError, error_line
 from .evaluate import Budget, EvalSpec, metric_drop
 from .executors import TrialExecutor, open_executor
 from .io import PathLike, file_sha256
 from .pipeline import FinetuneSettings
 from .progress import ProgressCallback, ProgressEvent
-from .trials import (BASELINE_FORMAT, TrialJob, TrialSpec, append_record, is_baseline, one_line, read_records,
+from .trials import (BASELINE_FORMAT, TrialJob, TrialSpec, append_record, is_baseline, read_records,
                      worker_trial)
 from .usercode import split_reference
 
@@ -201,7 +201,7 @@ def _completed(executor: TrialExecutor, batch: list[TrialJob], files: Optional[M
 def _lost(job: TrialJob, error: BaseException) -> dict[str, Any]:
     """The record of a trial that returned no record (its worker died more often than the scheduler allows)."""
     return {"key": job.key, "trial": asdict(job.trial), "input_sha256": job.input_sha256, "status": "error",
-            "error": f"worker lost: {one_line(error)}", "seconds": None,
+            "error": f"worker lost: {error_line(error)}", "seconds": None,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": None, "worker": None}
 
 

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Optional
 
 from ._threads import threads
 from .config import CompressConfig
-from .errors import KCompressError
+from .errors import error_line
 from .evaluate import EvalSpec, Evaluation, load_evaluation
 from .executors import worker_name
 from .formats import FORMATS, get_format
@@ -125,7 +125,7 @@ def execute_trial(job: TrialJob, files: Optional[Mapping[str, bytes]] = None) ->
     try:
         record.update(status="ok", **_measure_trial(_localized(job, files) if files else job))
     except Exception as error:  # noqa: BLE001 - one failed trial must not end the sweep; it is retried on rerun
-        record.update(status="error", error=one_line(error))
+        record.update(status="error", error=error_line(error))
     record.update(seconds=round(time.perf_counter() - start, 3), finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
                   host=socket.gethostname(), worker=worker_name())
     return record
@@ -195,11 +195,6 @@ def _local_copy(path: str, data: bytes) -> str:
     return str(target)
 
 
-def one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if isinstance(error, KCompressError) else f"{type(error).__name__}: {text}"
-
-
 # ---------------------------------------------------------------------- the trials log
 def append_record(path: PathLike, record: Mapping[str, Any]) -> None:
     """Append one JSON line with a single ``os.write`` on an ``O_APPEND`` descriptor, then fsync."""
@@ -241,5 +236,5 @@ def read_records(path: PathLike) -> dict[str, dict[str, Any]]:
     return records
 
 
-__all__ = ["BASELINE_FORMAT", "is_baseline", "TrialJob", "TrialSpec", "append_record", "execute_trial", "one_line", "read_records",
+__all__ = ["BASELINE_FORMAT", "is_baseline", "TrialJob", "TrialSpec", "append_record", "execute_trial", "read_records",
            "run_trial", "worker_trial"]

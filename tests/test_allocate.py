@@ -242,6 +242,78 @@ def test_search_refuses_settings_it_chooses_itself() -> None:
             search_budget(run, prepared, Budget(0.0), **{key: value})
 
 
+def targeted_params(model: nn.Module) -> int:
+    """Parameters of the recurrent matrices (dense or compressed) of a SequenceClassifier."""
+    rnn = model.rnn
+    matrices = getattr(rnn, "matrices", None)
+    if matrices is None:
+        return rnn.weight_ih_l0.numel() + rnn.weight_hh_l0.numel()
+    return sum(p.numel() for p in matrices.parameters())
+
+
+def test_search_steps_over_one_failure_and_never_exceeds_the_budget() -> None:
+    """Accuracy not monotone in the ratio: 4x fails, 8x passes; the search doubles past one failure."""
+    model, _ = toy_model()
+    dense = targeted_params(model)
+    measure = lambda m: 0.0 if 0.15 * dense < targeted_params(m) < 0.4 * dense else 1.0
+    prepared = prepare(model, ["svd"], targets="ih,hh")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = search_budget(search_run(model, measure), prepared, Budget(0.0), targets="ih,hh", check_speed=False)
+    ratios = [s.ratio for s in result.steps]
+    assert ratios[:3] == [2.0, 4.0, 8.0] and not result.steps[1].passed and result.steps[2].passed
+    assert result.steps[result.chosen].achieved_ratio >= 8.0
+    assert all(s.used <= s.budget for s in result.steps)
+
+
+def test_search_reuses_a_repeated_allocation_with_the_same_result() -> None:
+    """Bisection down to 1 % asks for budgets that allocate the same ranks: each is fitted once, and the
+    reused step carries what a fresh fit at its ratio measures."""
+    model, _ = toy_model()
+    dense = targeted_params(model)
+    fits = []
+    def measure(m: nn.Module) -> float:
+        fits.append(targeted_params(m))
+        return 1.0 if targeted_params(m) >= 0.3 * dense else 0.0
+    prepared = prepare(model, ["svd"], targets="ih,hh")
+    run = search_run(model, measure)
+    fits.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = search_budget(run, prepared, Budget(0.0), tolerance=0.01, max_steps=9, targets="ih,hh",
+                               check_speed=False)
+        reused = [s for s in result.steps if s.reused is not None]
+        assert reused and len(fits) == len(result.steps) - len(reused)
+        for step in reused:
+            origin = result.steps[step.reused]
+            assert origin.reused is None and (step.used, step.metric, step.passed) == (
+                origin.used, origin.metric, origin.passed)
+            allocation = prepared.allocate(ratio=step.ratio)
+            fresh, _ = kcompress.compress(model, format="svd", rank=1, overrides=allocation.overrides(),
+                                          targets="ih,hh", check_speed=False)
+            assert allocation.used == step.used and measure(fresh) == step.metric
+            assert step.used <= step.budget
+
+
+def test_search_is_deterministic_and_recovers_only_failing_steps() -> None:
+    """Distillation runs only on steps whose fitted model fails; the same seed gives the same trajectory."""
+    model, calibration = toy_model()
+    dense = targeted_params(model)
+    measure = lambda m: 1.0 if targeted_params(m) >= 0.3 * dense else 0.0
+    prepared = prepare(model, ["svd"], targets="ih,hh", calibration=calibration, calibrate_samples=40)
+    trajectories = []
+    for _ in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = search_budget(search_run(model, measure), prepared, Budget(0.0), max_steps=3, targets="ih,hh",
+                                   check_speed=False, calibration=calibration, calibrate_samples=40,
+                                   distill_epochs=1, calibrate_options={"ridge": 0.01})
+        trajectories.append([{k: v for k, v in vars(s).items() if k != "seconds"} for s in result.steps])
+        assert all(s.recovery == ([] if s.fitted_metric == 1.0 else ["distill"]) for s in result.steps)
+        assert any(s.recovery for s in result.steps) and any(not s.recovery for s in result.steps)
+    assert trajectories[0] == trajectories[1]
+
+
 # ---------------------------------------------------------------------- the command line
 def cli(*args: object):
     from click.testing import CliRunner

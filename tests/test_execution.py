@@ -17,6 +17,7 @@ import kcompress
 from kcompress import formats
 from kcompress.errors import KCompressError
 from kcompress.nn import COMPRESSED_TYPES, CompressedLayer, auto_plan, set_execution
+from kcompress.formats.rows import in_row_chunks
 from kcompress.nn.execution import chunked_multiply
 
 HIDDEN, STEPS, BATCH = 3, 5, 4
@@ -178,6 +179,18 @@ def test_chunked_multiply_equals_one_multiply() -> None:
     matrix = formats.KCP.fit(torch.randn(16, 16), formats.KCP.default_tensorization(16, 16, order=2), 3)
     x = torch.randn(50, 16)
     close(chunked_multiply(matrix, x, budget=64), matrix.multiply(x))
+    with torch.no_grad():  # the no-grad path writes chunks into one buffer
+        close(chunked_multiply(matrix, x, budget=64), matrix.multiply(x))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 50, 64])
+def test_row_chunks_match_one_run_with_and_without_gradients(chunk: int) -> None:
+    weight = torch.randn(5, 3, requires_grad=True)
+    rows = torch.randn(50, 3)
+    with torch.no_grad():
+        close(in_row_chunks(lambda part: part @ weight.T, rows, chunk), rows @ weight.T)
+    in_row_chunks(lambda part: part @ weight.T, rows, chunk).square().sum().backward()
+    close(weight.grad, 2 * (rows @ weight.T).T @ rows)
 
 
 def kcp_at(rank: int) -> Any:
@@ -277,6 +290,18 @@ def test_finetune_trains_materialized_and_restores_the_plan() -> None:
     kcompress.finetune(model, data, epochs=1, val_data=data, patience=None)
     assert seen and all(set(plan.values()) == {"materialized"} for plan in seen)
     assert set(layer.execution.values()) == {"factorized"}
+
+
+def test_training_keeps_what_auto_left_factorized() -> None:
+    torch.manual_seed(5)
+    layer = COMPRESSED_TYPES[nn.LSTM].from_dense(nn.LSTM(6, HIDDEN), svd)
+    layer.set_execution({"weight_ih_l0": "factorized", "weight_hh_l0": "factorized"},
+                        requested={"weight_ih_l0": "auto", "weight_hh_l0": "factorized"})
+    with kcompress.nn.trained(layer):
+        assert layer.execution == {"weight_ih_l0": "factorized", "weight_hh_l0": "materialized"}
+        assert layer.requested == {"weight_ih_l0": "auto", "weight_hh_l0": "factorized"}
+    assert layer.execution == {"weight_ih_l0": "factorized", "weight_hh_l0": "factorized"}
+    assert layer.requested == {"weight_ih_l0": "auto", "weight_hh_l0": "factorized"}
 
 
 def test_the_fused_path_exports_to_onnx(tmp_path: Path) -> None:

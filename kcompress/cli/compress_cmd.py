@@ -117,7 +117,7 @@ def compress_command(model: pathlib.Path, format_: str, rank: Any, ratio: Option
                      report_path: Optional[pathlib.Path], markdown_path: Optional[pathlib.Path],
                      formats: Optional[list[str]], allocate: Optional[str], params: Optional[int], objective: str,
                      eval_data: Optional[str], task: str, evaluator: Optional[str], lower_is_better: bool,
-                     calibrate_data: Optional[str], calibrate_samples: int, distill_epochs: int,
+                     calibrate_data: Optional[str], calibrate_samples: int, distill_epochs: int, distill_lr: float,
                      finetune_epochs: int, finetune_loss: str, finetune_lr: float, finetune_data: Optional[str],
                      max_drop: Optional[float], drop_type: str, model_class: Optional[str], trust_checkpoint: bool,
                      threads: Optional[int], quiet: bool, debug: bool) -> None:
@@ -140,7 +140,7 @@ def compress_command(model: pathlib.Path, format_: str, rank: Any, ratio: Option
     compress_kwargs = dict(**request.kwargs, modes=modes, order=order, targets=targets,
                            gates=gates, execution=execution, include=list(include) or None,
                            exclude=list(exclude) or None, seed=seed, fit_options=dict(fit_option) or None,
-                           **calibration_kwargs(calibrate_data, calibrate_samples, distill_epochs, task))
+                           **calibration_kwargs(calibrate_data, calibrate_samples, distill_epochs, distill_lr, task))
     display = Display(quiet)
     if spec is not None and spec.holdout > 0:
         display.note(f"--eval {spec.data} is also the fine-tuning data: scoring on a seeded {spec.holdout:.0%} "

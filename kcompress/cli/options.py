@@ -13,11 +13,12 @@ from typing import Any, Callable, Optional, TypeVar, Union
 import click
 
 from ..calibrate import DEFAULT_SAMPLES, load_calibration_data
-from ..errors import KCompressError
+from ..calibrated import CalibrationOptions
+from ..errors import KCompressError, one_line
 from ..evaluate import DROP_TYPES, TASKS, Budget, EvalSpec
 from ..finetune import LOSSES
 from ..formats import compression_formats
-from .render import echo_error, one_line
+from .render import echo_error
 from .signals import interruption, terminations_interrupt
 
 EXIT_ERROR = 1
@@ -273,7 +274,7 @@ def finetune_options(command: F) -> F:
 
 
 def calibration_options(command: F) -> F:
-    """``--calibrate``, ``--calibrate-samples``, ``--distill-epochs``."""
+    """``--calibrate``, ``--calibrate-samples``, ``--distill-epochs``, ``--distill-lr``."""
     decorators = [
         click.option("--calibrate", "calibrate_data", metavar="DATA",
                      help="Fit each matrix to what it computes on these unlabeled inputs (see docs/calibration.md): "
@@ -284,20 +285,23 @@ def calibration_options(command: F) -> F:
         click.option("--distill-epochs", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
                      help="Then train the compressed model for up to N epochs to match the dense model's outputs "
                           "on the calibration inputs (no labels; early stopping on the held-out part)."),
+        click.option("--distill-lr", type=FiniteFloat(min=0, min_open=True), default=CalibrationOptions.distill_lr,
+                     show_default=True, metavar="LR", help="Adam learning rate of --distill-epochs."),
     ]
     for decorator in reversed(decorators):
         command = decorator(command)
     return command
 
 
-def calibration_kwargs(data: Optional[str], samples: int, distill_epochs: int, task: str) -> dict[str, Any]:
+def calibration_kwargs(data: Optional[str], samples: int, distill_epochs: int, distill_lr: float,
+                       task: str) -> dict[str, Any]:
     """The ``compress`` keyword arguments of the calibration options (data loaded here)."""
     if data is None:
         if distill_epochs:
             raise click.UsageError("--distill-epochs needs inputs to distil on: give --calibrate DATA")
         return {}
     return {"calibration": load_calibration_data(data), "calibrate_samples": samples,
-            "distill_epochs": distill_epochs, "calibrate_options": {"task": task}}
+            "distill_epochs": distill_epochs, "calibrate_options": {"task": task, "distill_lr": distill_lr}}
 
 
 def check_finetune(epochs: int, spec: Optional[EvalSpec], finetune_data: Optional[str] = None) -> Optional[EvalSpec]:

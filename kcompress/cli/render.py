@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 from rich.text import Text
 
-from ..errors import KCompressWarning
+from ..errors import KCompressWarning, one_line
 from ..progress import ProgressCallback, ProgressEvent, silent
 from ..report_text import keep_numbers_whole
 from ..sweep import trial_label
@@ -29,10 +29,6 @@ PIPE_WIDTH = 160
 def echo_error(message: str) -> None:
     """``kcompress: error: <message>`` on one line of stderr."""
     click.echo(f"{PROG}: error: {one_line(message)}", err=True)
-
-
-def one_line(message: str) -> str:
-    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
 
 
 class Display:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .._threads import fit_threads
 from ..errors import KCompressError
 from ..tensorize import Tensorization, choose_tensorization
-from .data_fit import DataFitInfo, DataFitSettings, output_error, refine_to_data
+from .data_fit import DataFitInfo, DataFitSettings, output_error, refine_to_data, same_shapes
 from .options import FormatOptions
 
 Rank = Union[int, Sequence[int]]
@@ -220,16 +220,21 @@ class Factorization(nn.Module):
         *,
         seed: int = 0,
         progress: Optional[ProgressFn] = None,
+        start: Optional[nn.Module] = None,
     ) -> DataFitInfo:
         """Refit this (already fitted) module in place so that it matches ``weight (M, N)`` on inputs whose
         second moment is ``moment (N, N)``; kept only if the output error on ``holdout (N, N)`` (the second
-        moment of held-out inputs) goes down, else the plain fit is restored. See
+        moment of held-out inputs) goes down, else the plain fit is restored. ``start``: a module of the same
+        structure (e.g. this matrix's fit at another ridge) whose parameters the refinement starts from
+        instead of the plain fit's; ignored when its parameter shapes differ. See
         :mod:`kcompress.formats.data_fit`; formats with a closed form override :meth:`_fit_to_data`."""
-        start = time.perf_counter()
+        begin = time.perf_counter()
         weight = weight.detach().to("cpu", torch.float64)
         snapshot = {name: value.detach().clone() for name, value in self.state_dict().items()}
         plain = self.reconstruct().detach()
         before, fit_before = output_error(weight, plain, holdout), output_error(weight, plain, moment)
+        if start is not None and same_shapes(start.state_dict(), snapshot):
+            self.load_state_dict(start.state_dict())
         with fit_threads():
             method, iterations = self._fit_to_data(weight, moment.double(), settings, seed, progress)
         fitted = self.reconstruct().detach()
@@ -240,7 +245,7 @@ class Factorization(nn.Module):
             after, fit_after = before, fit_before
         reference = float(((weight @ holdout.to("cpu", torch.float64)) * weight).sum())
         return DataFitInfo(before, after, fit_before, fit_after, kept, method, iterations,
-                           time.perf_counter() - start, reference)
+                           time.perf_counter() - begin, reference)
 
     def _fit_to_data(
         self, weight: Tensor, moment: Tensor, settings: DataFitSettings, seed: int, progress: Optional[ProgressFn]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -25,11 +25,21 @@ if TYPE_CHECKING:
     from .base import ProgressFn
 
 OPTIMIZERS = ("auto", "lbfgs", "adam")
-#: Adam steps before L-BFGS with ``optimizer="auto"`` (L-BFGS alone can stall at the plain fit's start)
-WARMUP_STEPS = 100
+#: Adam steps before L-BFGS with ``optimizer="auto"``: none. With its full strong Wolfe line search
+#: (:data:`LINE_SEARCH_EVALUATIONS`) L-BFGS does not stall at the plain fit's start, and a 100-step Adam
+#: warm-up measured no better on JapaneseVowels (docs/calibration.md)
+WARMUP_STEPS = 0
 #: eigenvalues of the (ridged) second moment below this fraction of the largest are dropped from the
-#: whitening factor of :func:`refine_to_data` (their directions carry no output energy)
+#: whitening of :func:`whitened_svd` (their directions carry no output energy)
 EIGEN_CUTOFF = 1e-12
+#: :func:`refine_to_data` optimises in this dtype (its loss is normalised to 1 at ``Ŵ = 0``)
+WORK_DTYPE = torch.float32
+#: refinement stops once the best loss fell by less than ``STOP_TOLERANCE`` (relative) over the last
+#: ``STOP_WINDOW`` steps
+STOP_WINDOW = 10
+STOP_TOLERANCE = 1e-3
+#: L-BFGS function evaluations per step at most (its strong Wolfe line search's budget)
+LINE_SEARCH_EVALUATIONS = 25
 
 
 @dataclass(frozen=True)
@@ -39,8 +49,9 @@ class DataFitSettings:
     ``ridge``: ``C + ridge·tr(C)/N·I`` is fitted (stabilises rank-deficient inputs and keeps the weight
     from drifting along directions the data never excites; 1, the inputs' mean energy per direction, had
     the best held-out agreement with the dense model among 0.01-10 on the JapaneseVowels models); ``optimizer``: ``"lbfgs"`` (strong Wolfe line
-    search), ``"adam"``, or ``"auto"`` (:data:`WARMUP_STEPS` Adam steps, then L-BFGS); ``iterations``: the
-    cap (optimizer steps); ``lr``: Adam's learning rate (L-BFGS uses 1 with its line search).
+    search), ``"adam"``, or ``"auto"`` (up to :data:`WARMUP_STEPS` Adam steps, then L-BFGS); ``iterations``:
+    the cap (optimizer steps; the stopping rule of :func:`refine_to_data` usually ends sooner); ``lr``: Adam's
+    learning rate (L-BFGS uses 1 with its line search).
     """
 
     ridge: float = 1.0
@@ -89,6 +100,11 @@ def output_error(weight: Tensor, approximation: Tensor, moment: Tensor) -> float
     return math.sqrt(num / den) if den > 0 else math.sqrt(num)
 
 
+def same_shapes(state: Mapping[str, Tensor], other: Mapping[str, Tensor]) -> bool:
+    """Whether two state dicts hold the same names with the same shapes (one can be loaded into the other)."""
+    return state.keys() == other.keys() and all(state[name].shape == other[name].shape for name in state)
+
+
 def ridged(moment: Tensor, ridge: float) -> Tensor:
     """``C + ridge·tr(C)/N·I`` in float64."""
     moment = moment.double()
@@ -130,14 +146,59 @@ def whitened_svd(weight: Tensor, moment: Tensor, rank: int, ridge: float = 0.0) 
     return u[:, :rank] * half, (half[:, None] * vh[:rank]) @ unwhiten
 
 
-def whitening_factor(moment: Tensor, ridge: float) -> Tensor:
-    """``S (N, k)`` with ``S Sᵀ = C + ridge`` up to eigenvalues below :data:`EIGEN_CUTOFF` of the largest,
-    so ``tr(E C Eᵀ) = ‖E S‖²_F`` costs ``M·N·k`` instead of ``M·N²`` when the inputs span ``k < N`` directions."""
-    values, vectors = torch.linalg.eigh(ridged(moment, ridge))
-    keep = values > values.max().clamp_min(0) * EIGEN_CUTOFF
-    if not bool(keep.any()):
-        return torch.zeros(moment.shape[0], 1, dtype=torch.float64)
-    return vectors[:, keep] * values[keep].sqrt()
+class OutputLoss:
+    """``tr(E C_r Eᵀ) / tr(W C_r Wᵀ)`` as a differentiable function of ``Ŵ (M, N)``, with ``E = W − Ŵ`` and
+    ``C_r = C + λI`` (:func:`ridged`), evaluated in :data:`WORK_DTYPE` (``tr(W C_r Wᵀ)`` in float64).
+
+    One product ``E C_r`` (``M·N²`` multiply-adds) gives both the loss and its gradient
+    ``−2 E C_r / tr(W C_r Wᵀ)``.
+    """
+
+    def __init__(self, weight: Tensor, moment: Tensor, ridge: float, device: torch.device) -> None:
+        ridged_moment = ridged(moment.to("cpu"), ridge)
+        weight = weight.detach().to("cpu", torch.float64)
+        scale = float(((weight @ ridged_moment) * weight).sum())
+        self.scale = scale if scale > 0 else 1.0
+        self.moment = ridged_moment.to(device, WORK_DTYPE)
+        self.target = weight.to(device, WORK_DTYPE)
+
+    def __call__(self, approximation: Tensor) -> Tensor:
+        """The loss (a 0-dim tensor) for ``approximation = Ŵ (M, N)``, differentiable in it."""
+        return _OutputLossFunction.apply(approximation, self)
+
+
+class _OutputLossFunction(torch.autograd.Function):
+    """:class:`OutputLoss` with the gradient from the forward pass's product (no second product)."""
+
+    @staticmethod
+    def forward(ctx: Any, approximation: Tensor, loss: OutputLoss) -> Tensor:  # type: ignore[override]
+        error = loss.target - approximation
+        product = error @ loss.moment
+        ctx.save_for_backward(product)
+        ctx.scale = loss.scale
+        return (error * product).sum() / loss.scale
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (product,) = ctx.saved_tensors
+        return product * (grad * (-2.0 / ctx.scale)), None
+
+
+class _Best:
+    """The lowest loss seen and the parameter values where it was seen."""
+
+    def __init__(self, parameters: list[Tensor]) -> None:
+        self.value = float("inf")
+        self.values = [p.detach().clone() for p in parameters]
+
+    def offer(self, value: float, parameters: list[Tensor]) -> None:
+        if value < self.value:
+            self.value, self.values = value, [p.detach().clone() for p in parameters]
+
+    def restore(self, parameters: list[Tensor]) -> None:
+        with torch.no_grad():
+            for p, value in zip(parameters, self.values):
+                p.copy_(value)
 
 
 def refine_to_data(
@@ -155,7 +216,7 @@ def refine_to_data(
     ----------
     module : Factorization
         A fitted format (its parameters are the variables; ``module.reconstruct()`` must be differentiable
-        in them). It is refined in float64 and cast back to its dtype afterwards.
+        in them). It is refined in :data:`WORK_DTYPE` and cast back to its dtype afterwards.
     weight : Tensor
         The dense ``W (M, N)`` it approximates.
     moment : Tensor
@@ -172,38 +233,28 @@ def refine_to_data(
     iterations : int
         Steps taken.
     curve : list of float
-        Relative output error ``√loss`` on ``moment`` (with the ridge) after each step; the parameters end
-        at the best point of the curve.
+        Relative output error ``√loss`` on ``moment`` (with the ridge) of the best point seen after each
+        step; the parameters end at that point (never worse than where they started).
     """
     dtype, device = next(module.parameters()).dtype, next(module.parameters()).device
-    factor = whitening_factor(moment.cpu(), settings.ridge).to(device)  # may refuse the moment: before any change
+    objective = OutputLoss(weight, moment, settings.ridge, device)
     parameters = [p for p in module.parameters()]
     flags = [p.requires_grad for p in parameters]
-    module.double()
-    target = weight.detach().to(device, torch.float64)
-    projected = target @ factor
-    scale = float((projected * projected).sum())
-    scale = scale if scale > 0 else 1.0
-
-    def loss() -> Tensor:
-        residual = projected - module.reconstruct() @ factor
-        return (residual * residual).sum() / scale
-
-    best = (float("inf"), [p.detach().clone() for p in parameters])
+    best = _Best(parameters)
     curve: list[float] = []
+    module.to(WORK_DTYPE)
     try:
-        best = (float(loss().detach()), best[1])
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
             torch.manual_seed(seed)
             for p in parameters:
                 p.requires_grad_(True)
-            best = _optimize(parameters, loss, settings, best, curve, progress)
+            _optimize(parameters, lambda: objective(module.reconstruct()), settings, best, curve, progress)
     finally:
-        with torch.no_grad():
-            for p, value, flag in zip(parameters, best[1], flags):
-                p.copy_(value)
-                p.requires_grad_(flag)
         module.to(dtype)
+        best.restore(parameters)
+        for p, flag in zip(parameters, flags):
+            p.grad = None
+            p.requires_grad_(flag)
     return len(curve), curve
 
 
@@ -211,38 +262,49 @@ def _optimize(
     parameters: list[Tensor],
     loss: Callable[[], Tensor],
     settings: DataFitSettings,
-    best: tuple[float, list[Tensor]],
+    best: _Best,
     curve: list[float],
     progress: Optional["ProgressFn"],
-) -> tuple[float, list[Tensor]]:
-    """The optimizer loop; returns the best ``(loss, parameter values)`` seen."""
+) -> None:
+    """The optimizer loop: ``auto`` runs Adam until :data:`WARMUP_STEPS` or until it stops improving, then
+    L-BFGS from the best point. A phase ends when the best loss fell by less than :data:`STOP_TOLERANCE`
+    over its last :data:`STOP_WINDOW` steps. Every evaluation goes through one closure that offers its point
+    to ``best`` (no step needs an extra evaluation) and answers L-BFGS's re-evaluation of the point its
+    previous step accepted from memory."""
     adam = torch.optim.Adam(parameters, lr=settings.lr)
-    lbfgs = torch.optim.LBFGS(parameters, lr=1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
+    lbfgs = torch.optim.LBFGS(parameters, lr=1.0, max_iter=1, max_eval=1 + LINE_SEARCH_EVALUATIONS,
+                              history_size=20, line_search_fn="strong_wolfe")
     warmup = {"adam": settings.iterations, "lbfgs": 0, "auto": min(WARMUP_STEPS, settings.iterations // 3)}
     switch = warmup[settings.optimizer]
+    last: dict[str, Any] = {}
 
     def closure() -> Tensor:
-        adam.zero_grad(set_to_none=True)
+        if last and all(torch.equal(p, q) for p, q in zip(parameters, last["point"])):
+            for p, gradient in zip(parameters, last["grads"]):
+                p.grad = gradient.clone()
+            return last["value"]
+        for p in parameters:
+            p.grad = None
         value = loss()
         value.backward()
+        best.offer(float(value.detach()), parameters)
+        last.update(point=[p.detach().clone() for p in parameters], value=value.detach(),
+                    grads=[torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in parameters])
         return value
 
-    stall = 0
+    start = 0  # first step of the current phase
     for step in range(1, settings.iterations + 1):
-        optimizer = adam if step <= switch else lbfgs
-        optimizer.zero_grad(set_to_none=True)
-        optimizer.step(closure)
-        with torch.no_grad():
-            value = float(loss())
-        if not math.isfinite(value):
+        if step == switch + 1 and switch > 0:  # L-BFGS starts from Adam's best point
+            best.restore(parameters)
+            start = switch
+        (adam if step <= switch else lbfgs).step(closure)
+        if not math.isfinite(float(last["value"])):
             break
-        curve.append(math.sqrt(max(value, 0.0)))
+        curve.append(math.sqrt(max(best.value, 0.0)))
         if progress is not None:
             progress(step, settings.iterations, curve[-1])
-        if value < best[0] * (1 - 1e-9):
-            best, stall = (value, [p.detach().clone() for p in parameters]), 0
-        else:
-            stall += 1
-        if stall >= 20 and step > switch:  # no progress for 20 steps (L-BFGS converged, or Adam oscillating at its lr)
-            break
-    return best
+        earlier = curve[-1 - STOP_WINDOW] ** 2 if step - start > STOP_WINDOW else math.inf
+        if earlier - best.value <= STOP_TOLERANCE * best.value:
+            if step > switch or settings.optimizer == "adam":
+                break
+            switch = step  # the warm-up stopped improving: on to L-BFGS

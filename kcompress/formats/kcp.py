@@ -39,6 +39,7 @@ from .base import Factorization, OptionsLike, ProgressFn, Rank
 from .kcp_plan import ContractionPlan, best_plan, kcp_step_costs
 from .linalg import gram_svd
 from .options import FormatOptions, option
+from .rows import in_row_chunks
 
 #: the batch is cut into chunks whose intermediates stay within this many bytes (cache-sized); ``"auto"``
 #: picks ``per_rank`` when a single vector's rank-batched intermediates exceed it
@@ -165,10 +166,9 @@ class KCP(Factorization):
         factors = list(self.factors)
         algorithm = self.algorithm_for(x.shape[0])
         run = self.plan.run if algorithm == "rank_batch" else self._multiply_per_rank
-        rows = self._chunk_rows(algorithm)
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or x.shape[0] <= rows:
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             return run(x, factors)
-        return torch.cat([run(chunk, factors) for chunk in x.split(rows)])
+        return in_row_chunks(lambda rows: run(rows, factors), x, self._chunk_rows(algorithm))
 
     def _chunk_rows(self, algorithm: str) -> int:
         """Rows per chunk so that one chunk's intermediates stay within :data:`CHUNK_BYTES`."""

@@ -20,7 +20,7 @@ from .base import CompressedLayer, MatrixBuilder
 from .cells import CompressedGRUCell, CompressedLSTMCell
 from .linear import CompressedLinear
 from .execution import FACTORIZED, MATERIALIZED, MODES
-from .plan import auto_plan, closed_form, executed, execution_of, replan, set_execution
+from .plan import auto_plan, closed_form, executed, execution_of, replan, set_execution, trained
 from .recurrent import CompressedGRU, CompressedLSTM
 
 #: torch layer type -> its compressed drop-in
@@ -77,6 +77,7 @@ __all__ = [
     "MatrixBuilder",
     "auto_plan",
     "executed",
+    "trained",
     "execution_of",
     "replan",
     "rebuild",

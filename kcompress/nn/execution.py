@@ -20,6 +20,7 @@ from torch import Tensor, _VF, nn
 
 from .. import formats
 from ..errors import KCompressError
+from ..formats.rows import in_row_chunks
 
 FACTORIZED = "factorized"
 MATERIALIZED = "materialized"
@@ -61,7 +62,7 @@ def chunked_multiply(matrix: nn.Module, x: Tensor, budget: int = ROW_BUDGET_BYTE
     chunk = max(1, budget // per_row)
     if tracing() or rows.shape[0] <= chunk:
         return matrix.multiply(x)
-    out = torch.cat([matrix.multiply(part) for part in rows.split(chunk)])
+    out = in_row_chunks(matrix.multiply, rows, chunk)
     return out.reshape(x.shape[:-1] + out.shape[-1:])
 
 

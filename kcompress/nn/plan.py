@@ -10,7 +10,7 @@ per-step Python loop for its whole layer, so the matrices of a layer are decided
    the whole layer's forward on random input of :data:`MEASURE_STEPS` steps at each of
    :data:`MEASURE_BATCHES` sequences under each candidate plan; a factorized candidate must beat the
    all-materialized one by :data:`MARGIN` at every batch, in the median of per-round time ratios (robust
-   to load changes between rounds on a shared machine).
+   to load changes between rounds on a shared machine), in each of :data:`CONFIRMATIONS` measurements.
    Without measuring (``measure=False``) the unclear matrices are materialized: never slower than dense.
 
 Timings decide the plan but are kept nowhere: the plan (names and paths) is all that is stored.
@@ -44,6 +44,8 @@ MEASURE_BATCHES = (1, CHECK_BATCH)
 MARGIN = 0.9
 #: seconds of interleaved measurement per decision
 BUDGET = 0.1
+#: separate measurements a factorized candidate must win (the first decides when it loses)
+CONFIRMATIONS = 2
 
 
 def set_execution(model: nn.Module, plan: Plan = "auto", *, measure: bool = True) -> dict[str, dict[str, str]]:
@@ -84,8 +86,32 @@ def check_plan(plan: object) -> None:
 @contextlib.contextmanager
 def executed(model: nn.Module, plan: Plan) -> Iterator[None]:
     """Run the block with ``plan`` set (``measure=False`` for ``"auto"``), then restore every layer's plan."""
+    with _plans_restored(model):
+        set_execution(model, plan, measure=False)
+        yield
+
+
+@contextlib.contextmanager
+def trained(model: nn.Module) -> Iterator[None]:
+    """Run the block on the paths for training, then restore every layer's plan.
+
+    A matrix that ``"auto"`` left factorized (its product clearly cheaper, or measured faster) stays
+    factorized: a training step then needs no reconstruction of ``W``. Every other matrix is materialized
+    (torch's fused kernels, ``W`` rebuilt from the factors on each step so gradients reach them; at small
+    batches that rebuild, e.g. ``R·M·N`` MACs for KCP, can cost more than the dense step itself).
+    """
+    with _plans_restored(model):
+        for layer in compressed_layers(model).values():
+            kept = {name for name, mode in layer.execution.items()
+                    if mode == FACTORIZED and layer.requested.get(name) == "auto"}
+            layer.set_execution({name: FACTORIZED if name in kept else MATERIALIZED for name in layer.matrices},
+                                requested=dict(layer.requested))
+        yield
+
+
+@contextlib.contextmanager
+def _plans_restored(model: nn.Module) -> Iterator[None]:
     saved = {name: (dict(layer.execution), dict(layer.requested)) for name, layer in compressed_layers(model).items()}
-    set_execution(model, plan, measure=False)
     try:
         yield
     finally:
@@ -218,20 +244,25 @@ def _fastest(
     layer: CompressedLayer, candidates: list[dict[str, str]], runs: list[Callable[[], object]]
 ) -> dict[str, str]:
     """The candidate plan that is fastest at every one of ``runs`` (one per batch size): the first (most
-    materialized) candidate wins unless another takes at most :data:`MARGIN` of its time in every run."""
+    materialized) candidate wins unless another takes at most :data:`MARGIN` of its time in every run, in
+    each of :data:`CONFIRMATIONS` separate measurements (one disturbed measurement must not pick a slower path)."""
     saved = {name: layer.execution[name] for name in candidates[0]}
     requested = {name: layer.requested.get(name, mode) for name, mode in saved.items()}
     worst = dict.fromkeys(range(len(candidates)), 0.0)  # per candidate: its largest time ratio to candidate 0
     try:
         with torch.no_grad():
-            for run in runs:
-                for plan in candidates:  # build the cached weights once, outside the timing
-                    layer.set_execution(plan)
+            for plan in candidates:  # build the cached weights and warm the kernels, outside the timing
+                layer.set_execution(plan)
+                for run in runs:
                     run()
-                timings = time_interleaved({k: _under(layer, plan, run) for k, plan in enumerate(candidates)},
-                                           budget=BUDGET / len(runs))
-                for k, timing in timings.items():
-                    worst[k] = max(worst[k], paired(timing, timings[0]).ratio)
+            for _ in range(CONFIRMATIONS):
+                for run in runs:
+                    timings = time_interleaved({k: _under(layer, plan, run) for k, plan in enumerate(candidates)},
+                                               budget=BUDGET / len(runs))
+                    for k, timing in timings.items():
+                        worst[k] = max(worst[k], paired(timing, timings[0]).ratio)
+                if all(ratio > MARGIN for k, ratio in worst.items() if k != 0):
+                    break
     finally:
         layer.set_execution(saved, requested)
     best = min(worst, key=worst.__getitem__)

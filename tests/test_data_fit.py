@@ -1,0 +1,124 @@
+"""The data-aware refinement's objective, optimizer loop and warm start (kcompress.formats.data_fit)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kcompress.formats import DataFitSettings, data_fit, get_format, output_error, whitened_svd
+
+
+def _moment(size: int, rank: int, seed: int) -> torch.Tensor:
+    """A second moment of ``rank`` correlated directions (rank-deficient when ``rank < size``)."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(400, rank, generator=generator, dtype=torch.float64)
+    inputs = inputs @ (torch.randn(rank, size, generator=generator, dtype=torch.float64) * torch.logspace(0, -1, size))
+    return inputs.T @ inputs / len(inputs)
+
+
+@pytest.mark.parametrize("rank", [3, 16])  # inputs spanning 3 of 16 directions, or all
+@pytest.mark.parametrize("ridge", [0.0, 0.5])
+def test_output_loss_and_its_gradient_match_the_dense_expression(rank: int, ridge: float) -> None:
+    weight = torch.randn(24, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    approximation = weight + 0.3 * torch.randn(24, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    moment = _moment(16, rank, 2)
+    loss = data_fit.OutputLoss(weight, moment, ridge, torch.device("cpu"))
+    variable = approximation.float().requires_grad_(True)
+    value = loss(variable)
+    value.backward()
+    ridged = data_fit.ridged(moment, ridge)
+    assert float(value.detach()) == pytest.approx(output_error(weight, approximation, ridged) ** 2, rel=1e-5)
+    reference = approximation.clone().requires_grad_(True)
+    error = weight - reference
+    (((error @ ridged) * error).sum() / ((weight @ ridged) * weight).sum()).backward()
+    assert variable.grad is not None and reference.grad is not None
+    assert torch.allclose(variable.grad.double(), reference.grad, rtol=1e-4, atol=1e-6 * float(reference.grad.abs().max()))
+
+
+def test_float32_refinement_reaches_the_closed_form_optimum() -> None:
+    """Gradient refinement of an svd module (float32 work) ends at the whitened SVD's output error."""
+    weight = torch.randn(20, 16, generator=torch.Generator().manual_seed(3))
+    moment = _moment(16, 16, 4)
+    fmt = get_format("svd")
+    tz = fmt.default_tensorization(20, 16)
+    module = fmt.fit(weight, tz, 4)
+    before = output_error(weight, module.reconstruct(), moment)
+    iterations, curve = data_fit.refine_to_data(module, weight, moment, DataFitSettings(ridge=0.0, optimizer="lbfgs"))
+    left, right = whitened_svd(weight, moment, 4)
+    optimum = output_error(weight, left @ right, moment)
+    reached = output_error(weight, module.reconstruct(), moment)
+    assert optimum < before and reached == pytest.approx(optimum, rel=2e-3)
+    assert module.left.dtype == torch.float32 and module.left.grad is None
+    assert curve == sorted(curve, reverse=True)  # the best point seen, never worse
+    assert 1 <= iterations < 300 and len(curve) == iterations  # stopped by the relative-improvement rule
+    assert curve[-1] == pytest.approx(reached, rel=1e-4)
+
+
+def test_a_refinement_that_cannot_improve_stops_early_and_keeps_the_start() -> None:
+    weight = torch.randn(16, 16, generator=torch.Generator().manual_seed(5))
+    moment = _moment(16, 16, 6)
+    fmt = get_format("tt")
+    tz = fmt.default_tensorization(16, 16)
+    module = fmt.fit(weight, tz, fmt.max_rank(tz))  # exact: nothing left to gain
+    start = [p.detach().clone() for p in module.parameters()]
+    iterations, _ = data_fit.refine_to_data(module, weight, moment, DataFitSettings(optimizer="adam"))
+    assert iterations <= data_fit.STOP_WINDOW + 1
+    for value, parameter in zip(start, module.parameters()):
+        assert torch.equal(value, parameter)
+
+
+def test_warm_start_from_another_ridge() -> None:
+    """``start`` loads another fit's parameters first; the plain fit stays the reference that is kept or
+    restored, and a start of other shapes is ignored."""
+    weight = torch.randn(16, 16, generator=torch.Generator().manual_seed(7))
+    moment, holdout = _moment(16, 16, 8), _moment(16, 16, 9)
+    fmt = get_format("tt")
+    tz = fmt.default_tensorization(16, 16)
+    first = fmt.fit(weight, tz, 2)
+    first.fit_to_data(weight, moment, holdout, DataFitSettings(ridge=1.0, iterations=40))
+    plain = fmt.fit(weight, tz, 2)
+    warm = fmt.fit(weight, tz, 2)
+    info = warm.fit_to_data(weight, moment, holdout, DataFitSettings(ridge=0.1, iterations=0), start=first)
+    assert info.before == pytest.approx(output_error(weight, plain.reconstruct(), holdout), rel=1e-6)
+    assert info.kept  # no iterations: the start itself, which beats the plain fit on the held-out moment
+    assert torch.equal(warm.reconstruct(), first.reconstruct())
+    other = fmt.fit(weight, tz, 3)
+    ignored = other.fit_to_data(weight, moment, holdout, DataFitSettings(ridge=0.1, iterations=0), start=first)
+    assert not ignored.kept and ignored.after == ignored.before
+
+
+def test_ridge_auto_collects_dense_statistics_once_and_warm_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ridge="auto"``: the dense model's statistics serve all three ridges, and each matrix's refinement
+    after the first ridge starts from its fit at the previous ridge."""
+    import warnings
+
+    from kcompress import calibrated, compress
+    from kcompress.data import SequenceData
+    from kcompress.formats.base import Factorization
+    from kcompress.models import SequenceClassifier
+
+    made: list[str] = []
+    starts: list[bool] = []
+
+    class Counting(calibrated.Calibrator):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            made.append("calibrator")
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    original = Factorization.fit_to_data
+
+    def spy(self: Factorization, *args: object, **kwargs: object) -> object:
+        starts.append(kwargs.get("start") is not None)
+        return original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(calibrated, "Calibrator", Counting)
+    monkeypatch.setattr(Factorization, "fit_to_data", spy)
+    torch.manual_seed(0)
+    model = SequenceClassifier(6, 8, 3)
+    data = SequenceData(torch.randn(24, 5, 6), torch.zeros(24, dtype=torch.long), torch.full((24,), 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, report = compress(model, "tt", ratio=2, targets="ih,hh", check_speed=False, calibration=data,
+                             calibrate_options={"iterations": 10, "ridge": "auto"})
+    assert made == ["calibrator"] and len(report.calibration["ridge_candidates"]) == 3
+    assert starts == [False, False, True, True, True, True]  # ih and hh per ridge
