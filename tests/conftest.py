@@ -26,6 +26,16 @@ def steady_speed(monkeypatch) -> None:
     monkeypatch.setattr("kcompress.convert.measured_speedup", lambda matrix, *args, **kwargs: Speed(0.5, 0.0))
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for tests of tiny ops: a second one only adds contention on a shared 2-core machine.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def trained_like(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     """A matrix with a decaying spectrum and smooth structure plus noise, as trained RNN weights have."""
     generator = torch.Generator().manual_seed(seed)

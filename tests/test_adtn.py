@@ -26,13 +26,7 @@ NUMPY_ACTIVATIONS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """ADTN's ops are tiny; a second intra-op thread only adds contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make(rows: int, cols: int, depth: int, **options) -> ADTN:

@@ -25,13 +25,7 @@ RANK = 2
 QUICK = {"adtn": {"steps": 3}, "kcp": {"max_iterations": 20}}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The matrices are tiny; a second intra-op thread only adds contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
