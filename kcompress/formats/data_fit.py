@@ -25,10 +25,6 @@ if TYPE_CHECKING:
     from .base import ProgressFn
 
 OPTIMIZERS = ("auto", "lbfgs", "adam")
-#: Adam steps before L-BFGS with ``optimizer="auto"``: none. With its full strong Wolfe line search
-#: (:data:`LINE_SEARCH_EVALUATIONS`) L-BFGS does not stall at the plain fit's start, and a 100-step Adam
-#: warm-up measured no better on JapaneseVowels (docs/calibration.md)
-WARMUP_STEPS = 0
 #: eigenvalues of the (ridged) second moment below this fraction of the largest are dropped from the
 #: whitening of :func:`whitened_svd` (their directions carry no output energy)
 EIGEN_CUTOFF = 1e-12
@@ -49,7 +45,8 @@ class DataFitSettings:
     ``ridge``: ``C + ridge·tr(C)/N·I`` is fitted (stabilises rank-deficient inputs and keeps the weight
     from drifting along directions the data never excites; 1, the inputs' mean energy per direction, had
     the best held-out agreement with the dense model among 0.01-10 on the JapaneseVowels models); ``optimizer``: ``"lbfgs"`` (strong Wolfe line
-    search), ``"adam"``, or ``"auto"`` (up to :data:`WARMUP_STEPS` Adam steps, then L-BFGS); ``iterations``:
+    search), ``"adam"``, or ``"auto"`` (L-BFGS: with its full line search it does not stall at the plain fit's start,
+    and a 100-step Adam warm-up before it measured no better on JapaneseVowels); ``iterations``:
     the cap (optimizer steps; the stopping rule of :func:`refine_to_data` usually ends sooner); ``lr``: Adam's
     learning rate (L-BFGS uses 1 with its line search).
     """
@@ -266,16 +263,15 @@ def _optimize(
     curve: list[float],
     progress: Optional["ProgressFn"],
 ) -> None:
-    """The optimizer loop: ``auto`` runs Adam until :data:`WARMUP_STEPS` or until it stops improving, then
-    L-BFGS from the best point. A phase ends when the best loss fell by less than :data:`STOP_TOLERANCE`
-    over its last :data:`STOP_WINDOW` steps. Every evaluation goes through one closure that offers its point
-    to ``best`` (no step needs an extra evaluation) and answers L-BFGS's re-evaluation of the point its
-    previous step accepted from memory."""
-    adam = torch.optim.Adam(parameters, lr=settings.lr)
-    lbfgs = torch.optim.LBFGS(parameters, lr=1.0, max_iter=1, max_eval=1 + LINE_SEARCH_EVALUATIONS,
-                              history_size=20, line_search_fn="strong_wolfe")
-    warmup = {"adam": settings.iterations, "lbfgs": 0, "auto": min(WARMUP_STEPS, settings.iterations // 3)}
-    switch = warmup[settings.optimizer]
+    """The optimizer loop: Adam for ``"adam"``, else L-BFGS, until the best loss fell by less than
+    :data:`STOP_TOLERANCE` over the last :data:`STOP_WINDOW` steps. Every evaluation goes through one closure
+    that offers its point to ``best`` (no step needs an extra evaluation) and answers L-BFGS's re-evaluation of
+    the point its previous step accepted from memory."""
+    if settings.optimizer == "adam":
+        optimizer: torch.optim.Optimizer = torch.optim.Adam(parameters, lr=settings.lr)
+    else:
+        optimizer = torch.optim.LBFGS(parameters, lr=1.0, max_iter=1, max_eval=1 + LINE_SEARCH_EVALUATIONS,
+                                      history_size=20, line_search_fn="strong_wolfe")
     last: dict[str, Any] = {}
 
     def closure() -> Tensor:
@@ -292,19 +288,13 @@ def _optimize(
                     grads=[torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in parameters])
         return value
 
-    start = 0  # first step of the current phase
     for step in range(1, settings.iterations + 1):
-        if step == switch + 1 and switch > 0:  # L-BFGS starts from Adam's best point
-            best.restore(parameters)
-            start = switch
-        (adam if step <= switch else lbfgs).step(closure)
+        optimizer.step(closure)
         if not math.isfinite(float(last["value"])):
             break
         curve.append(math.sqrt(max(best.value, 0.0)))
         if progress is not None:
             progress(step, settings.iterations, curve[-1])
-        earlier = curve[-1 - STOP_WINDOW] ** 2 if step - start > STOP_WINDOW else math.inf
+        earlier = curve[-1 - STOP_WINDOW] ** 2 if step > STOP_WINDOW else math.inf
         if earlier - best.value <= STOP_TOLERANCE * best.value:
-            if step > switch or settings.optimizer == "adam":
-                break
-            switch = step  # the warm-up stopped improving: on to L-BFGS
+            break
