@@ -37,8 +37,10 @@ FORMATS = ("svd", "kcp", "tt")
 SAMPLES = 64
 #: per-matrix settings: one ratio for both matrices, or the input matrices (12 wide: their rank is what a
 #: small ratio leaves) kept closer to dense and the hidden ones compressed harder, both about 4x / 8x overall
+#: (at 8x also a split that keeps svd's input matrix at rank 6 of 12 and its hidden one at rank 2)
 SETTINGS_4X = {"uniform 4x": {"ratio": 4}, "ih 1.5x, hh 7x": {"ratio": 7, "overrides": {"*weight_ih*": {"ratio": 1.5}}}}
-SETTINGS_8X = {"uniform 8x": {"ratio": 8}, "ih 3x, hh 12x": {"ratio": 12, "overrides": {"*weight_ih*": {"ratio": 3}}}}
+SETTINGS_8X = {"uniform 8x": {"ratio": 8}, "ih 3x, hh 12x": {"ratio": 12, "overrides": {"*weight_ih*": {"ratio": 3}}},
+               "ih 1.9x, hh 25x": {"ratio": 25, "overrides": {"*weight_ih*": {"ratio": 1.9}}}}
 
 
 def _quiet(run: Callable[[], Any]) -> Any:
@@ -63,7 +65,7 @@ def _row(model: nn.Module, test: SequenceData, baseline: float, report: Any, sec
 
 def jv_section(settings: dict[str, dict], distill_epochs: int = 0, samples: int = SAMPLES,
                cells: tuple[str, ...] = ("lstm", "gru")) -> list[dict]:
-    """Plain fit vs calibrated fit (and distillation: Adam 1e-3, the default teacher-labelled augmentation and
+    """Plain fit vs calibrated fit (and distillation: Adam at the default distill_lr "auto", the default teacher-labelled augmentation and
     layer matching, early stopping after 50 epochs without improvement of the held-out distillation loss) on
     JapaneseVowels, recurrent weights (ih, hh)."""
     rows = []
@@ -79,9 +81,11 @@ def jv_section(settings: dict[str, dict], distill_epochs: int = 0, samples: int 
                     model, fmt, targets="ih,hh", check_speed=False, calibration=train, calibrate_samples=samples,
                     distill_epochs=distill_epochs, calibrate_options=options, **kwargs))
                 row = _row(calibrated, test, dense, report, time.perf_counter() - start, cell=cell, format=fmt,
-                           setting=label, samples=samples, ridge=report.calibration["ridge"], plain=round(evaluate(plain, test), 4))
+                           setting=label, samples=samples, ridge=report.calibration["ridge"],
+                           gate_weights=report.calibration["gate_weights"], plain=round(evaluate(plain, test), 4))
                 if distill_epochs:
                     row["epochs_run"] = report.calibration["distill"]["epochs_run"]
+                    row["distill_lr"] = report.calibration["distill"]["lr"]
                 rows.append(row)
                 print(row, flush=True)
     return rows
@@ -159,14 +163,13 @@ def vad_section(calibration_files: int = 8, test_files: int = 60) -> list[dict]:
         port = SileroVAD.from_jit()
     torch.set_num_threads(1)
     split = load_features(port, calibration_files, test_files)
-    windows = [f[i : i + 64] for f in split.train for i in range(0, f.shape[0] - 63, 64)]
-    inputs = torch.stack(windows)
+    files = [f.unsqueeze(0) for f in split.train]  # one call per file, each its whole length (no padding)
     dense = RecurrentHead(port.lstm, port.final_conv)
     reference = dense.probabilities(split.test)
     rows = []
     for fmt in FORMATS:
         for calibrated, ridge in ((False, None), (True, "auto"), (True, 1.0), (True, 0.01)):
-            extra = {"calibration": inputs, "calibrate_samples": 256,
+            extra = {"calibration": files, "calibrate_samples": 256,
                      "calibrate_options": {"ridge": ridge}} if calibrated else {}
             start = time.perf_counter()
             # calibrated through the whole head (LSTM + output conv), so the model's own inputs drive the hooks
@@ -176,9 +179,11 @@ def vad_section(calibration_files: int = 8, test_files: int = 60) -> list[dict]:
             measured = Agreement.measure(reference, RecurrentHead(lstm, port.final_conv).probabilities(split.test))
             row = {"format": fmt, "calibrated": calibrated, "ridge": ridge, "ratio": round(report.compression_ratio, 2),
                    "ridge_chosen": report.calibration.get("ridge"),
+                   "gate_weights_chosen": report.calibration.get("gate_weights"),
                    "held_out_agreement": report.calibration.get("agreement_after_fit", {}).get("argmax_agreement"),
                    "agreement": round(measured.agreement, 4), "mean_abs_dp": round(measured.mean_abs_diff, 4),
-                   "seconds": round(seconds, 1), "calibration_windows": len(windows) if calibrated else 0,
+                   "seconds": round(seconds, 1), "calibration_files": len(files) if calibrated else 0,
+                   "calibration_chunks": sum(f.shape[1] for f in files) if calibrated else 0,
                    "test_chunks": sum(t.shape[0] for t in split.test)}
             rows.append(row)
             print(row, flush=True)
@@ -188,10 +193,11 @@ def vad_section(calibration_files: int = 8, test_files: int = 60) -> list[dict]:
 def timing_section(hidden: int = 512) -> list[dict]:
     """Seconds per matrix at hidden 512 (LSTM(512, 512), random weights, 64 sequences of 100 random steps):
     the statistics; the data-aware fit of the (2048, 512) hidden matrix at about 4x per format with the
-    default settings (ridge 1, up to 300 iterations and the stopping rule; every input direction carries
-    energy, so each evaluation costs ``M·N²``); and ``compress`` of the LSTM (ih, hh) with and without
-    calibration (``ridge="auto"``: three ridges, each warm-started from the previous), the difference per
-    matrix. kcp's plain fit runs 5 CP-ALS iterations (the default 100 take minutes at this size)."""
+    default settings (ridge 1, the step limit of ``WORK_BUDGET`` and the stopping rule; every input direction
+    carries energy, so each evaluation costs ``M·N²``); and ``compress`` of the LSTM (ih, hh) with and
+    without calibration, the difference per matrix: the defaults (``ridge`` and ``gate_weights`` "auto": six
+    candidates, the first refined, the others screened), and for kcp also gate weights fixed (three) and
+    both fixed (one). kcp's plain fit runs 5 CP-ALS iterations (the default 100 take minutes at this size)."""
     torch.manual_seed(0)
     lstm = nn.LSTM(hidden, hidden, batch_first=True)
     inputs = torch.randn(64, 100, hidden)
@@ -216,16 +222,21 @@ def timing_section(hidden: int = 512) -> list[dict]:
                      "output_error": f"{info.before:.3f} -> {info.after:.3f}"})
         print(rows[-1], flush=True)
     model = nn.Sequential(lstm)
-    for fmt_name in ("svd", "tt", "ht", "kcp"):
+    defaults = {"ridge": "auto", "gate_weights": "auto"}
+    for fmt_name, settings in [(name, defaults) for name in ("svd", "tt", "ht", "kcp")] + [
+            ("kcp", {"ridge": "auto", "gate_weights": True}), ("kcp", {"ridge": 1.0, "gate_weights": True})]:
         options = {"ratio": 4, "targets": "ih,hh", "check_speed": False, "fit_options": fit_options.get(fmt_name)}
         start = time.perf_counter()
         _quiet(lambda: compress(model, fmt_name, **options))
         plain = time.perf_counter() - start
         start = time.perf_counter()
-        _, report = _quiet(lambda: compress(model, fmt_name, calibration=inputs, calibrate_samples=64, **options))
+        _, report = _quiet(lambda: compress(model, fmt_name, calibration=inputs, calibrate_samples=64,
+                                            calibrate_options=settings, **options))
         calibrated = time.perf_counter() - start
         errors = ", ".join(f"{row.output_error_before:.3f} -> {row.output_error_after:.3f}" for row in report.matrices)
-        rows.append({"what": f"{fmt_name} compress ih+hh, calibration ridge auto (ridge {report.calibration['ridge']})",
+        chosen = f"ridge {report.calibration['ridge']}, gate weights {report.calibration['gate_weights']}"
+        rows.append({"what": f"{fmt_name} compress ih+hh, calibration ridge {settings['ridge']}, gate weights "
+                             f"{settings['gate_weights']} (chose {chosen})",
                      "matrices": len(report.matrices), "plain_fit_seconds": round(plain / len(report.matrices), 2),
                      "seconds": round((calibrated - plain) / len(report.matrices), 2), "output_error": errors})
         print(rows[-1], flush=True)

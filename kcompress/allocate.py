@@ -1,8 +1,10 @@
 """Choose each matrix's format and rank under one global budget from cheap estimates of the output error.
 
 For a matrix ``W (M, N)`` whose inputs have the second moment ``C (N, N)`` (identity without calibration
-data), the output error of an approximation ``Ŵ`` is ``e = tr(E C Eᵀ)`` with ``E = W − Ŵ``: the squared
-output error ``‖(W − Ŵ) X‖²`` per input, on the scale of what the matrix contributes, ``tr(W C Wᵀ)``.
+data), the output error of an approximation ``Ŵ`` is ``e = tr(D E C Eᵀ)`` with ``E = W − Ŵ`` and ``D`` the
+diagonal of the matrix's row weights (how much each gate row moves its layer's state,
+:mod:`kcompress.gate_sensitivity`; the identity without): the squared output error ``‖(W − Ŵ) X‖²`` per
+input, on the scale of what the matrix contributes, ``tr(D W C Wᵀ)``.
 The allocation minimises ``Σ_matrices e`` subject to ``Σ cost ≤ budget``, where the cost of an option
 (format, rank) is its closed-form parameter count (``objective="size"``) or its multiply MACs per input
 vector (``objective="latency"``; options whose MACs exceed the dense product's are left out, so every
@@ -41,9 +43,10 @@ SAMPLE_RATIOS = (32.0, 12.0, 5.0, 2.0)
 #: allocations as 100 on the JapaneseVowels LSTM and GRU at every ratio from 2x to 16x, in a third of the time)
 ESTIMATE_ITERATIONS = 30
 
-#: ``(weight block (M, N), moment C (N, N), settings) -> output error at ranks 0, 1, …``
-Spectrum = Callable[[Tensor, Tensor, DataFitSettings], Tensor]
-#: ``(format, weight block (M, N), tensorization, rank, candidate, seed, settings) -> Ŵ (M, N)``
+#: ``(weight block (M, N), moment C (N, N), settings, row weights (M,) or None) -> output error at ranks 0, 1, …``
+Spectrum = Callable[[Tensor, Tensor, DataFitSettings, Optional[Tensor]], Tensor]
+#: ``(format, weight block (M, N), tensorization, rank, candidate, seed, settings, row weights (M,) or None)
+#: -> Ŵ (M, N)``
 FitFunction = Callable[..., Tensor]
 
 
@@ -52,7 +55,8 @@ class Candidate:
     """One targeted matrix: ``weight (M, N)``, the second moments of its inputs, ``moment (N, N)`` (fitted)
     and ``holdout (N, N)`` (held-out inputs; the identity for both without calibration data, i.e. weight
     error), ``blocks`` row blocks fitted separately (gates, ``gates="separate"``) and per format name the
-    tensorization of one ``(M / blocks, N)`` block. ``calibrated`` is False for the identity moments."""
+    tensorization of one ``(M / blocks, N)`` block. ``calibrated`` is False for the identity moments.
+    ``row_weights (M,)``: the output rows' weights (None: all 1)."""
 
     name: str
     weight: Tensor
@@ -61,19 +65,29 @@ class Candidate:
     tensorizations: Mapping[str, Tensorization]
     blocks: int = 1
     calibrated: bool = True
+    row_weights: Optional[Tensor] = None
 
     @property
     def dense_params(self) -> int:
         return int(self.weight.numel())
 
-    def energy(self, weight: Optional[Tensor] = None) -> float:
-        """``tr(W C Wᵀ)`` of the whole matrix (or of ``weight``, one block): what it contributes to the outputs."""
-        weight = (self.weight if weight is None else weight).double()
-        return float(((weight @ self.moment.double()) * weight).sum())
+    def parts(self) -> list[tuple[Tensor, Optional[Tensor]]]:
+        """``(weight block, its row weights or None)`` per row block, float64."""
+        blocks = self.weight.double().chunk(self.blocks)
+        rows = [None] * len(blocks) if self.row_weights is None else self.row_weights.double().chunk(self.blocks)
+        return list(zip(blocks, rows))
 
-    def error(self, weight: Tensor, approximation: Tensor) -> float:
-        """``tr(E C Eᵀ)`` of one block (see :func:`~kcompress.formats.data_fit.output_error`)."""
-        return output_error(weight, approximation, self.moment) ** 2 * self.energy(weight)
+    def energy(self, weight: Optional[Tensor] = None, rows: Optional[Tensor] = None) -> float:
+        """``tr(D W C Wᵀ)`` of the whole matrix (or of the block ``weight`` with row weights ``rows``): what it
+        contributes to the outputs."""
+        weight, rows = (self.weight, self.row_weights) if weight is None else (weight, rows)
+        per_row = ((weight.double() @ self.moment.double()) * weight.double()).sum(dim=1)
+        return float(per_row.sum() if rows is None else per_row @ rows.double())
+
+    def error(self, weight: Tensor, approximation: Tensor, rows: Optional[Tensor] = None) -> float:
+        """``tr(D E C Eᵀ)`` of one block with row weights ``rows`` (see
+        :func:`~kcompress.formats.data_fit.output_error`)."""
+        return output_error(weight, approximation, self.moment, rows) ** 2 * self.energy(weight, rows)
 
 
 @dataclass(frozen=True)
@@ -136,16 +150,18 @@ class Allocation:
 
 
 # ---------------------------------------------------------------------- error curves
-def svd_curve(block: Tensor, moment: Tensor, settings: DataFitSettings) -> Tensor:
-    """``e[r] = tr(E_r C E_rᵀ)`` for every rank ``r = 0 … min(M, N)`` of the data-aware truncated SVD
-    (:func:`~kcompress.formats.data_fit.whitened_svd`, with the fit's ridge): its factors ``Ŵ = L R`` nest
-    across ranks, and ``L``'s columns are orthogonal, so ``e[r] = tr(W C Wᵀ) − 2 Σ_{i≤r} l_iᵀ W C r_i
-    + Σ_{i≤r} ‖l_i‖² r_iᵀ C r_i`` from one decomposition."""
+def svd_curve(block: Tensor, moment: Tensor, settings: DataFitSettings, rows: Optional[Tensor] = None) -> Tensor:
+    """``e[r] = tr(D E_r C E_rᵀ)`` for every rank ``r = 0 … min(M, N)`` of the data-aware truncated SVD
+    (:func:`~kcompress.formats.data_fit.whitened_svd`, with the fit's ridge and the row weights ``rows``, ``D``
+    their diagonal, identity when None): its factors ``Ŵ = L R`` nest across ranks, and ``L``'s columns are
+    ``D``-orthogonal, so
+    ``e[r] = tr(D W C Wᵀ) − 2 Σ_{i≤r} l_iᵀ D W C r_i + Σ_{i≤r} (l_iᵀ D l_i) r_iᵀ C r_i`` from one decomposition."""
     weight, moment = block.double(), moment.double()
-    left, right = whitened_svd(weight, moment, min(weight.shape), settings.ridge)
-    cross = ((left.T @ weight @ moment) * right).sum(dim=1)
-    square = left.square().sum(dim=0) * ((right @ moment) * right).sum(dim=1)
-    energy = ((weight @ moment) * weight).sum()
+    weights = torch.ones(weight.shape[0], dtype=torch.float64) if rows is None else rows.double()
+    left, right = whitened_svd(weight, moment, min(weight.shape), settings.ridge, rows)
+    cross = ((left.T @ (weights[:, None] * weight) @ moment) * right).sum(dim=1)
+    square = (weights[:, None] * left.square()).sum(dim=0) * ((right @ moment) * right).sum(dim=1)
+    energy = ((weight @ moment) * weight).sum(dim=1) @ weights
     return torch.cat([energy[None], energy - 2 * cross.cumsum(0) + square.cumsum(0)]).clamp_min(0)
 
 
@@ -155,12 +171,13 @@ SPECTRAL_FORMATS: dict[str, Spectrum] = {"svd": svd_curve}
 
 
 def fit_block(fmt: type[Factorization], block: Tensor, tz: Tensorization, rank: int, candidate: Candidate,
-              seed: int, settings: DataFitSettings) -> Tensor:
+              seed: int, settings: DataFitSettings, rows: Optional[Tensor] = None) -> Tensor:
     """``Ŵ`` of one block as :func:`kcompress.compress` fits it: the format's own fit, then (with calibration
-    data) :meth:`~kcompress.formats.Factorization.fit_to_data`; the default :data:`FitFunction`."""
+    data) :meth:`~kcompress.formats.Factorization.fit_to_data` with the block's row weights ``rows``; the
+    default :data:`FitFunction`."""
     module = fmt.fit(block, tz, rank, seed=seed)
     if candidate.calibrated:
-        module.fit_to_data(block, candidate.moment, candidate.holdout, settings, seed=seed)
+        module.fit_to_data(block, candidate.moment, candidate.holdout, settings, seed=seed, row_weights=rows)
     return module.reconstruct().detach()
 
 
@@ -198,16 +215,17 @@ def format_options(candidate: Candidate, fmt: type[Factorization], objective: st
     """Every rank of ``fmt`` up to the matrix's dense size, with its estimated output error ``tr(E C Eᵀ)``."""
     tz = candidate.tensorizations[fmt.name]
     ranks = candidate_ranks(fmt, tz, candidate.dense_params // candidate.blocks)
-    blocks = candidate.weight.double().chunk(candidate.blocks)
+    parts = candidate.parts()
     params = {r: candidate.blocks * fmt.param_count(tz, r) for r in ranks}
     macs = {r: candidate.blocks * fmt.macs(tz, r) for r in ranks}
     if fmt.name in SPECTRAL_FORMATS:
-        curves = [SPECTRAL_FORMATS[fmt.name](block, candidate.moment, settings) for block in blocks]
+        curves = [SPECTRAL_FORMATS[fmt.name](block, candidate.moment, settings, rows) for block, rows in parts]
         errors = {r: float(sum(curve[min(r, len(curve) - 1)] for curve in curves)) for r in ranks}
         exact = set(ranks)
     else:
         exact = set(sample_ranks(fmt, tz, ranks))
-        fitted = {r: sum(candidate.error(b, fit(fmt, b, tz, r, candidate, seed, settings)) for b in blocks)
+        fitted = {r: sum(candidate.error(b, fit(fmt, b, tz, r, candidate, seed, settings, rows), rows)
+                         for b, rows in parts)
                   for r in sorted(exact)}
         floor = 1e-12 * max(candidate.energy(), 1e-300)
         curve = interpolate([params[r] for r in ranks], {params[r]: e for r, e in fitted.items()}, floor)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .allocate import OBJECTIVES, Allocation, Candidate, Option, allocate, budget_for, check_budget, estimate
+from .calibrate import SecondMoment, collect_second_moments
 from .calibrated import CalibrationOptions
 from .errors import KCompressError
 from .formats import get_format
@@ -63,8 +64,9 @@ def check_formats(format: Union[str, Sequence[str]]) -> tuple[str, ...]:
 def prepare(model: nn.Module, format: Union[str, Sequence[str]], *, objective: str = "size",
             calibration: Any = None, calibrate_samples: Optional[int] = None, seed: int = 0,
             settings: DataFitSettings = DataFitSettings(), **plan_options: Any) -> Prepared:
-    """Plan the targeted matrices for every format, collect their inputs' second moments from ``calibration``
-    (identity without it: the weight error), and estimate every format's error curve."""
+    """Plan the targeted matrices for every format, collect their inputs' second moments (and, with
+    ``settings.weighted_rows``, their gate rows' weights) from ``calibration`` (identity without it: the weight
+    error), and estimate every format's error curve."""
     formats = check_formats(format)
     if objective not in OBJECTIVES:
         raise KCompressError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
@@ -80,11 +82,13 @@ def prepare(model: nn.Module, format: Union[str, Sequence[str]], *, objective: s
     candidates = []
     for index, plan in enumerate(first):
         weight = getattr(model.get_submodule(plan.layer), plan.matrix).detach().to(torch.float64)
-        fit, holdout = moments.get(plan.name, (None, None))
+        moment = moments.get(plan.name)
         identity = torch.eye(weight.shape[1], dtype=torch.float64)
         candidates.append(Candidate(
-            plan.name, weight, identity if fit is None else fit, identity if holdout is None else holdout,
-            {fmt: plans[fmt][index].tensorization for fmt in formats}, plan.blocks, calibrated=fit is not None,
+            plan.name, weight, identity if moment is None else moment.fit.double(),
+            identity if moment is None else moment.holdout.double(),
+            {fmt: plans[fmt][index].tensorization for fmt in formats}, plan.blocks, calibrated=moment is not None,
+            row_weights=moment.row_weights if moment is not None and settings.weighted_rows else None,
         ))
     options = estimate(candidates, formats, objective=objective, seed=seed, settings=settings)
     return Prepared(formats, objective, tuple(candidates), tuple(tuple(o) for o in options))
@@ -161,16 +165,13 @@ def _check_overrides(overrides: Optional[Mapping[str, Mapping[str, Any]]]) -> No
 
 
 def _moments(model: nn.Module, calibration: Any, layers: list[str], seed: int,
-             samples: Optional[int]) -> dict[str, tuple[Any, Any]]:
-    """``{matrix name: (fit moment, held-out moment)}`` of the dense model's ``layers`` from the calibration
-    data (empty without it)."""
+             samples: Optional[int]) -> dict[str, SecondMoment]:
+    """``{matrix name: SecondMoment}`` of the dense model's ``layers`` from the calibration data (empty
+    without it)."""
     if calibration is None:
         return {}
-    from .calibrate import collect_second_moments
-
     extra = {} if samples is None else {"samples": samples}
-    moments = collect_second_moments(model, calibration, names=layers, seed=seed, **extra)
-    return {name: (m.fit.double(), m.holdout.double()) for name, m in moments.items()}
+    return collect_second_moments(model, calibration, names=layers, seed=seed, **extra)
 
 
 def _measure(model: nn.Module, prepared: Prepared, allocation: Allocation) -> None:
@@ -179,5 +180,5 @@ def _measure(model: nn.Module, prepared: Prepared, allocation: Allocation) -> No
         layer_name, _, matrix = candidate.name.rpartition(".")
         layer = model.get_submodule(layer_name)
         approximation = layer.matrices[matrix].reconstruct().detach()
-        row.measured_error = output_error(candidate.weight, approximation, candidate.holdout)
+        row.measured_error = output_error(candidate.weight, approximation, candidate.holdout, candidate.row_weights)
         row.path = getattr(layer, "execution", {}).get(matrix)

@@ -47,15 +47,23 @@ class CalibrationSet:
     holdout_samples: int
 
 
+#: row weights below this fraction of their mean are raised to it (a row that never mattered on the
+#: calibration data keeps a little weight, so the weighted problem stays well posed)
+ROW_WEIGHT_FLOOR = 1e-6
+
+
 @dataclass(frozen=True)
 class SecondMoment:
     """The inputs' second moments of one matrix: ``fit`` and ``holdout`` ``(N, N)`` float64 (``E[x xᵀ]`` over
-    all real steps of the fitting / held-out sequences), ``samples`` fitting sequences, ``rows`` vectors."""
+    all real steps of the fitting / held-out sequences), ``samples`` fitting sequences, ``rows`` vectors.
+    ``row_weights (M,)``: for an LSTM's/GRU's matrices, the mean squared state sensitivity of each output row
+    over the fitting steps (:mod:`kcompress.gate_sensitivity`), scaled to mean 1; None for Linear."""
 
     fit: Tensor
     holdout: Tensor
     samples: int
     rows: int
+    row_weights: Optional[Tensor] = None
 
 
 # ---------------------------------------------------------------------- data
@@ -175,25 +183,39 @@ def load_calibration_data(spec: str) -> CalibrationData:
 
 # ---------------------------------------------------------------------- statistics
 class _Moments:
-    """Running ``Σ x xᵀ`` and row counts per matrix name (float64)."""
+    """Running ``Σ x xᵀ``, ``Σ s²`` (per output row) and row counts per matrix name (float64)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, Tensor] = {}
+        self.sensitivity_sums: dict[str, Tensor] = {}
         self.rows: dict[str, int] = {}
 
-    def add(self, name: str, rows: Tensor) -> None:
+    def add(self, name: str, rows: Tensor, sensitivities: Optional[Tensor]) -> None:
         rows = rows.detach().to("cpu", torch.float64)
-        product = rows.T @ rows
-        if name in self.sums:
-            self.sums[name] += product
-        else:
-            self.sums[name] = product
+        _accumulate(self.sums, name, rows.T @ rows)
+        if sensitivities is not None:
+            _accumulate(self.sensitivity_sums, name, sensitivities.detach().to("cpu", torch.float64).sum(0))
         self.rows[name] = self.rows.get(name, 0) + rows.shape[0]
 
     def moment(self, name: str) -> Optional[Tensor]:
         if not self.rows.get(name):
             return None
         return self.sums[name] / self.rows[name]
+
+    def row_weights(self, name: str) -> Optional[Tensor]:
+        """Mean squared sensitivity per output row, scaled to mean 1 and floored (:data:`ROW_WEIGHT_FLOOR`)."""
+        total = self.sensitivity_sums.get(name)
+        if total is None or not float(total.sum()) > 0:
+            return None
+        weights = total / total.mean()
+        return weights.clamp_min(ROW_WEIGHT_FLOOR)
+
+
+def _accumulate(sums: dict[str, Tensor], name: str, value: Tensor) -> None:
+    if name in sums:
+        sums[name] += value
+    else:
+        sums[name] = value
 
 
 def _stream(
@@ -209,8 +231,8 @@ def _stream(
     def hook_for(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             weights, inner = select(name, module)
-            for matrix, rows in matrix_inputs(module, args, kwargs, weights, inner):
-                moments.add(qualified_name(name, matrix), rows)
+            for matrix, rows, sensitivities in matrix_inputs(module, args, kwargs, weights, inner):
+                moments.add(qualified_name(name, matrix), rows, sensitivities)
 
         return hook
 
@@ -236,7 +258,7 @@ def _moments(fit: _Moments, holdout: _Moments, names: Iterable[str], samples: in
     for name in names:
         c_fit, c_holdout = fit.moment(name), holdout.moment(name)
         if c_fit is not None and c_holdout is not None:
-            result[name] = SecondMoment(c_fit, c_holdout, samples, fit.rows[name])
+            result[name] = SecondMoment(c_fit, c_holdout, samples, fit.rows[name], fit.row_weights(name))
     return result
 
 

@@ -7,10 +7,12 @@ torch's fused kernel does the time loop). Reverse directions run on each sequenc
 length, so padded steps never reach a real one. Only real steps are returned (a ``PackedSequence``'s
 lengths; a padded tensor counts every step as real).
 
-:func:`matrix_inputs` yields ``(torch parameter name, rows (n, N))``: ``weight_ih*`` gets the layer's
-inputs ``x_t``, ``weight_hh*`` the previous hidden state ``h_{t-1}`` (``h_0`` included), ``weight`` (Linear)
-its input. ``weights`` replaces matrices by other dense values (e.g. the reconstruction of an inner layer
-already compressed); ``layers`` restricts the output to some inner layers.
+:func:`matrix_inputs` yields ``(torch parameter name, rows (n, N), sensitivities (n, M) or None)``:
+``weight_ih*`` gets the layer's inputs ``x_t``, ``weight_hh*`` the previous hidden state ``h_{t-1}`` (``h_0``
+included), ``weight`` (Linear) its input; the sensitivities of an LSTM's/GRU's matrices are the squared state
+sensitivities of their gate rows at the same steps (:mod:`kcompress.gate_sensitivity`), None for Linear.
+``weights`` replaces matrices by other dense values (e.g. the reconstruction of an inner layer already
+compressed); ``layers`` restricts the output to some inner layers.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-Rows = tuple[str, Tensor]
+from .gate_sensitivity import gru_sensitivities, lstm_sensitivities
+
+#: (matrix name, rows (n, N), squared gate-row sensitivities (n, M) or None)
+Rows = tuple[str, Tensor, Optional[Tensor]]
 
 
 def inner_layer(matrix: str) -> int:
@@ -40,8 +45,9 @@ def matrix_inputs(
     weights: Optional[Mapping[str, Tensor]] = None,
     layers: Optional[set[int]] = None,
 ) -> Iterator[Rows]:
-    """``(matrix name, rows (n, N))`` for the matrices of ``module`` (an ``nn.LSTM``, ``nn.GRU``, their cells,
-    or ``nn.Linear``) called with ``args``/``kwargs``; see the module docstring."""
+    """``(matrix name, rows (n, N), sensitivities (n, M) or None)`` for the matrices of ``module`` (an
+    ``nn.LSTM``, ``nn.GRU``, their cells, or ``nn.Linear``) called with ``args``/``kwargs``; see the module
+    docstring."""
     weights = weights or {}
     if isinstance(module, nn.RNNBase):
         hx = args[1] if len(args) > 1 else kwargs.get("hx")
@@ -51,17 +57,39 @@ def matrix_inputs(
         yield from _cell_inputs(module, args[0], hx)
     elif isinstance(module, nn.Linear):
         value = args[0] if args else kwargs["input"]
-        yield "weight", value.reshape(-1, value.shape[-1])
+        yield "weight", value.reshape(-1, value.shape[-1]), None
 
 
 def _cell_inputs(module: nn.RNNCellBase, input: Tensor, hx: Any) -> Iterator[Rows]:
     """``input (B, N)`` or ``(N,)``; ``hx``: ``h``, ``(h, c)`` or None (zeros)."""
     input = input.reshape(-1, input.shape[-1])
-    hidden = hx[0] if isinstance(hx, (tuple, list)) else hx
-    if hidden is None:
-        hidden = input.new_zeros(input.shape[0], module.hidden_size)
-    yield "weight_ih", input
-    yield "weight_hh", hidden.reshape(-1, module.hidden_size)
+    state = tuple(hx) if isinstance(hx, (tuple, list)) else (hx,)
+    state = tuple(input.new_zeros(input.shape[0], module.hidden_size) if value is None else
+                  value.reshape(-1, module.hidden_size) for value in state)
+    if isinstance(module, nn.LSTMCell) and len(state) == 1:
+        state = (state[0], torch.zeros_like(state[0]))
+    params = {name: getattr(module, name) for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+    ih, hh = _sensitivities(module, input.unsqueeze(0), state[0].unsqueeze(0), state[1:], params)
+    yield "weight_ih", input, None if ih is None else ih[0]
+    yield "weight_hh", state[0], None if hh is None else hh[0]
+
+
+def _sensitivities(module: nn.Module, x: Tensor, previous: Tensor, cells: tuple[Tensor, ...],
+                   params: Mapping[str, Any]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Squared gate-row sensitivities ``(T, B, M)`` of ``W_ih`` and ``W_hh`` for inputs ``x (T, B, F)`` and
+    previous hidden states ``previous (T, B, H)``; ``cells``: ``(c_0 (B, H),)`` for an LSTM, else empty.
+    ``(None, None)`` for a layer without gates kcompress knows (e.g. ``nn.RNN``)."""
+    def pre(kind: str, value: Tensor) -> Tensor:
+        result = value @ params[f"weight_{kind}"].to(value.dtype).T
+        bias = params[f"bias_{kind}"]
+        return result if bias is None else result + bias.to(value.dtype)
+
+    if isinstance(module, (nn.LSTM, nn.LSTMCell)):
+        both = lstm_sensitivities(pre("ih", x) + pre("hh", previous), cells[0])
+        return both, both
+    if isinstance(module, (nn.GRU, nn.GRUCell)):
+        return gru_sensitivities(pre("ih", x), pre("hh", previous), previous)
+    return None, None
 
 
 def _padded(module: nn.RNNBase, input: Any) -> tuple[Tensor, Tensor, bool]:
@@ -111,8 +139,10 @@ def _recurrent_inputs(
             output = _run_layer(module, ordered, initial, params)  # (T, B, H) in processing order
             if layers is None or layer in layers:
                 previous = torch.cat([initial[0], output[:-1]])
-                yield names["weight_ih"], ordered[real]
-                yield names["weight_hh"], previous[real]
+                cells = (initial[1][0],) if len(initial) > 1 else ()
+                ih, hh = _sensitivities(module, ordered, previous, cells, params)
+                yield names["weight_ih"], ordered[real], None if ih is None else ih[real]
+                yield names["weight_hh"], previous[real], None if hh is None else hh[real]
             outputs.append(reverse_within(output, lengths) if suffix else output)
         x = torch.cat(outputs, dim=-1)
 

@@ -66,16 +66,10 @@ class _Fitter:
         if plan.targeted:
             self.index += 1
             self._emit(ProgressEvent("layer", plan.name, self.index, self.total))
-        blocks = weight.chunk(plan.blocks) if plan.blocks > 1 else [weight]
-        try:
-            parts = [
-                plan.fmt.fit(block, plan.tensorization, plan.rank_used, seed=self.seed,
-                             progress=self._iteration_callback(plan, g, len(blocks)), options=plan.options)
-                for g, block in enumerate(blocks)
-            ]
-        except KCompressError as error:
-            raise KCompressError(f"{plan.name}: {error}") from None
-        module = Stack(parts) if plan.blocks > 1 else parts[0]
+        if self.calibration is None:
+            module = self._plain_fit(plan, weight)
+        else:  # the same plain fit for every candidate: fitted once, copied after
+            module = self.calibration.plain_fit(plan.name, lambda: self._plain_fit(plan, weight))
         data_fit = None
         if plan.targeted and self.calibration is not None and self.model is not None:
             data_fit = self.calibration.refine(self.model, plan.layer, plan.matrix, module, weight, fitted or {},
@@ -85,6 +79,19 @@ class _Fitter:
             self._emit(ProgressEvent("done", plan.name, self.index, self.total, error=error))
         self.rows.append(_matrix_report(plan, module, error, data_fit))
         return module
+
+    def _plain_fit(self, plan: MatrixPlan, weight: Tensor) -> nn.Module:
+        """``weight (M, N)`` fitted as planned, without data: one fit, or a ``Stack`` of ``plan.blocks`` fits."""
+        blocks = weight.chunk(plan.blocks) if plan.blocks > 1 else [weight]
+        try:
+            parts = [
+                plan.fmt.fit(block, plan.tensorization, plan.rank_used, seed=self.seed,
+                             progress=self._iteration_callback(plan, g, len(blocks)), options=plan.options)
+                for g, block in enumerate(blocks)
+            ]
+        except KCompressError as error:
+            raise KCompressError(f"{plan.name}: {error}") from None
+        return Stack(parts) if plan.blocks > 1 else parts[0]
 
     def _emit(self, event: ProgressEvent) -> None:
         if self.progress is not None:

@@ -73,8 +73,16 @@ def calibration_lines(calibration: Mapping[str, Any], matrices: Sequence[MatrixR
     ``rel. error`` is the weight error, which may exceed 1) and the whole model's agreement with dense."""
     errors = ", ".join(f"{m.name} {m.output_error_before:.3g}→{m.output_error_after:.3g}" for m in matrices
                        if m.output_error_before is not None and m.output_error_after is not None)
+    chosen = {"ridge": calibration.get("ridge"), "gate-row weights": {True: "on", False: "off"}.get(
+        calibration.get("gate_weights"))}
+    settings = ", ".join(f"{label} {value}" for label, value in chosen.items() if value is not None)
+    weighted = " (rows weighted by gate)" if calibration.get("gate_weights") else ""
     lines = [f"calibrated on {calibration.get('samples')} sequences ({calibration.get('holdout_samples')} more held "
-             f"out); output error on held-out inputs (plain fit→data-aware fit): {errors or '—'}"]
+             f"out{'; ' + settings if settings else ''}); output error on held-out inputs{weighted} "
+             f"(plain fit→data-aware fit): {errors or '—'}"]
+    record = calibration.get("distill") or {}
+    if record.get("lr") is not None:
+        lines.append(f"distilled {record.get('epochs_run')} epochs at learning rate {record['lr']:g}")
     for key, label in (("agreement_after_fit", "after fitting"), ("distill", "after distillation")):
         record = calibration.get(key) or {}
         record = record.get("agreement", record) if key == "distill" else record

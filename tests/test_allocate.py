@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import warnings
@@ -112,16 +113,19 @@ def test_allocation_is_within_budget_and_deterministic() -> None:
     assert sum(row.params for row in allocation.rows) == allocation.used
 
 
-def test_svd_estimate_is_the_error_of_the_data_aware_fit() -> None:
+@pytest.mark.parametrize("weighted", [False, True])  # with gate-row weights: tr(D E C Eᵀ)
+def test_svd_estimate_is_the_error_of_the_data_aware_fit(weighted: bool) -> None:
     """The closed-form curve at each rank equals the output error of the data-aware SVD fit (ridge included)."""
     cand = candidate("m.weight", 20, 12, 2)
+    rows = torch.logspace(-1, 1, 20, dtype=torch.float64) if weighted else None
+    cand = dataclasses.replace(cand, row_weights=rows)
     settings = DataFitSettings(ridge=0.05)
     options = estimate([cand], ["svd"], settings=settings)[0]
     svd = get_format("svd")
     for option in options:
         module = svd.fit(cand.weight, cand.tensorizations["svd"], option.rank)
-        module.fit_to_data(cand.weight, cand.moment, cand.holdout, settings)
-        fitted = output_error(cand.weight, module.reconstruct(), cand.moment) ** 2 * cand.energy()
+        module.fit_to_data(cand.weight, cand.moment, cand.holdout, settings, row_weights=rows)
+        fitted = output_error(cand.weight, module.reconstruct(), cand.moment, rows) ** 2 * cand.energy()
         assert option.error == pytest.approx(fitted, rel=1e-6, abs=1e-9)
 
 

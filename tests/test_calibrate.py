@@ -17,6 +17,8 @@ from kcompress.errors import KCompressError
 from kcompress.formats import DataFitSettings, get_format, output_error, whitened_svd
 from kcompress.models import SequenceClassifier
 
+from .test_gate_sensitivity import autograd_gru, autograd_lstm
+
 
 def _correlated(rows: int, size: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
@@ -56,10 +58,12 @@ def test_refinement_never_raises_the_held_out_error(name: str) -> None:
     assert info.method == ("closed form" if name == "svd" else "auto")
 
 
-def _direct_moments(rnn: nn.RNNBase, calls: list) -> dict[str, torch.Tensor]:
-    """``Σ x xᵀ`` per matrix by stepping torch cells through each sequence's real steps."""
+def _direct_moments(rnn: nn.RNNBase, calls: list) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``Σ x xᵀ`` and ``Σ s²`` (gate-row sensitivities by autograd on the cell equations) per matrix by stepping
+    torch cells through each sequence's real steps."""
     cell_type = nn.LSTMCell if isinstance(rnn, nn.LSTM) else nn.GRUCell
     sums: dict[str, torch.Tensor] = {}
+    sensitivities: dict[str, torch.Tensor] = {}
     suffixes = ("", "_reverse") if rnn.bidirectional else ("",)
     for call in calls:
         x = call[0]  # batch first
@@ -77,16 +81,24 @@ def _direct_moments(rnn: nn.RNNBase, calls: list) -> dict[str, torch.Tensor]:
                     state = (h, torch.zeros_like(h)) if cell_type is nn.LSTMCell else h
                     hidden = []
                     for t in range(len(steps)):
-                        for kind, vector in (("weight_ih", steps[t : t + 1]), ("weight_hh", h)):
+                        pre_ih = steps[t : t + 1] @ cell.weight_ih.T + cell.bias_ih
+                        pre_hh = h @ cell.weight_hh.T + cell.bias_hh
+                        if cell_type is nn.LSTMCell:
+                            slopes = autograd_lstm(pre_ih + pre_hh, state[1])[0]
+                            per_matrix = (slopes, slopes)
+                        else:
+                            per_matrix = autograd_gru(pre_ih, pre_hh, h)
+                        for kind, vector, slopes in zip(("weight_ih", "weight_hh"), (steps[t : t + 1], h), per_matrix):
                             key = f"rnn.{kind}_l{layer}{suffix}"
                             sums[key] = sums.get(key, 0) + vector.T @ vector
+                            sensitivities[key] = sensitivities.get(key, 0) + slopes[0].square()
                         state = cell(steps[t : t + 1], state)
                         h = state[0] if cell_type is nn.LSTMCell else state
                         hidden.append(h[0])
                     hidden_t = torch.stack(hidden)
                     outputs.append(hidden_t.flip(0) if suffix else hidden_t)
                 sequence = torch.cat(outputs, dim=1).detach()
-    return sums
+    return sums, sensitivities
 
 
 class _Padded(nn.Module):
@@ -103,6 +115,8 @@ class _Padded(nn.Module):
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("packed", [True, False])
 def test_statistics_match_a_direct_computation(cell: str, packed: bool) -> None:
+    """Second moments and gate-row weights (packed sequences: only real steps count; 2 layers, both
+    directions)."""
     torch.manual_seed(5)
     if packed:
         model = SequenceClassifier(3, 4, 2, num_layers=2, cell=cell, bidirectional=True)
@@ -115,12 +129,15 @@ def test_statistics_match_a_direct_computation(cell: str, packed: bool) -> None:
         data = torch.randn(10, 5, 3)
     calibration = calibration_set(data, samples=64, holdout=0.3, seed=1)
     moments = collect_second_moments(model, calibration, ["rnn"])
-    direct = _direct_moments(model.rnn, calibration.fit)
+    direct, sensitivities = _direct_moments(model.rnn, calibration.fit)
     assert set(direct) == set(moments)
     for name, value in direct.items():
         rows = moments[name].rows
         torch.testing.assert_close(moments[name].fit, value / rows, atol=1e-5, rtol=1e-4)
         assert moments[name].fit.dtype == torch.float64
+        weights, expected = moments[name].row_weights, sensitivities[name] / rows
+        assert weights is not None and weights.shape == (4 * (4 if cell == "lstm" else 3),)
+        torch.testing.assert_close(weights, expected / expected.mean(), atol=1e-5, rtol=1e-4)
 
 
 def _classifier() -> tuple[SequenceClassifier, SequenceData]:
@@ -180,9 +197,11 @@ def test_layer_ordered_and_dense_sources_and_distillation() -> None:
     assert ordered.matrices[0].output_error_after == pytest.approx(dense.matrices[0].output_error_after)
     assert ordered.matrices[2].output_error_before != pytest.approx(dense.matrices[2].output_error_before)
     compressed, report = _compress(model, data, fmt="svd", distill_epochs=2, options={"ridge": "auto"})
-    chosen = min(report.calibration["ridge_candidates"],
-                 key=lambda c: c["relative_error"])  # the closest held-out outputs (continuous, no argmax ties)
-    assert report.calibration["ridge"] == chosen["ridge"] and len(report.calibration["ridge_candidates"]) == 3
+    candidates = report.calibration["fit_candidates"]  # every ridge with and without gate-row weights
+    grid = [(g, r) for g in (True, False) for r in (1, 0.1, 0.01)]  # then the best again if it was screened
+    assert [(c["gate_weights"], c["ridge"]) for c in candidates][:6] == grid
+    chosen = min(candidates, key=lambda c: c["relative_error"])  # the closest held-out outputs (continuous)
+    assert (report.calibration["ridge"], report.calibration["gate_weights"]) == (chosen["ridge"], chosen["gate_weights"])
     record = report.calibration["distill"]
     assert record["epochs_run"] >= 1 and "argmax_agreement" in record["agreement"]
     assert compressed.rnn.matrices["weight_ih_l0"].left.requires_grad
@@ -224,3 +243,15 @@ def test_cli_calibrates_a_plain_state_dict_from_an_unlabeled_file(tmp_path) -> N
     usage = CliRunner().invoke(app, [str(tmp_path / "model.pt"), "--format", "svd", "--ratio", "2",
                                      "--distill-epochs", "1"])
     assert usage.exit_code == 2 and "--calibrate" in usage.output
+    for rate in ("0", "-1", "nan", "fast"):
+        bad = CliRunner().invoke(app, [str(tmp_path / "model.pt"), "--format", "svd", "--ratio", "2", "--calibrate",
+                                       str(tmp_path / "inputs.npz"), "--distill-epochs", "1", "--distill-lr", rate])
+        assert bad.exit_code == 2 and "is not a positive number or 'auto'" in bad.output
+    result = CliRunner().invoke(app, [
+        str(tmp_path / "model.pt"), "--format", "svd", "--ratio", "2", "--targets", "ih,hh", "--calibrate",
+        str(tmp_path / "inputs.npz"), "--calibrate-samples", "20", "--distill-epochs", "1", "-q", "--report",
+        str(tmp_path / "auto.json"), "-o", str(tmp_path / "auto.safetensors")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "auto.json").read_text())
+    assert report["options"]["calibrate_options"]["distill_lr"] == "auto"
+    assert [c["lr"] for c in report["calibration"]["distill"]["lr_candidates"]] == [1e-3, 1e-2]

@@ -18,19 +18,22 @@ def _moment(size: int, rank: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("rank", [3, 16])  # inputs spanning 3 of 16 directions, or all
 @pytest.mark.parametrize("ridge", [0.0, 0.5])
-def test_output_loss_and_its_gradient_match_the_dense_expression(rank: int, ridge: float) -> None:
+@pytest.mark.parametrize("weighted", [False, True])  # with row weights: tr(D E C Eᵀ) / tr(D W C Wᵀ)
+def test_output_loss_and_its_gradient_match_the_dense_expression(rank: int, ridge: float, weighted: bool) -> None:
     weight = torch.randn(24, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     approximation = weight + 0.3 * torch.randn(24, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     moment = _moment(16, rank, 2)
-    loss = data_fit.OutputLoss(weight, moment, ridge, torch.device("cpu"))
+    rows = torch.logspace(-1, 1, 24, dtype=torch.float64) if weighted else None
+    column = torch.ones(24, 1, dtype=torch.float64) if rows is None else rows[:, None]
+    loss = data_fit.OutputLoss(weight, moment, ridge, torch.device("cpu"), rows)
     variable = approximation.float().requires_grad_(True)
     value = loss(variable)
     value.backward()
     ridged = data_fit.ridged(moment, ridge)
-    assert float(value.detach()) == pytest.approx(output_error(weight, approximation, ridged) ** 2, rel=1e-5)
+    assert float(value.detach()) == pytest.approx(output_error(weight, approximation, ridged, rows) ** 2, rel=1e-5)
     reference = approximation.clone().requires_grad_(True)
     error = weight - reference
-    (((error @ ridged) * error).sum() / ((weight @ ridged) * weight).sum()).backward()
+    (((error @ ridged) * error * column).sum() / ((weight @ ridged) * weight * column).sum()).backward()
     assert variable.grad is not None and reference.grad is not None
     assert torch.allclose(variable.grad.double(), reference.grad, rtol=1e-4, atol=1e-6 * float(reference.grad.abs().max()))
 
@@ -88,8 +91,9 @@ def test_warm_start_from_another_ridge() -> None:
 
 
 def test_ridge_auto_collects_dense_statistics_once_and_warm_starts(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``ridge="auto"``: the dense model's statistics serve all three ridges, and each matrix's refinement
-    after the first ridge starts from its fit at the previous ridge."""
+    """``ridge="auto"``: the dense model's statistics serve all three ridges and the finishing pass, each matrix's
+    refinement after the first ridge starts from its fit at the previous ridge, the later ridges are screened, and
+    the screened winner cut short is refined on at its ridge (a fourth candidate)."""
     import warnings
 
     from kcompress import calibrated, compress
@@ -99,6 +103,7 @@ def test_ridge_auto_collects_dense_statistics_once_and_warm_starts(monkeypatch: 
 
     made: list[str] = []
     starts: list[bool] = []
+    caps: list[int] = []
 
     class Counting(calibrated.Calibrator):
         def __init__(self, *args: object, **kwargs: object) -> None:
@@ -109,6 +114,7 @@ def test_ridge_auto_collects_dense_statistics_once_and_warm_starts(monkeypatch: 
 
     def spy(self: Factorization, *args: object, **kwargs: object) -> object:
         starts.append(kwargs.get("start") is not None)
+        caps.append(args[3].iterations)  # type: ignore[attr-defined]
         return original(self, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(calibrated, "Calibrator", Counting)
@@ -119,6 +125,81 @@ def test_ridge_auto_collects_dense_statistics_once_and_warm_starts(monkeypatch: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _, report = compress(model, "tt", ratio=2, targets="ih,hh", check_speed=False, calibration=data,
-                             calibrate_options={"iterations": 10, "ridge": "auto"})
-    assert made == ["calibrator"] and len(report.calibration["ridge_candidates"]) == 3
-    assert starts == [False, False, True, True, True, True]  # ih and hh per ridge
+                             calibrate_options={"iterations": 2 * calibrated.SCREEN_ITERATIONS, "ridge": "auto",
+                                                "gate_weights": True})
+    candidates = report.calibration["fit_candidates"]
+    assert made == ["calibrator"]  # also for a finishing pass
+    assert [(c["ridge"], c["screened"]) for c in candidates[:3]] == [(1.0, False), (0.1, True), (0.01, True)]
+    assert starts == [False, False] + [True] * 2 * (len(candidates) - 1)  # ih and hh per candidate
+    best = min(candidates[:3], key=lambda c: c["relative_error"])
+    assert best["screened"]  # here ridge 0.1, cut short at SCREEN_ITERATIONS steps: refined on from there
+    assert len(candidates) == 4 and (candidates[3]["ridge"], candidates[3]["screened"]) == (best["ridge"], False)
+    steps, screened = 2 * calibrated.SCREEN_ITERATIONS, calibrated.SCREEN_ITERATIONS  # the finish: the rest
+    assert caps == [steps] * 2 + [screened] * 4 + [steps - screened] * 2
+    assert report.calibration["ridge"] == min(candidates, key=lambda c: c["relative_error"])["ridge"]
+
+
+def test_each_plain_fit_runs_once_and_gives_the_result_of_refitting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every candidate ridge refines a copy of the one plain fit of each matrix: the same model as refitting it."""
+    import warnings
+
+    from kcompress import calibrated, compress
+    from kcompress.data import SequenceData
+    from kcompress.formats.base import Factorization
+    from kcompress.models import SequenceClassifier
+
+    torch.manual_seed(0)
+    model = SequenceClassifier(6, 8, 3)
+    data = SequenceData(torch.randn(24, 5, 6), torch.zeros(24, dtype=torch.long), torch.full((24,), 5))
+    fits: list[str] = []
+    original = Factorization.fit.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type, *args: object, **kwargs: object) -> object:
+        fits.append(cls.__name__)
+        return original(cls, *args, **kwargs)
+
+    def compressed() -> dict[str, torch.Tensor]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result, report = compress(model, "kcp", ratio=2, targets="ih,hh", check_speed=False, calibration=data,
+                                      calibrate_options={"iterations": 10, "gate_weights": True})
+        assert len(report.calibration["fit_candidates"]) >= 3
+        return result.state_dict()
+
+    monkeypatch.setattr(Factorization, "fit", classmethod(counted))
+    once = compressed()
+    assert fits == ["KCP", "KCP"]  # ih and hh, for all ridges
+    monkeypatch.setattr(calibrated.CalibrationRun, "plain_fit", lambda self, name, fit: fit())
+    refitted = compressed()
+    assert len(fits) > 2 and once.keys() == refitted.keys()
+    assert all(torch.equal(once[name], refitted[name]) for name in once)
+
+
+def test_the_work_budget_caps_the_steps_of_large_matrices(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert data_fit.budgeted(DataFitSettings(), (2048, 512)).iterations == int(data_fit.WORK_BUDGET // (2048 * 512**2))
+    assert data_fit.budgeted(DataFitSettings(), (256, 64)).iterations == 300  # small: the cap as given
+    assert data_fit.budgeted(DataFitSettings(iterations=0), (256, 64)).iterations == 0
+    assert data_fit.budgeted(DataFitSettings(), (4096, 1024)).iterations == data_fit.MIN_BUDGETED_STEPS  # the floor
+    monkeypatch.setattr(data_fit, "WORK_BUDGET", 7 * 20 * 16**2)  # seven steps of a (20, 16) matrix
+    weight = torch.randn(20, 16, generator=torch.Generator().manual_seed(7))
+    fmt = get_format("svd")
+    module = fmt.fit(weight, fmt.default_tensorization(20, 16), 4)
+    iterations, curve = data_fit.refine_to_data(module, weight, _moment(16, 16, 8), DataFitSettings(ridge=0.0))
+    assert iterations == len(curve) == 7
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_output_errors_match_the_dense_traces(weighted: bool) -> None:
+    """``OutputErrors``: ``tr(D W C Wᵀ)`` once, then ``√(tr(D E C Eᵀ) / tr(D W C Wᵀ))`` per approximation."""
+    generator = torch.Generator().manual_seed(9)
+    weight = torch.randn(12, 10, generator=generator, dtype=torch.float64)
+    moment = _moment(10, 4, 10)
+    rows = torch.rand(12, generator=generator, dtype=torch.float64) + 0.5 if weighted else None
+    d = torch.diag(rows) if rows is not None else torch.eye(12, dtype=torch.float64)
+    errors = data_fit.OutputErrors(weight, moment, rows)
+    assert errors.reference == pytest.approx(float(torch.trace(d @ weight @ moment @ weight.T)), rel=1e-12)
+    for scale in (0.0, 0.1, 1.0):
+        approximation = weight + scale * torch.randn(12, 10, generator=generator, dtype=torch.float64)
+        error = weight - approximation
+        expected = float(torch.trace(d @ error @ moment @ error.T) / torch.trace(d @ weight @ moment @ weight.T)) ** 0.5
+        assert errors(approximation) == pytest.approx(expected, rel=1e-10, abs=1e-12)

@@ -156,3 +156,36 @@ def test_distillation_reads_no_labels_and_is_seeded() -> None:
         assert all(torch.equal(state[name], value) for name, value in states[0].items())
     assert reports[0].calibration["distill"]["matched_layers"] == ["rnn"]
     assert reports[0].calibration["options"]["augment_copies"] == Augmentation().copies
+
+
+def test_distill_lr_auto_keeps_the_rate_closest_to_the_teacher() -> None:
+    """Each candidate rate distils from the same calibrated start (the fixed-rate runs reproduce it) and the
+    model kept is the one whose held-out outputs are closest to the dense model's."""
+    model = SequenceClassifier(6, 8, 3)
+    options = {"iterations": 10, "ridge": 1.0, "gate_weights": False, "patience": 5}
+
+    def run(rate: object) -> tuple:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return compress(model, "svd", ratio=2, targets="ih,hh", check_speed=False, calibration=_data(),
+                            calibrate_samples=32, distill_epochs=3, calibrate_options={**options, "distill_lr": rate})
+
+    compressed, report = run("auto")
+    record = report.calibration["distill"]
+    tried = {candidate["lr"]: candidate for candidate in record["lr_candidates"]}
+    assert sorted(tried) == [1e-3, 1e-2]
+    assert record["lr"] == min(tried, key=lambda rate: tried[rate]["agreement"]["relative_error"])
+    for rate, candidate in tried.items():
+        fixed, fixed_report = run(rate)
+        assert fixed_report.calibration["distill"]["lr_candidates"] == []
+        assert fixed_report.calibration["distill"]["agreement"] == pytest.approx(candidate["agreement"])
+        if rate == record["lr"]:
+            state = fixed.state_dict()
+            assert all(torch.equal(state[name], value) for name, value in compressed.state_dict().items())
+
+
+@pytest.mark.parametrize("bad", [0.0, -1e-3, float("nan"), "fast", True])
+def test_bad_distillation_rates_are_one_line_errors(bad: object) -> None:
+    with pytest.raises(KCompressError, match="distill_lr must be a positive number or 'auto'"):
+        compress(SequenceClassifier(6, 8, 3), "svd", ratio=2, targets="ih,hh", check_speed=False,
+                 calibration=_data(), calibrate_samples=32, distill_epochs=1, calibrate_options={"distill_lr": bad})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pathlib
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import click
 
@@ -117,7 +117,8 @@ def compress_command(model: pathlib.Path, format_: str, rank: Any, ratio: Option
                      report_path: Optional[pathlib.Path], markdown_path: Optional[pathlib.Path],
                      formats: Optional[list[str]], allocate: Optional[str], params: Optional[int], objective: str,
                      eval_data: Optional[str], task: str, evaluator: Optional[str], lower_is_better: bool,
-                     calibrate_data: Optional[str], calibrate_samples: int, distill_epochs: int, distill_lr: float,
+                     calibrate_data: Optional[str], calibrate_samples: int, distill_epochs: int,
+                     distill_lr: Union[float, str],
                      finetune_epochs: int, finetune_loss: str, finetune_lr: float, finetune_data: Optional[str],
                      max_drop: Optional[float], drop_type: str, model_class: Optional[str], trust_checkpoint: bool,
                      threads: Optional[int], quiet: bool, debug: bool) -> None:

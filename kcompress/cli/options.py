@@ -90,6 +90,23 @@ class FiniteFloat(click.FloatRange):
         return number
 
 
+class RateType(click.ParamType):
+    """``auto`` or a positive finite number (a learning rate)."""
+
+    name = "LR|auto"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        if value == "auto" or isinstance(value, float):
+            return value
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not (math.isfinite(number) and number > 0):
+            self.fail(f"{value!r} is not a positive number or 'auto'", param, ctx)
+        return number
+
+
 class RankType(click.ParamType):
     """``8`` -> 8; ``4,8,4`` -> [4, 8, 4] (per-bond ranks)."""
 
@@ -285,15 +302,16 @@ def calibration_options(command: F) -> F:
         click.option("--distill-epochs", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
                      help="Then train the compressed model for up to N epochs to match the dense model's outputs "
                           "on the calibration inputs (no labels; early stopping on the held-out part)."),
-        click.option("--distill-lr", type=FiniteFloat(min=0, min_open=True), default=CalibrationOptions.distill_lr,
-                     show_default=True, metavar="LR", help="Adam learning rate of --distill-epochs."),
+        click.option("--distill-lr", type=RateType(), default=CalibrationOptions.distill_lr, show_default=True,
+                     metavar="LR", help="Adam learning rate of --distill-epochs; auto: distil at 0.001 and at "
+                                        "0.01 and keep the one closer to the dense model on the held-out inputs."),
     ]
     for decorator in reversed(decorators):
         command = decorator(command)
     return command
 
 
-def calibration_kwargs(data: Optional[str], samples: int, distill_epochs: int, distill_lr: float,
+def calibration_kwargs(data: Optional[str], samples: int, distill_epochs: int, distill_lr: Union[float, str],
                        task: str) -> dict[str, Any]:
     """The ``compress`` keyword arguments of the calibration options (data loaded here)."""
     if data is None:

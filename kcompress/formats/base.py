@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .._threads import fit_threads
 from ..errors import KCompressError
 from ..tensorize import Tensorization, choose_tensorization
-from .data_fit import DataFitInfo, DataFitSettings, output_error, refine_to_data, same_shapes
+from .data_fit import DataFitInfo, DataFitSettings, OutputErrors, refine_to_data, same_shapes
 from .options import FormatOptions
 
 Rank = Union[int, Sequence[int]]
@@ -221,38 +221,45 @@ class Factorization(nn.Module):
         seed: int = 0,
         progress: Optional[ProgressFn] = None,
         start: Optional[nn.Module] = None,
+        row_weights: Optional[Tensor] = None,
     ) -> DataFitInfo:
         """Refit this (already fitted) module in place so that it matches ``weight (M, N)`` on inputs whose
         second moment is ``moment (N, N)``; kept only if the output error on ``holdout (N, N)`` (the second
         moment of held-out inputs) goes down, else the plain fit is restored. ``start``: a module of the same
         structure (e.g. this matrix's fit at another ridge) whose parameters the refinement starts from
-        instead of the plain fit's; ignored when its parameter shapes differ. See
-        :mod:`kcompress.formats.data_fit`; formats with a closed form override :meth:`_fit_to_data`."""
+        instead of the plain fit's; ignored when its parameter shapes differ. ``row_weights (M,)``: each output
+        row's weight in every error (fitted and reported; see :class:`~kcompress.formats.data_fit.OutputLoss`),
+        unless ``settings.weighted_rows`` is False.
+        See :mod:`kcompress.formats.data_fit`; formats with a closed form override :meth:`_fit_to_data`."""
         begin = time.perf_counter()
         weight = weight.detach().to("cpu", torch.float64)
+        row_weights = row_weights if settings.weighted_rows else None
         snapshot = {name: value.detach().clone() for name, value in self.state_dict().items()}
         plain = self.reconstruct().detach()
-        before, fit_before = output_error(weight, plain, holdout), output_error(weight, plain, moment)
+        on_holdout, on_fit = OutputErrors(weight, holdout, row_weights), OutputErrors(weight, moment, row_weights)
+        before, fit_before = on_holdout(plain), on_fit(plain)
         if start is not None and same_shapes(start.state_dict(), snapshot):
             self.load_state_dict(start.state_dict())
         with fit_threads():
-            method, iterations = self._fit_to_data(weight, moment.double(), settings, seed, progress)
+            method, iterations = self._fit_to_data(weight, moment.double(), settings, seed, progress, row_weights)
         fitted = self.reconstruct().detach()
-        after, fit_after = output_error(weight, fitted, holdout), output_error(weight, fitted, moment)
+        after, fit_after = on_holdout(fitted), on_fit(fitted)
         kept = after < before
         if not kept:
             self.load_state_dict(snapshot)
             after, fit_after = before, fit_before
-        reference = float(((weight @ holdout.to("cpu", torch.float64)) * weight).sum())
         return DataFitInfo(before, after, fit_before, fit_after, kept, method, iterations,
-                           time.perf_counter() - begin, reference)
+                           time.perf_counter() - begin, on_holdout.reference)
 
     def _fit_to_data(
-        self, weight: Tensor, moment: Tensor, settings: DataFitSettings, seed: int, progress: Optional[ProgressFn]
+        self, weight: Tensor, moment: Tensor, settings: DataFitSettings, seed: int, progress: Optional[ProgressFn],
+        row_weights: Optional[Tensor],
     ) -> tuple[str, int]:
-        """Minimise the output error on ``moment`` from the current parameters; ``(method, iterations)``.
-        The default refines the parameters by gradient (:func:`~kcompress.formats.data_fit.refine_to_data`)."""
-        iterations, _ = refine_to_data(self, weight, moment, settings, seed=seed, progress=progress)
+        """Minimise the (row-weighted) output error on ``moment`` from the current parameters; ``(method,
+        iterations)``. The default refines the parameters by gradient
+        (:func:`~kcompress.formats.data_fit.refine_to_data`)."""
+        iterations, _ = refine_to_data(self, weight, moment, settings, seed=seed, progress=progress,
+                                       row_weights=row_weights)
         return settings.optimizer, iterations
 
     def forward(self, x: Tensor) -> Tensor:

@@ -2,7 +2,9 @@
 
 For a matrix ``W (M, N)`` whose inputs ``x`` have the second moment ``C = E[x xᵀ] (N, N)``, the output
 error of an approximation ``Ŵ`` is ``tr(E C Eᵀ) / tr(W C Wᵀ)`` with ``E = W − Ŵ``; its square root is
-``‖(W − Ŵ) Xᵀ‖_F / ‖W Xᵀ‖_F`` over the calibration inputs ``X``. Only ``C`` is needed, never ``X``.
+``‖(W − Ŵ) Xᵀ‖_F / ‖W Xᵀ‖_F`` over the calibration inputs ``X``. Only ``C`` is needed, never ``X``. With
+row weights ``d (M,)`` (how much each output row moves the layer's state, :mod:`kcompress.gate_sensitivity`)
+both traces weight row ``i`` by ``d_i``: ``tr(D E C Eᵀ) / tr(D W C Wᵀ)``, ``D = diag(d)``.
 
 :func:`refine_to_data` minimises it over a format's own parameters through its differentiable
 ``reconstruct()`` (every tensor format); :func:`whitened_svd` is the closed-form optimum at rank ``r``
@@ -13,7 +15,7 @@ error on a held-out second moment.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import torch
@@ -36,6 +38,11 @@ STOP_WINDOW = 10
 STOP_TOLERANCE = 1e-3
 #: L-BFGS function evaluations per step at most (its strong Wolfe line search's budget)
 LINE_SEARCH_EVALUATIONS = 25
+#: a refinement takes at most as many steps as this many multiply-adds of its loss's product ``E C`` (``M·N²``
+#: each) allow: 12 at hidden 512 (a few seconds per matrix), 96 at hidden 256, no cap at hidden 128 (774)
+WORK_BUDGET = 6.5e9
+#: ... but never fewer steps than this (hidden 1024 would get 1; 5 there cost about as much as 12 at 512)
+MIN_BUDGETED_STEPS = 5
 
 
 @dataclass(frozen=True)
@@ -47,14 +54,17 @@ class DataFitSettings:
     the best held-out agreement with the dense model among 0.01-10 on the JapaneseVowels models); ``optimizer``: ``"lbfgs"`` (strong Wolfe line
     search), ``"adam"``, or ``"auto"`` (L-BFGS: with its full line search it does not stall at the plain fit's start,
     and a 100-step Adam warm-up before it measured no better on JapaneseVowels); ``iterations``:
-    the cap (optimizer steps; the stopping rule of :func:`refine_to_data` usually ends sooner); ``lr``: Adam's
-    learning rate (L-BFGS uses 1 with its line search).
+    the cap (optimizer steps, also limited by :data:`WORK_BUDGET`; the stopping rule of :func:`refine_to_data`
+    usually ends sooner); ``lr``: Adam's
+    learning rate (L-BFGS uses 1 with its line search); ``weighted_rows``: weight the output rows by the row
+    weights handed to the fit (False: every row alike, whatever is handed).
     """
 
     ridge: float = 1.0
     optimizer: str = "auto"
     iterations: int = 300
     lr: float = 1e-2
+    weighted_rows: bool = True
 
     def __post_init__(self) -> None:
         if not (self.ridge >= 0 and math.isfinite(self.ridge)):
@@ -65,6 +75,8 @@ class DataFitSettings:
             raise KCompressError(f"iterations must be an integer >= 0, got {self.iterations!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise KCompressError(f"lr must be positive, got {self.lr!r}")
+        if not isinstance(self.weighted_rows, bool):
+            raise KCompressError(f"weighted_rows must be True or False, got {self.weighted_rows!r}")
 
 
 @dataclass(frozen=True)
@@ -86,20 +98,49 @@ class DataFitInfo:
     reference: float
 
 
-def output_error(weight: Tensor, approximation: Tensor, moment: Tensor) -> float:
-    """``√(tr(E C Eᵀ) / tr(W C Wᵀ))`` with ``E = weight − approximation (M, N)`` and ``C = moment (N, N)``
-    (float64; 0 when ``tr(W C Wᵀ)`` is 0 and the error is 0)."""
-    weight = weight.detach().to("cpu", torch.float64)
-    error = weight - approximation.detach().to("cpu", torch.float64)
-    moment = moment.to("cpu", torch.float64)
-    num = float(((error @ moment) * error).sum().clamp_min(0))
-    den = float(((weight @ moment) * weight).sum().clamp_min(0))
-    return math.sqrt(num / den) if den > 0 else math.sqrt(num)
+def output_error(weight: Tensor, approximation: Tensor, moment: Tensor, row_weights: Optional[Tensor] = None) -> float:
+    """``√(tr(D E C Eᵀ) / tr(D W C Wᵀ))`` with ``E = weight − approximation (M, N)``, ``C = moment (N, N)`` and
+    ``D = diag(row_weights (M,))`` (identity when None); float64; 0 when ``tr(D W C Wᵀ)`` is 0 and the error is 0."""
+    return OutputErrors(weight, moment, row_weights)(approximation)
+
+
+class OutputErrors:
+    """:func:`output_error` of any number of approximations of one ``weight (M, N)`` on one ``moment (N, N)``:
+    ``reference = tr(D W C Wᵀ)`` computed once, then one product ``E C`` per approximation (float64)."""
+
+    def __init__(self, weight: Tensor, moment: Tensor, row_weights: Optional[Tensor] = None) -> None:
+        self.weight = weight.detach().to("cpu", torch.float64)
+        self.moment = moment.to("cpu", torch.float64)
+        self.rows = _row_column(row_weights, self.weight.shape[0], torch.float64, torch.device("cpu"))
+        self.reference = float(((self.weight @ self.moment) * self.weight * self.rows).sum().clamp_min(0))
+
+    def __call__(self, approximation: Tensor) -> float:
+        """The relative output error of ``approximation (M, N)``."""
+        error = self.weight - approximation.detach().to("cpu", torch.float64)
+        num = float(((error @ self.moment) * error * self.rows).sum().clamp_min(0))
+        return math.sqrt(num / self.reference) if self.reference > 0 else math.sqrt(num)
+
+
+def _row_column(row_weights: Optional[Tensor], rows: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``row_weights`` as a ``(M, 1)`` column (ones when None)."""
+    if row_weights is None:
+        return torch.ones(rows, 1, dtype=dtype, device=device)
+    if row_weights.shape != (rows,):
+        raise KCompressError(f"row weights of shape {tuple(row_weights.shape)} do not match {rows} output rows")
+    return row_weights.detach().to(device, dtype).reshape(rows, 1)
 
 
 def same_shapes(state: Mapping[str, Tensor], other: Mapping[str, Tensor]) -> bool:
     """Whether two state dicts hold the same names with the same shapes (one can be loaded into the other)."""
     return state.keys() == other.keys() and all(state[name].shape == other[name].shape for name in state)
+
+
+def budgeted(settings: DataFitSettings, shape: tuple[int, ...]) -> DataFitSettings:
+    """``settings`` with at most the steps :data:`WORK_BUDGET` allows a ``(M, N)`` matrix (at least
+    :data:`MIN_BUDGETED_STEPS`, at most ``settings.iterations``)."""
+    rows, columns = shape
+    allowed = max(MIN_BUDGETED_STEPS, int(WORK_BUDGET // (rows * columns**2)))
+    return replace(settings, iterations=min(settings.iterations, allowed))
 
 
 def ridged(moment: Tensor, ridge: float) -> Tensor:
@@ -109,8 +150,9 @@ def ridged(moment: Tensor, ridge: float) -> Tensor:
     return moment + (ridge * float(torch.trace(moment)) / max(size, 1)) * torch.eye(size, dtype=torch.float64)
 
 
-def whitened_svd(weight: Tensor, moment: Tensor, rank: int, ridge: float = 0.0) -> tuple[Tensor, Tensor]:
-    """The rank-``rank`` ``Ŵ = U V`` minimising ``tr((W − Ŵ) C (W − Ŵ)ᵀ)`` for ``C = moment + ridge``.
+def whitened_svd(weight: Tensor, moment: Tensor, rank: int, ridge: float = 0.0,
+                 row_weights: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """The rank-``rank`` ``Ŵ = U V`` minimising ``tr(D (W − Ŵ) C (W − Ŵ)ᵀ)`` for ``C = moment + ridge``.
 
     Parameters
     ----------
@@ -123,13 +165,16 @@ def whitened_svd(weight: Tensor, moment: Tensor, rank: int, ridge: float = 0.0) 
     ridge : float
         Relative ridge (see :func:`ridged`); with 0 and a singular ``C`` the pseudo-inverse root is used,
         which is still optimal (directions without data carry no error).
+    row_weights : Tensor, optional
+        ``d (M,)``, positive: ``D = diag(d)`` (identity when None).
 
     Returns
     -------
     left, right : Tensor
-        ``(M, r)`` and ``(r, N)`` float64 with ``Ŵ = left @ right``: the truncated SVD of ``W S`` for
+        ``(M, r)`` and ``(r, N)`` float64 with ``Ŵ = left @ right``: the truncated SVD of ``D^{1/2} W S`` for
         ``S = C^{1/2}`` (symmetric root by ``eigh``, negative eigenvalues clipped to 0), the right factor
-        multiplied back by ``S^{-1}``, the singular values split evenly between the factors.
+        multiplied back by ``S^{-1}`` and the left by ``D^{-1/2}``, the singular values split evenly between
+        the factors (optimal: ``Ŵ ↦ D^{1/2} Ŵ S`` keeps the rank).
     """
     values, vectors = torch.linalg.eigh(ridged(moment, ridge))
     values = values.clamp_min(0)
@@ -138,26 +183,31 @@ def whitened_svd(weight: Tensor, moment: Tensor, rank: int, ridge: float = 0.0) 
     inverse_root = torch.where(keep, 1.0 / torch.where(keep, root, torch.ones_like(root)), 0.0)
     whiten = (vectors * root) @ vectors.T
     unwhiten = (vectors * inverse_root) @ vectors.T
-    u, s, vh = torch.linalg.svd(weight.double() @ whiten, full_matrices=False)
+    rows = _row_column(row_weights, weight.shape[0], torch.float64, torch.device("cpu")).sqrt()
+    u, s, vh = torch.linalg.svd(rows * weight.double() @ whiten, full_matrices=False)
     half = s[:rank].sqrt()
-    return u[:, :rank] * half, (half[:, None] * vh[:rank]) @ unwhiten
+    return u[:, :rank] * half / rows, (half[:, None] * vh[:rank]) @ unwhiten
 
 
 class OutputLoss:
-    """``tr(E C_r Eᵀ) / tr(W C_r Wᵀ)`` as a differentiable function of ``Ŵ (M, N)``, with ``E = W − Ŵ`` and
-    ``C_r = C + λI`` (:func:`ridged`), evaluated in :data:`WORK_DTYPE` (``tr(W C_r Wᵀ)`` in float64).
+    """``tr(D E C_r Eᵀ) / tr(D W C_r Wᵀ)`` as a differentiable function of ``Ŵ (M, N)``, with ``E = W − Ŵ``,
+    ``C_r = C + λI`` (:func:`ridged`) and ``D`` the diagonal of the row weights (identity without), evaluated
+    in :data:`WORK_DTYPE` (``tr(D W C_r Wᵀ)`` in float64).
 
     One product ``E C_r`` (``M·N²`` multiply-adds) gives both the loss and its gradient
-    ``−2 E C_r / tr(W C_r Wᵀ)``.
+    ``−2 D E C_r / tr(D W C_r Wᵀ)``.
     """
 
-    def __init__(self, weight: Tensor, moment: Tensor, ridge: float, device: torch.device) -> None:
+    def __init__(self, weight: Tensor, moment: Tensor, ridge: float, device: torch.device,
+                 row_weights: Optional[Tensor] = None) -> None:
         ridged_moment = ridged(moment.to("cpu"), ridge)
         weight = weight.detach().to("cpu", torch.float64)
-        scale = float(((weight @ ridged_moment) * weight).sum())
+        rows = _row_column(row_weights, weight.shape[0], torch.float64, torch.device("cpu"))
+        scale = float(((weight @ ridged_moment) * weight * rows).sum())
         self.scale = scale if scale > 0 else 1.0
         self.moment = ridged_moment.to(device, WORK_DTYPE)
         self.target = weight.to(device, WORK_DTYPE)
+        self.rows = rows.to(device, WORK_DTYPE)
 
     def __call__(self, approximation: Tensor) -> Tensor:
         """The loss (a 0-dim tensor) for ``approximation = Ŵ (M, N)``, differentiable in it."""
@@ -170,7 +220,7 @@ class _OutputLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, approximation: Tensor, loss: OutputLoss) -> Tensor:  # type: ignore[override]
         error = loss.target - approximation
-        product = error @ loss.moment
+        product = (error @ loss.moment) * loss.rows
         ctx.save_for_backward(product)
         ctx.scale = loss.scale
         return (error * product).sum() / loss.scale
@@ -206,6 +256,7 @@ def refine_to_data(
     *,
     seed: int = 0,
     progress: Optional["ProgressFn"] = None,
+    row_weights: Optional[Tensor] = None,
 ) -> tuple[int, list[float]]:
     """Refine ``module``'s parameters in place to minimise the output error on ``moment``.
 
@@ -224,6 +275,8 @@ def refine_to_data(
         Seeds torch's RNG inside a forked RNG state (the optimizers themselves are deterministic).
     progress : callable, optional
         ``progress(iteration, iterations, loss)`` after each step, ``loss`` the relative output error.
+    row_weights : Tensor, optional
+        ``d (M,)``: each output row's weight in the error (see :class:`OutputLoss`).
 
     Returns
     -------
@@ -234,7 +287,7 @@ def refine_to_data(
         step; the parameters end at that point (never worse than where they started).
     """
     dtype, device = next(module.parameters()).dtype, next(module.parameters()).device
-    objective = OutputLoss(weight, moment, settings.ridge, device)
+    objective = OutputLoss(weight, moment, settings.ridge, device, row_weights)
     parameters = [p for p in module.parameters()]
     flags = [p.requires_grad for p in parameters]
     best = _Best(parameters)
@@ -245,7 +298,8 @@ def refine_to_data(
             torch.manual_seed(seed)
             for p in parameters:
                 p.requires_grad_(True)
-            _optimize(parameters, lambda: objective(module.reconstruct()), settings, best, curve, progress)
+            _optimize(parameters, lambda: objective(module.reconstruct()), budgeted(settings, weight.shape), best,
+                      curve, progress)
     finally:
         module.to(dtype)
         best.restore(parameters)

