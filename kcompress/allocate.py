@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .errors import KCompressError
 from .formats import Factorization, get_format
-from .formats.data_fit import DataFitSettings, output_error, whitened_svd
+from .formats.data_fit import DataFitSettings, OutputErrors, whitened_svd
 from .tensorize import Tensorization
 
 OBJECTIVES = ("size", "latency")
@@ -81,13 +81,13 @@ class Candidate:
         """``tr(D W C Wᵀ)`` of the whole matrix (or of the block ``weight`` with row weights ``rows``): what it
         contributes to the outputs."""
         weight, rows = (self.weight, self.row_weights) if weight is None else (weight, rows)
-        per_row = ((weight.double() @ self.moment.double()) * weight.double()).sum(dim=1)
-        return float(per_row.sum() if rows is None else per_row @ rows.double())
+        return OutputErrors(weight, self.moment, rows).reference
 
     def error(self, weight: Tensor, approximation: Tensor, rows: Optional[Tensor] = None) -> float:
         """``tr(D E C Eᵀ)`` of one block with row weights ``rows`` (see
-        :func:`~kcompress.formats.data_fit.output_error`)."""
-        return output_error(weight, approximation, self.moment, rows) ** 2 * self.energy(weight, rows)
+        :class:`~kcompress.formats.data_fit.OutputErrors`)."""
+        errors = OutputErrors(weight, self.moment, rows)
+        return errors(approximation) ** 2 * errors.reference
 
 
 @dataclass(frozen=True)
