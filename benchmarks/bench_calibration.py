@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine_markdown, markdown_table, write_results  # noqa: E402
 
 from kcompress import compress  # noqa: E402
-from kcompress.calibrate import collect_second_moments  # noqa: E402
-from kcompress.data import SequenceData, load_builtin  # noqa: E402
-from kcompress.evaluate import evaluate  # noqa: E402
+from kcompress.calibration.moments import collect_second_moments  # noqa: E402
+from kcompress.tuning.data import SequenceData, load_builtin  # noqa: E402
+from kcompress.tuning.evaluate import evaluate  # noqa: E402
 from kcompress.formats import DataFitSettings, get_format  # noqa: E402
-from kcompress.models import SequenceClassifier  # noqa: E402
+from kcompress.io.models import SequenceClassifier  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FORMATS = ("svd", "kcp", "tt")
@@ -125,7 +125,7 @@ def ablation_section(distill_epochs: int) -> list[dict]:
 
 def _two_layer() -> tuple[nn.Module, SequenceData, SequenceData]:
     """A 2-layer LSTM(12, 64) trained on JapaneseVowels here (seeded, 40 epochs)."""
-    from kcompress.finetune import finetune
+    from kcompress.tuning.finetune import finetune
 
     train, test = load_builtin("japanese-vowels", "train"), load_builtin("japanese-vowels", "test")
     torch.manual_seed(0)

@@ -9,7 +9,7 @@
   value-dependent costs such as denormals match), execution planned with ``set_execution(model, "auto")``;
   forward (no grad) and one training step (forward + backward through ``kcompress.nn.trained``, the
   path fine-tuning takes), each timed interleaved with dense ``nn.LSTM``/``nn.GRU`` of the same run
-  (:func:`kcompress.speed.time_interleaved`: medians within a time budget, interquartile spread).
+  (:func:`kcompress.nn.speed.time_interleaved`: medians within a time budget, interquartile spread).
 * ``paper``: the KCP paper shape (57,600 -> 4x256, W_ih as KCP rank 8, modes of bench_speed.py, T = 16),
   whole-LSTM forward against dense fp32 and int8 dynamic quantization at batch 1, 16, 128.
 * ``distill``: one distillation epoch (``kcompress.finetune``, validation passes included) over the bundled
@@ -43,7 +43,7 @@ from common import machine_markdown, markdown_table, write_results
 from kcompress import KCompressError, set_execution
 from kcompress.formats import FORMATS
 from kcompress.nn import COMPRESSED_TYPES
-from kcompress.speed import Speed, Timing, paired, time_interleaved
+from kcompress.nn.speed import Speed, Timing, paired, time_interleaved
 
 warnings.filterwarnings("ignore")
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
@@ -180,7 +180,7 @@ def bench_paper(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
 
 def bench_distill(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
     from kcompress import compress, finetune, load_builtin
-    from kcompress.models import SequenceClassifier
+    from kcompress.io.models import SequenceClassifier
 
     data = load_builtin("japanese-vowels", "train")
     torch.manual_seed(0)

@@ -25,7 +25,7 @@ import torch
 from common import machine_markdown, markdown_table, write_results
 
 from kcompress.formats import FORMATS
-from kcompress.tensorize import Tensorization
+from kcompress.formats.tensorize import Tensorization
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEED_FORMATS = ("kcp", "tt", "ht", "svd", "adtn")

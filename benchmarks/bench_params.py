@@ -16,7 +16,7 @@ import sys
 from common import markdown_table, write_results
 
 from kcompress.formats import FORMATS
-from kcompress.tensorize import Tensorization
+from kcompress.formats.tensorize import Tensorization
 
 PER_GATE = Tensorization(256, 57600, (4, 4, 4, 4), (8, 20, 20, 18))
 FOLDED = Tensorization(1024, 57600, (16, 4, 4, 4), (8, 20, 20, 18))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from common import machine_markdown, markdown_table, write_results
 
-from kcompress.allocation_report import recovery_label
+from kcompress.report.allocation_table import recovery_label
 
 ROOT = Path(__file__).resolve().parents[1]
 

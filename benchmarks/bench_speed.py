@@ -25,7 +25,7 @@ from torch import nn
 from common import machine_markdown, markdown_table, median_ms, write_results
 
 from kcompress.formats import FORMATS, Dense, Factorization
-from kcompress.tensorize import Tensorization, choose_tensorization
+from kcompress.formats.tensorize import Tensorization, choose_tensorization
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", message=".*quantiz.*")

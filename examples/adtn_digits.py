@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from kcompress.errors import KCompressError
 from kcompress.formats import Factorization, get_format
-from kcompress.tensorize import Tensorization
+from kcompress.formats.tensorize import Tensorization
 
 
 @dataclass

@@ -10,43 +10,41 @@ matrix runs.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
-from .errors import KCompressError, KCompressWarning
+from kcompress.errors import KCompressError, KCompressWarning
 
 if TYPE_CHECKING:  # the public names, for type checkers; at run time they load on first use (__getattr__)
-    from .calibrate import SecondMoment, calibration_set, collect_second_moments
-    from .config import CompressConfig
-    from .convert import compress
-    from .data import BUILTIN_DATASETS, SequenceData, load_builtin, load_data_file
-    from .evaluate import evaluate
-    from .finetune import FinetuneResult, finetune
-    from .formats import FORMATS, Factorization, build, get_format
-    from .io import load, load_checkpoint, model_from_checkpoint, save_artifact
-    from .nn.plan import set_execution
-    from .pipeline import compress_file
-    from .report import Report
-    from .tensorize import Tensorization, choose_tensorization
+    from kcompress.calibration.moments import SecondMoment, calibration_set, collect_second_moments
+    from kcompress.config import CompressConfig
+    from kcompress.runs.convert import compress
+    from kcompress.tuning.data import BUILTIN_DATASETS, SequenceData, load_builtin, load_data_file
+    from kcompress.tuning.evaluate import evaluate
+    from kcompress.tuning.finetune import FinetuneResult, finetune
+    from kcompress.formats import FORMATS, Factorization, build, get_format
+    from kcompress.io import load, load_checkpoint, model_from_checkpoint, save_artifact
+    from kcompress.nn.plan import set_execution
+    from kcompress.runs.pipeline import compress_file
+    from kcompress.report import Report
+    from kcompress.formats.tensorize import Tensorization, choose_tensorization
 
-__version__ = "0.1.0"
+from kcompress._version import __version__
 
 #: public name -> the submodule defining it. Imported when first used, so that ``import kcompress`` (and
 #: ``kcompress --help``) does not load torch.
 _LAZY = {
-    **dict.fromkeys(("SecondMoment", "calibration_set", "collect_second_moments"), "calibrate"),
-    "compress": "convert",
+    **dict.fromkeys(("SecondMoment", "calibration_set", "collect_second_moments"), "calibration.moments"),
+    "compress": "runs.convert",
     "CompressConfig": "config",
-    **dict.fromkeys(("BUILTIN_DATASETS", "SequenceData", "load_builtin", "load_data_file"), "data"),
-    "evaluate": "evaluate",
-    **dict.fromkeys(("FinetuneResult", "finetune"), "finetune"),
+    **dict.fromkeys(("BUILTIN_DATASETS", "SequenceData", "load_builtin", "load_data_file"), "tuning.data"),
+    "evaluate": "tuning.evaluate",
+    **dict.fromkeys(("FinetuneResult", "finetune"), "tuning.finetune"),
     **dict.fromkeys(("FORMATS", "Factorization", "build", "get_format"), "formats"),
     **dict.fromkeys(("load", "load_checkpoint", "model_from_checkpoint", "save_artifact"), "io"),
     "set_execution": "nn.plan",
-    "compress_file": "pipeline",
+    "compress_file": "runs.pipeline",
     "Report": "report",
-    **dict.fromkeys(("Tensorization", "choose_tensorization"), "tensorize"),
+    **dict.fromkeys(("Tensorization", "choose_tensorization"), "formats.tensorize"),
 }
 
 
@@ -62,18 +60,6 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
-
-class _Package(types.ModuleType):
-    """The package keeps its public functions ``evaluate`` and ``finetune`` when the submodules of the same
-    names are imported (the import system would otherwise bind the submodule over the function)."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _LAZY and isinstance(value, types.ModuleType) and hasattr(value, name):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "BUILTIN_DATASETS",

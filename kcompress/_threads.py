@@ -17,7 +17,7 @@ from typing import Iterator, Optional
 import torch
 from threadpoolctl import threadpool_limits
 
-from .errors import KCompressError
+from kcompress.errors import KCompressError
 
 #: threads a fit uses (override with the environment variable ``KCOMPRESS_FIT_THREADS``)
 DEFAULT_FIT_THREADS = 1

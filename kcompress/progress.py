@@ -37,7 +37,7 @@ def progress_callback(progress: ProgressLike) -> Iterator[Optional[ProgressCallb
     """The callback for a ``progress`` argument: True gives the CLI's display on stderr for the block (rich
     bars on a terminal, plain lines otherwise), a callable is used as it is, None/False gives None."""
     if progress is True:
-        from .cli.render import Display  # only when asked: the library itself never prints
+        from kcompress.cli.render import Display  # only when asked: the library itself never prints
 
         with Display().progress() as callback:
             yield callback
@@ -46,7 +46,7 @@ def progress_callback(progress: ProgressLike) -> Iterator[Optional[ProgressCallb
     elif callable(progress):
         yield progress
     else:
-        from .errors import KCompressError
+        from kcompress.errors import KCompressError
 
         raise KCompressError(f"progress must be a callback, True or None, got {type(progress).__name__}")
 

@@ -21,9 +21,9 @@ def steady_speed(monkeypatch) -> None:
     """compress() times every compressed matrix against its dense product; on tiny matrices that is noise (and a
     ratio that rounds to 0 breaks the check), so in-process runs get a fixed one. Use with
     ``pytestmark = pytest.mark.usefixtures("steady_speed")``."""
-    from kcompress.speed import Speed
+    from kcompress.nn.speed import Speed
 
-    monkeypatch.setattr("kcompress.convert.measured_speedup", lambda matrix, *args, **kwargs: Speed(0.5, 0.0))
+    monkeypatch.setattr("kcompress.runs.convert.measured_speedup", lambda matrix, *args, **kwargs: Speed(0.5, 0.0))
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from kcompress.errors import KCompressError
 from kcompress.formats import build, get_format
 from kcompress.formats.adtn import ADTN, binary_tensorization, gate_pairs
 from kcompress.formats.adtn_fit import PROGRESS_EVERY, WINDOW_BITS, applied_size
-from kcompress.tensorize import Tensorization
+from kcompress.formats.tensorize import Tensorization
 
 #: expected gate placements for Q = 5 (first index of each pair, in the order the gates act)
 PLACEMENT_Q5 = {"brick": [0, 2, 1, 3], "stair": [0, 1, 2, 3]}

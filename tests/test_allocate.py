@@ -1,4 +1,4 @@
-"""Automatic allocation (kcompress.allocate / kcompress.auto) and the accuracy budget search (kcompress.search)."""
+"""Automatic allocation (kcompress.allocation.choose / kcompress.allocation.auto) and the accuracy budget search (kcompress.runs.search)."""
 
 from __future__ import annotations
 
@@ -12,17 +12,17 @@ import torch
 from torch import nn
 
 import kcompress
-from kcompress.allocate import Candidate, Option, allocate, estimate, pareto, solve
-from kcompress.auto import prepare
-from kcompress.calibrate import collect_second_moments
+from kcompress.allocation.choose import Candidate, Option, allocate, estimate, pareto, solve
+from kcompress.allocation.auto import prepare
+from kcompress.calibration.moments import collect_second_moments
 from kcompress.errors import KCompressError
-from kcompress.evaluate import Budget, EvalSpec, Evaluation
+from kcompress.tuning.evaluate import Budget, EvalSpec, Evaluation
 from kcompress.formats import get_format
 from kcompress.formats.data_fit import DataFitSettings, output_error
-from kcompress.models import SequenceClassifier
-from kcompress.pipeline import CompressionRun
-from kcompress.search import search_budget
-from kcompress.speed import Speed
+from kcompress.io.models import SequenceClassifier
+from kcompress.runs.pipeline import CompressionRun
+from kcompress.runs.search import search_budget
+from kcompress.nn.speed import Speed
 
 from .conftest import trained_like
 from .test_sweep import save_tiny_model, write_param_evaluator
@@ -175,7 +175,7 @@ def test_auto_over_one_format_beats_uniform_at_the_same_parameter_count() -> Non
     assert [row["matrix"] for row in rows] == ["rnn.weight_ih_l0", "rnn.weight_hh_l0"]
     assert all(row["measured_error"] is not None and row["path"] for row in rows)
     assert report.allocation["used"] <= report.allocation["budget"]
-    assert kcompress.report.Report.from_dict(json.loads(report.to_json())).allocation == json.loads(
+    assert kcompress.report.record.Report.from_dict(json.loads(report.to_json())).allocation == json.loads(
         json.dumps(report.allocation))
 
 
@@ -328,7 +328,7 @@ def cli(*args: object):
 
 
 def test_cli_auto_allocation_writes_the_allocation(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr("kcompress.convert.measured_speedup", lambda matrix, *args, **kwargs: Speed(0.5, 0.0))
+    monkeypatch.setattr("kcompress.runs.convert.measured_speedup", lambda matrix, *args, **kwargs: Speed(0.5, 0.0))
     model = save_tiny_model(tmp_path / "tiny.pt")
     report = tmp_path / "r.json"
     result = cli(model, "--formats", "svd,kcp", "--params", "150", "--targets", "ih,hh", "--report", report,
@@ -349,7 +349,7 @@ def test_cli_allocation_usage_errors(tmp_path, args) -> None:
 
 
 def test_cli_search_without_a_passing_budget_exits_3_and_writes_the_closest(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr("kcompress.convert.measured_speedup", lambda matrix, *args, **kwargs: Speed(0.5, 0.0))
+    monkeypatch.setattr("kcompress.runs.convert.measured_speedup", lambda matrix, *args, **kwargs: Speed(0.5, 0.0))
     model = save_tiny_model(tmp_path / "tiny.pt")
     evaluator = write_param_evaluator(tmp_path / "params_metric.py")
     report = tmp_path / "r.json"

@@ -18,7 +18,7 @@ from torch import nn
 from kcompress import KCompressError, compress
 from kcompress.cli.main import app
 from kcompress.io import METADATA_KEY, load, model_from_state_dict, save_artifact
-from kcompress.models import SequenceClassifier
+from kcompress.io.models import SequenceClassifier
 
 pytestmark = pytest.mark.filterwarnings("ignore::kcompress.errors.KCompressWarning")
 

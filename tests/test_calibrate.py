@@ -11,11 +11,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kcompress import compress
-from kcompress.calibrate import calibration_set, collect_second_moments
-from kcompress.data import SequenceData
+from kcompress.calibration.moments import calibration_set, collect_second_moments
+from kcompress.tuning.data import SequenceData
 from kcompress.errors import KCompressError
 from kcompress.formats import DataFitSettings, get_format, output_error, whitened_svd
-from kcompress.models import SequenceClassifier
+from kcompress.io.models import SequenceClassifier
 
 from .test_gate_sensitivity import autograd_gru, autograd_lstm
 

@@ -23,7 +23,7 @@ from kcompress.cli.options import COMPRESSION_FORMATS
 from kcompress.cli.render import PlainProgress
 from kcompress.io import default_output_path
 from kcompress.progress import ProgressEvent
-from kcompress.report import validate_report_dict
+from kcompress.report.record import validate_report_dict
 
 from .conftest import EXAMPLE_LSTM, ROOT
 from .test_sweep import save_tiny_data, save_tiny_model, write_param_evaluator

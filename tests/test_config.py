@@ -10,9 +10,9 @@ import torch
 
 import kcompress
 from kcompress import compress
-from kcompress.config import CompressConfig, config_defaults, config_fields
+from kcompress.config.compress import CompressConfig, config_defaults, config_fields
 from kcompress.errors import KCompressError
-from kcompress.models import SequenceClassifier
+from kcompress.io.models import SequenceClassifier
 
 
 pytestmark = pytest.mark.usefixtures("steady_speed")

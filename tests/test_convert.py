@@ -13,13 +13,13 @@ import torch
 from torch import nn
 
 from kcompress import KCompressError, KCompressWarning, compress
-from kcompress.planning import NOTHING_MATCHED
+from kcompress.fitting.planning import NOTHING_MATCHED
 from kcompress.formats import FORMATS, Dense, Stack, get_format
 from kcompress.formats.kcp import KCP
 from kcompress.formats.svd import SVD
 from kcompress.nn import CompressedGRU, CompressedGRUCell, CompressedLinear, CompressedLSTM, CompressedLSTMCell
-from kcompress.report import validate_report_dict
-from kcompress.speed import Speed
+from kcompress.report.record import validate_report_dict
+from kcompress.nn.speed import Speed
 
 # warnings are asserted with pytest.warns where they matter (it records them whatever the filters say)
 pytestmark = pytest.mark.filterwarnings("ignore::kcompress.errors.KCompressWarning")
@@ -379,7 +379,7 @@ def test_every_registered_format_reports_true_counts(fmt: str) -> None:
 
 
 def test_report_metadata_and_slow_warning(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("kcompress.convert.measured_speedup", lambda matrix: Speed(0.5, 0.0))
+    monkeypatch.setattr("kcompress.runs.convert.measured_speedup", lambda matrix: Speed(0.5, 0.0))
     with pytest.warns(KCompressWarning, match="runs factorized because execution='factorized' asked for it; "
                                               r"measured 2.0x slower \(±0%\) than the dense product"):
         _, report = compress(make(Classifier), "svd", rank=16, overrides={"*": {"rank": 16}}, execution="factorized")

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kcompress import data as data_module
-from kcompress.data import BUILTIN_DATASETS, SequenceData, load_builtin, load_data_file, read_bundled_ts
+from kcompress.tuning import data as data_module
+from kcompress.tuning.data import BUILTIN_DATASETS, SequenceData, load_builtin, load_data_file, read_bundled_ts
 from kcompress.errors import KCompressError
 
 

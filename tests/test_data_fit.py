@@ -96,10 +96,11 @@ def test_ridge_auto_collects_dense_statistics_once_and_warm_starts(monkeypatch: 
     the screened winner cut short is refined on at its ridge (a fourth candidate)."""
     import warnings
 
-    from kcompress import calibrated, compress
-    from kcompress.data import SequenceData
+    from kcompress import compress
+    from kcompress.calibration import run as calibrated
+    from kcompress.tuning.data import SequenceData
     from kcompress.formats.base import Factorization
-    from kcompress.models import SequenceClassifier
+    from kcompress.io.models import SequenceClassifier
 
     made: list[str] = []
     starts: list[bool] = []
@@ -143,10 +144,11 @@ def test_each_plain_fit_runs_once_and_gives_the_result_of_refitting(monkeypatch:
     """Every candidate ridge refines a copy of the one plain fit of each matrix: the same model as refitting it."""
     import warnings
 
-    from kcompress import calibrated, compress
-    from kcompress.data import SequenceData
+    from kcompress import compress
+    from kcompress.calibration import run as calibrated
+    from kcompress.tuning.data import SequenceData
     from kcompress.formats.base import Factorization
-    from kcompress.models import SequenceClassifier
+    from kcompress.io.models import SequenceClassifier
 
     torch.manual_seed(0)
     model = SequenceClassifier(6, 8, 3)

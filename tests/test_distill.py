@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from kcompress import compress
-from kcompress.augment import Augmentation, AugmentedCalls, augment_call
-from kcompress.calibrate import calibration_set
-from kcompress.data import SequenceData
+from kcompress.calibration.augment import Augmentation, AugmentedCalls, augment_call
+from kcompress.calibration.moments import calibration_set
+from kcompress.tuning.data import SequenceData
 from kcompress.errors import KCompressError
-from kcompress.evaluate import run_model
-from kcompress.finetune import finetune
-from kcompress.layer_match import captured, matching_loss
-from kcompress.models import SequenceClassifier
+from kcompress.tuning.evaluate import run_model
+from kcompress.tuning.finetune import finetune
+from kcompress.tuning.layer_match import captured, matching_loss
+from kcompress.io.models import SequenceClassifier
 from kcompress.nn.plan import compressed_layers, trained
 
 

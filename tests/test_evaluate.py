@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from kcompress.data import SequenceData
+from kcompress.tuning.data import SequenceData
 from kcompress.errors import KCompressError
-from kcompress.evaluate import evaluate, higher_is_better
+from kcompress.tuning.evaluate import evaluate, higher_is_better
 
 
 class LastStep(nn.Module):

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from kcompress.models import SequenceClassifier
+from kcompress.io.models import SequenceClassifier
 
 from .conftest import ROOT
 

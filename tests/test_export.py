@@ -79,7 +79,7 @@ def test_onnx_export_runs_in_onnxruntime(rnn: type[nn.RNNBase], tmp_path: Path) 
 
 
 class PackingTagger(nn.Module):
-    """Packs its input by length before the RNN (as ``kcompress.models.SequenceClassifier`` does)."""
+    """Packs its input by length before the RNN (as ``kcompress.io.models.SequenceClassifier`` does)."""
 
     def __init__(self) -> None:
         super().__init__()

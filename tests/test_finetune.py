@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from kcompress.data import SequenceData, load_builtin
+from kcompress.tuning.data import SequenceData, load_builtin
 from kcompress.errors import KCompressError
-from kcompress.evaluate import evaluate
-from kcompress.finetune import FinetuneResult, finetune
-from kcompress.models import SequenceClassifier
+from kcompress.tuning.evaluate import evaluate
+from kcompress.tuning.finetune import FinetuneResult, finetune
+from kcompress.io.models import SequenceClassifier
 from kcompress.progress import ProgressEvent
 
 from .conftest import EXAMPLE_LSTM

@@ -14,14 +14,14 @@ from click.testing import CliRunner
 
 from kcompress import compress
 from kcompress.cli.main import app
-from kcompress.config import CompressConfig
+from kcompress.config.compress import CompressConfig
 from kcompress.errors import KCompressError, KCompressWarning
-from kcompress.evaluate import EvalSpec
+from kcompress.tuning.evaluate import EvalSpec
 from kcompress.formats import KCPOptions, TreeOptions, build, get_format
 from kcompress.io import file_sha256
-from kcompress.models import SequenceClassifier
-from kcompress.sweep import expand_grid
-from kcompress.trials import TrialJob, TrialSpec, run_trial
+from kcompress.io.models import SequenceClassifier
+from kcompress.runs.sweep import expand_grid
+from kcompress.runs.trials import TrialJob, TrialSpec, run_trial
 
 from .test_sweep import save_tiny_data, save_tiny_model
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from kcompress import KCompressError, compress, evaluate, load_data_file
 from kcompress.io import Checkpoint, atomic_write, check_output_paths, load, load_checkpoint, save_artifact
-from kcompress.models import SequenceClassifier
+from kcompress.io.models import SequenceClassifier
 
 SECONDS_PER_CALL = 10
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True,

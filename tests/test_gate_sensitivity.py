@@ -1,4 +1,4 @@
-"""Gate-row weights of the data-aware objective (kcompress.gate_sensitivity), checked against autograd on the
+"""Gate-row weights of the data-aware objective (kcompress.calibration.gate_sensitivity), checked against autograd on the
 cell equations (streamed through nn.LSTM/nn.GRU: tests/test_calibrate.py; through cells: here); the weighted
 closed form and the weighted report."""
 
@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from kcompress import compress
-from kcompress.calibrate import calibration_set, collect_second_moments
+from kcompress.calibration.moments import calibration_set, collect_second_moments
 from kcompress.formats import output_error, whitened_svd
-from kcompress.gate_sensitivity import gru_sensitivities, lstm_sensitivities
-from kcompress.models import SequenceClassifier
+from kcompress.calibration.gate_sensitivity import gru_sensitivities, lstm_sensitivities
+from kcompress.io.models import SequenceClassifier
 
 
 def _lstm_step(pre: torch.Tensor, cell: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ import torch
 
 from kcompress.errors import KCompressError
 from kcompress.formats.ht import HT
-from kcompress.tensorize import Tensorization, choose_tensorization
+from kcompress.formats.tensorize import Tensorization, choose_tensorization
 
 from .conftest import trained_like
 from .test_tt import relative

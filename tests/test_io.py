@@ -34,7 +34,7 @@ from kcompress.io import (
     model_from_state_dict,
     save_artifact,
 )
-from kcompress.models import SequenceClassifier
+from kcompress.io.models import SequenceClassifier
 from kcompress.nn import CompressedGRU, CompressedLinear, CompressedLSTM, CompressedLSTMCell
 
 pytestmark = pytest.mark.filterwarnings("ignore::kcompress.errors.KCompressWarning")

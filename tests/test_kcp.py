@@ -6,7 +6,7 @@ import torch
 from kcompress.errors import KCompressError
 from kcompress.formats.kcp import KCP
 from kcompress.formats.kcp_plan import ContractionPlan, kcp_step_costs
-from kcompress.tensorize import Tensorization, choose_tensorization, mode_orders
+from kcompress.formats.tensorize import Tensorization, choose_tensorization, mode_orders
 
 from .conftest import trained_like
 

@@ -58,8 +58,8 @@ def test_own_model_from_state_dict_to_fine_tuning(tmp_path: pathlib.Path, capsys
     np.savez(tokens, inputs=ids.astype(np.int64), targets=ids[:, -1] % 3)
 
     # 1. the CLI, evaluating through the user's class on token data
-    monkeypatch.setattr("kcompress.convert.measured_speedup",
-                        lambda matrix, *args, **kwargs: kcompress.speed.Speed(2.0, 0.0))  # tiny: timing is noise
+    monkeypatch.setattr("kcompress.runs.convert.measured_speedup",
+                        lambda matrix, *args, **kwargs: kcompress.nn.speed.Speed(2.0, 0.0))  # tiny: timing is noise
     artifact, report = tmp_path / "tagger.svd.safetensors", tmp_path / "report.json"
     result = CliRunner().invoke(app, [str(checkpoint), "--model", f"{code}:TokenTagger", "--format", "svd",
                                       "--rank", "3", "--eval", str(tokens), "-o", str(artifact),

@@ -14,8 +14,8 @@ from torch import nn
 from kcompress import KCompressError, KCompressWarning
 from kcompress.formats import Factorization
 from kcompress.io import default_output_path, file_sha256, load
-from kcompress.models import SequenceClassifier
-from kcompress.pipeline import compress_file
+from kcompress.io.models import SequenceClassifier
+from kcompress.runs.pipeline import compress_file
 
 from .test_io import BAD_FILES, INCONSISTENT, PNG_HEADER, _broken, one_line
 
@@ -156,7 +156,7 @@ def test_bad_arguments_are_refused_before_fitting(checkpoint: pathlib.Path, monk
 
 
 def test_output_problems_are_found_before_loading(checkpoint: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import kcompress.pipeline as pipeline
+    import kcompress.runs.pipeline as pipeline
 
     def no_loading(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the checkpoint was loaded before the output was checked")

@@ -12,7 +12,7 @@ from rich.console import Console
 from torch import nn
 
 from kcompress import KCompressError, KCompressWarning, Report, compress
-from kcompress.report import REPORT_SCHEMA, MatrixReport, SkippedLayer, validate_report_dict
+from kcompress.report.record import REPORT_SCHEMA, MatrixReport, SkippedLayer, validate_report_dict
 
 
 def matrix(

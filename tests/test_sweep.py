@@ -1,4 +1,4 @@
-"""kcompress.sweep: drops and budgets in both metric directions, the trials log, trial keys, the Pareto front,
+"""kcompress.runs.sweep: drops and budgets in both metric directions, the trials log, trial keys, the Pareto front,
 evaluations (data files, evaluators), the plot, and one trial run in-process."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from kcompress.errors import KCompressError, KCompressWarning
-from kcompress.models import SequenceClassifier
+from kcompress.io.models import SequenceClassifier
 from kcompress.cli.plot import plot_pareto
-from kcompress.evaluate import Budget, EvalSpec, load_evaluation, metric_drop
+from kcompress.tuning.evaluate import Budget, EvalSpec, load_evaluation, metric_drop
 from kcompress.io import file_sha256
-from kcompress.pipeline import FinetuneSettings, compress_checked
-from kcompress.sweep import best_within_budget, expand_grid, pareto_front
-from kcompress.trials import TrialJob, TrialSpec, append_record, read_records, run_trial
+from kcompress.runs.pipeline import FinetuneSettings, compress_checked
+from kcompress.runs.sweep import best_within_budget, expand_grid, pareto_front
+from kcompress.runs.trials import TrialJob, TrialSpec, append_record, read_records, run_trial
 
 
 # ---------------------------------------------------------------------- helpers shared with test_cli
@@ -237,7 +237,7 @@ def test_run_trial_appends_its_record(tmp_path) -> None:
 
 
 def test_a_sweep_without_the_baseline_is_refused_before_any_work(tmp_path) -> None:
-    from kcompress.sweep import run_sweep
+    from kcompress.runs.sweep import run_sweep
 
     save_tiny_model(tmp_path / "m.pt")
     with pytest.raises(KCompressError, match="dense baseline"):
@@ -246,7 +246,7 @@ def test_a_sweep_without_the_baseline_is_refused_before_any_work(tmp_path) -> No
 
 
 def test_a_worker_trial_restores_the_workers_threads(tmp_path, monkeypatch) -> None:
-    from kcompress import trials
+    from kcompress.runs import trials
 
     seen = []
     monkeypatch.setattr(trials, "execute_trial", lambda job, files=None: seen.append(torch.get_num_threads()) or {})

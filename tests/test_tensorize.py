@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kcompress.errors import KCompressError
-from kcompress.tensorize import Tensorization, balanced_factors, choose_tensorization, factor_dimension
+from kcompress.formats.tensorize import Tensorization, balanced_factors, choose_tensorization, factor_dimension
 
 
 @pytest.mark.parametrize("n, order", [(1024, 3), (57600, 4), (512, 4), (768, 3), (12, 2), (97, 2), (4 * 131, 3)])

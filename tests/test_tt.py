@@ -8,7 +8,7 @@ from tensorly.tt_matrix import tt_matrix_to_tensor
 
 from kcompress.errors import KCompressError
 from kcompress.formats.tt import TT
-from kcompress.tensorize import Tensorization, choose_tensorization
+from kcompress.formats.tensorize import Tensorization, choose_tensorization
 
 from .conftest import trained_like
 

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kcompress import KCompressWarning, compress
-from kcompress.finetune import finetune
+from kcompress.tuning.finetune import finetune
 from kcompress.formats import FORMATS
 from kcompress.nn import executed
 

@@ -35,8 +35,8 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from kcompress import KCompressWarning, compress
-from kcompress.data import SequenceData
-from kcompress.finetune import finetune
+from kcompress.tuning.data import SequenceData
+from kcompress.tuning.finetune import finetune
 from kcompress.formats import FORMATS
 from kcompress.nn import executed
 

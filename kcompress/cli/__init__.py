@@ -1,9 +1,9 @@
 """The ``kcompress`` command line: a thin click layer over the library (see ``docs/cli.md``)."""
 
-from .startup import quiet_startup_interrupts
+from kcompress.cli.startup import quiet_startup_interrupts
 
 quiet_startup_interrupts()  # before .main's imports, which take seconds (torch)
 
-from .main import app, main  # noqa: E402
+from kcompress.cli.main import app, main  # noqa: E402
 
 __all__ = ["app", "main"]

@@ -8,9 +8,9 @@ from typing import Any, Optional
 
 import click
 
-from ..allocate import OBJECTIVES
-from ..auto import ALLOCATIONS
-from .options import F, FormatListType
+from kcompress.allocation.choose import OBJECTIVES
+from kcompress.allocation.auto import ALLOCATIONS
+from kcompress.cli.options import F, FormatListType
 
 
 def allocation_options(command: F) -> F:

@@ -1,5 +1,5 @@
 """``kcompress compress`` (the default command): parse the options, run the pipeline
-(:func:`kcompress.pipeline.run_pipeline`), render its report and set the exit code."""
+(:func:`kcompress.runs.pipeline.run_pipeline`), render its report and set the exit code."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from typing import Any, Optional, Union
 
 import click
 
-from .._threads import threads_used
-from ..allocation_report import rich_tables
-from ..io import atomic_write, check_input_file, check_output_paths, default_output_path
-from ..pipeline import FinetuneSettings, run_pipeline
-from ..report import Report
-from ..search import run_search
-from .allocation import allocation_options, allocation_request
-from .options import (
+from kcompress._threads import threads_used
+from kcompress.report.allocation_table import rich_tables
+from kcompress.io import atomic_write, check_input_file, check_output_paths, default_output_path
+from kcompress.runs.pipeline import FinetuneSettings, run_pipeline
+from kcompress.report.record import Report
+from kcompress.runs.search import run_search
+from kcompress.cli.allocation import allocation_options, allocation_request
+from kcompress.cli.options import (
     COMPRESSION_FORMATS,
     EXIT_BUDGET,
     ORDER,
@@ -40,7 +40,7 @@ from .options import (
     threads_option,
     trust_option,
 )
-from .render import Display
+from kcompress.cli.render import Display
 
 EPILOG = """\b
 Examples:

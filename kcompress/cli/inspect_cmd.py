@@ -11,13 +11,13 @@ from typing import Any, Optional
 import click
 from torch import nn
 
-from ..errors import KCompressError
-from ..formats import get_format
-from ..io import check_input_file
-from ..nn import COMPRESSED_TYPES
-from ..pipeline import load_input
-from .options import COMPRESSION_FORMATS, ORDER, FormatListType, IntListType, common_options, guarded, trust_option
-from .render import Display, layers_table, options_table
+from kcompress.errors import KCompressError
+from kcompress.formats import get_format
+from kcompress.io import check_input_file
+from kcompress.nn import COMPRESSED_TYPES
+from kcompress.runs.pipeline import load_input
+from kcompress.cli.options import COMPRESSION_FORMATS, ORDER, FormatListType, IntListType, common_options, guarded, trust_option
+from kcompress.cli.render import Display, layers_table, options_table
 
 EPILOG = """\b
 Examples:

@@ -11,8 +11,8 @@ from typing import Any, Optional, Sequence
 
 import click
 
-from .. import __version__
-from .signals import deferred_interrupts, interruption
+from kcompress._version import __version__
+from kcompress.cli.signals import deferred_interrupts, interruption
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 

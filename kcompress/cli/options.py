@@ -12,14 +12,14 @@ from typing import Any, Callable, Optional, TypeVar, Union
 
 import click
 
-from ..calibrate import DEFAULT_SAMPLES, load_calibration_data
-from ..calibrated import CalibrationOptions
-from ..errors import KCompressError, one_line
-from ..evaluate import DROP_TYPES, TASKS, Budget, EvalSpec
-from ..finetune import LOSSES
-from ..formats import compression_formats
-from .render import echo_error
-from .signals import interruption, terminations_interrupt
+from kcompress.calibration.moments import DEFAULT_SAMPLES, load_calibration_data
+from kcompress.calibration.run import CalibrationOptions
+from kcompress.errors import KCompressError, one_line
+from kcompress.tuning.evaluate import DROP_TYPES, TASKS, Budget, EvalSpec
+from kcompress.tuning.finetune import LOSSES
+from kcompress.formats import compression_formats
+from kcompress.cli.render import echo_error
+from kcompress.cli.signals import interruption, terminations_interrupt
 
 EXIT_ERROR = 1
 #: the fraction of an --eval data file held out for scoring when the same file is also fine-tuned on
@@ -325,7 +325,7 @@ def calibration_kwargs(data: Optional[str], samples: int, distill_epochs: int, d
 def check_finetune(epochs: int, spec: Optional[EvalSpec], finetune_data: Optional[str] = None) -> Optional[EvalSpec]:
     """The spec to run: with fine-tuning, a data file given to --eval is no longer scored on the samples it
     trains on: ``--finetune-data FILE`` trains on FILE, else a seeded :data:`HOLDOUT` of it is held out for
-    scoring (see :class:`kcompress.evaluate.EvalSpec`)."""
+    scoring (see :class:`kcompress.tuning.evaluate.EvalSpec`)."""
     if finetune_data is not None and epochs == 0:
         raise click.UsageError("--finetune-data is the data to fine-tune on: give --finetune-epochs N as well")
     if finetune_data is not None:

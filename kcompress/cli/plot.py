@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, Sequence
 
-from ..trials import is_baseline
+from kcompress.runs.trials import is_baseline
 
 
 def plot_pareto(rows: Sequence[Mapping[str, Any]], front: Sequence[Mapping[str, Any]], path: "os.PathLike[str] | str",

@@ -14,10 +14,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 from rich.text import Text
 
-from ..errors import KCompressWarning, one_line
-from ..progress import ProgressCallback, ProgressEvent, silent
-from ..report_text import keep_numbers_whole
-from ..sweep import trial_label
+from kcompress.errors import KCompressWarning, one_line
+from kcompress.progress import ProgressCallback, ProgressEvent, silent
+from kcompress.report.text import keep_numbers_whole
+from kcompress.runs.sweep import trial_label
 
 PROG = "kcompress"
 #: plain mode: the longest a running fit stays silent before an iteration line is printed

@@ -10,11 +10,11 @@ from typing import Any, Optional
 
 import click
 
-from ..executors import SCHEDULER_ENV, scheduler_address
-from ..io import check_input_file
-from ..pipeline import FinetuneSettings
-from ..sweep import SweepResult, expand_grid, run_sweep, trial_label
-from .options import (
+from kcompress.runs.executors import SCHEDULER_ENV, scheduler_address
+from kcompress.io import check_input_file
+from kcompress.runs.pipeline import FinetuneSettings
+from kcompress.runs.sweep import SweepResult, expand_grid, run_sweep, trial_label
+from kcompress.cli.options import (
     COMPRESSION_FORMATS,
     EXIT_BUDGET,
     ORDER,
@@ -33,8 +33,8 @@ from .options import (
     model_option,
     trust_option,
 )
-from .plot import plot_pareto
-from .render import Display, pareto_table
+from kcompress.cli.plot import plot_pareto
+from kcompress.cli.render import Display, pareto_table
 
 PLOT_FILE = "pareto.png"
 

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import KCompressError
-from ..tensorize import Tensorization
-from .adtn import ADTN, ADTNOptions
-from .data_fit import DataFitInfo, DataFitSettings, output_error, refine_to_data, whitened_svd
-from .base import Factorization, FitInfo, ProgressFn, Rank, relative_error
-from .dense import Dense
-from .ht import HT
-from .kcp import KCP, KCPOptions
-from .options import FormatOptions
-from .stack import Stack
-from .svd import SVD
-from .treenet import TreeOptions
-from .tt import TT
+from kcompress.errors import KCompressError
+from kcompress.formats.tensorize import Tensorization
+from kcompress.formats.adtn import ADTN, ADTNOptions
+from kcompress.formats.data_fit import DataFitInfo, DataFitSettings, output_error, refine_to_data, whitened_svd
+from kcompress.formats.base import Factorization, FitInfo, ProgressFn, Rank, relative_error
+from kcompress.formats.dense import Dense
+from kcompress.formats.ht import HT
+from kcompress.formats.kcp import KCP, KCPOptions
+from kcompress.formats.options import FormatOptions
+from kcompress.formats.stack import Stack
+from kcompress.formats.svd import SVD
+from kcompress.formats.treenet import TreeOptions
+from kcompress.formats.tt import TT
 
 FORMATS: dict[str, type[Factorization]] = {cls.name: cls for cls in (ADTN, KCP, TT, HT, SVD, Dense)}
 

@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import KCompressError
-from ..tensorize import Tensorization
-from . import adtn_fit
-from .base import Factorization, OptionsLike, ProgressFn, Rank, dense_macs
-from .options import FormatOptions, option
+from kcompress.errors import KCompressError
+from kcompress.formats.tensorize import Tensorization
+from kcompress.formats import adtn_fit
+from kcompress.formats.base import Factorization, OptionsLike, ProgressFn, Rank, dense_macs
+from kcompress.formats.options import FormatOptions, option
 
 
 def _identity(x: Tensor) -> Tensor:

@@ -22,11 +22,11 @@ from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .._threads import fit_threads
-from ..errors import KCompressError
-from ..tensorize import Tensorization, choose_tensorization
-from .data_fit import DataFitInfo, DataFitSettings, OutputErrors, refine_to_data, same_shapes
-from .options import FormatOptions
+from kcompress._threads import fit_threads
+from kcompress.errors import KCompressError
+from kcompress.formats.tensorize import Tensorization, choose_tensorization
+from kcompress.formats.data_fit import DataFitInfo, DataFitSettings, OutputErrors, refine_to_data, same_shapes
+from kcompress.formats.options import FormatOptions
 
 Rank = Union[int, Sequence[int]]
 #: progress callback: ``(iteration, max_iterations, relative_error)``; called during fits

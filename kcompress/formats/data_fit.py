@@ -3,7 +3,7 @@
 For a matrix ``W (M, N)`` whose inputs ``x`` have the second moment ``C = E[x xᵀ] (N, N)``, the output
 error of an approximation ``Ŵ`` is ``tr(E C Eᵀ) / tr(W C Wᵀ)`` with ``E = W − Ŵ``; its square root is
 ``‖(W − Ŵ) Xᵀ‖_F / ‖W Xᵀ‖_F`` over the calibration inputs ``X``. Only ``C`` is needed, never ``X``. With
-row weights ``d (M,)`` (how much each output row moves the layer's state, :mod:`kcompress.gate_sensitivity`)
+row weights ``d (M,)`` (how much each output row moves the layer's state, :mod:`kcompress.calibration.gate_sensitivity`)
 both traces weight row ``i`` by ``d_i``: ``tr(D E C Eᵀ) / tr(D W C Wᵀ)``, ``D = diag(d)``.
 
 :func:`refine_to_data` minimises it over a format's own parameters through its differentiable
@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 import torch
 from torch import Tensor
 
-from ..errors import KCompressError
+from kcompress.errors import KCompressError
 
 if TYPE_CHECKING:
-    from .base import ProgressFn
+    from kcompress.formats.base import ProgressFn
 
 OPTIMIZERS = ("auto", "lbfgs", "adam")
 #: eigenvalues of the (ridged) second moment below this fraction of the largest are dropped from the

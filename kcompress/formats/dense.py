@@ -8,9 +8,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from ..tensorize import Tensorization
-from .base import Factorization, ProgressFn, Rank
-from .options import FormatOptions
+from kcompress.formats.tensorize import Tensorization
+from kcompress.formats.base import Factorization, ProgressFn, Rank
+from kcompress.formats.options import FormatOptions
 
 
 class Dense(Factorization):

@@ -27,9 +27,9 @@ import numpy as np
 import tensorly as tl
 from tensorly.tenalg import mode_dot
 
-from ..tensorize import Tensorization
-from .linalg import leading_vectors
-from .treenet import TreeFactorization, TreeLayout, take_letters
+from kcompress.formats.tensorize import Tensorization
+from kcompress.formats.linalg import leading_vectors
+from kcompress.formats.treenet import TreeFactorization, TreeLayout, take_letters
 
 
 class TreeNode(NamedTuple):

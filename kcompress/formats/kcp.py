@@ -33,14 +33,14 @@ import torch
 from tensorly.decomposition import parafac
 from torch import Tensor, nn
 
-from ..errors import KCompressError
-from ..tensorize import Tensorization
-from .base import Factorization, OptionsLike, ProgressFn, Rank
-from .data_fit import DataFitSettings, refine_to_data
-from .kcp_plan import ContractionPlan, best_plan, kcp_step_costs
-from .linalg import gram_svd
-from .options import FormatOptions, option
-from .rows import in_row_chunks
+from kcompress.errors import KCompressError
+from kcompress.formats.tensorize import Tensorization
+from kcompress.formats.base import Factorization, OptionsLike, ProgressFn, Rank
+from kcompress.formats.data_fit import DataFitSettings, refine_to_data
+from kcompress.formats.kcp_plan import ContractionPlan, best_plan, kcp_step_costs
+from kcompress.formats.linalg import gram_svd
+from kcompress.formats.options import FormatOptions, option
+from kcompress.formats.rows import in_row_chunks
 
 #: the batch is cut into chunks whose intermediates stay within this many bytes (cache-sized); ``"auto"``
 #: picks ``per_rank`` when a single vector's rank-batched intermediates exceed it

@@ -14,7 +14,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from ..tensorize import Tensorization, mode_orders
+from kcompress.formats.tensorize import Tensorization, mode_orders
 
 
 def kcp_step_costs(tensorization: Tensorization, order: tuple[int, ...]) -> tuple[int, int]:

@@ -15,7 +15,7 @@ import math
 import warnings
 from typing import Any, ClassVar, Mapping, Optional, Sequence, TypeVar, Union, get_args, get_origin, get_type_hints
 
-from ..errors import KCompressError, KCompressWarning
+from kcompress.errors import KCompressError, KCompressWarning
 
 O = TypeVar("O", bound="FormatOptions")
 

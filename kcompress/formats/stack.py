@@ -12,8 +12,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from .base import FitInfo, ProgressFn
-from .data_fit import DataFitInfo, DataFitSettings
+from kcompress.formats.base import FitInfo, ProgressFn
+from kcompress.formats.data_fit import DataFitInfo, DataFitSettings
 
 
 class Stack(nn.Module):

@@ -11,10 +11,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..tensorize import Tensorization
-from .base import Factorization, ProgressFn
-from .options import FormatOptions
-from .data_fit import DataFitSettings, output_error, whitened_svd
+from kcompress.formats.tensorize import Tensorization
+from kcompress.formats.base import Factorization, ProgressFn
+from kcompress.formats.options import FormatOptions
+from kcompress.formats.data_fit import DataFitSettings, output_error, whitened_svd
 
 
 class SVD(Factorization):

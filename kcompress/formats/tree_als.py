@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Callable, Optional
 import numpy as np
 import opt_einsum
 
-from .base import ProgressFn
+from kcompress.formats.base import ProgressFn
 
 if TYPE_CHECKING:  # treenet imports this module
-    from .treenet import TreeLayout
+    from kcompress.formats.treenet import TreeLayout
 
 
 def tree_als(

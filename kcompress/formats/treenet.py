@@ -25,11 +25,11 @@ import tensorly as tl
 import torch
 from torch import Tensor, nn
 
-from ..errors import KCompressError
-from ..tensorize import Tensorization
-from .base import Factorization, ProgressFn, Rank
-from .options import FormatOptions, option
-from .tree_als import tree_als
+from kcompress.errors import KCompressError
+from kcompress.formats.tensorize import Tensorization
+from kcompress.formats.base import Factorization, ProgressFn, Rank
+from kcompress.formats.options import FormatOptions, option
+from kcompress.formats.tree_als import tree_als
 
 #: einsum labels (torch.einsum accepts letters only)
 LETTERS = string.ascii_letters

@@ -17,8 +17,8 @@ from functools import lru_cache
 import numpy as np
 from tensorly.decomposition import tensor_train
 
-from .linalg import gram_svd
-from .treenet import TreeFactorization, TreeLayout, take_letters
+from kcompress.formats.linalg import gram_svd
+from kcompress.formats.treenet import TreeFactorization, TreeLayout, take_letters
 
 
 @lru_cache(maxsize=None)

@@ -11,12 +11,12 @@ One module per job; import the names below from ``kcompress.io``:
 Imports go one way: files <- recognize <- standalone <- artifact <- checkpoint.
 """
 
-from .artifact import ARTIFACT_SCHEMA_VERSION, METADATA_KEY, artifact_description, load, save_artifact
-from .checkpoint import KINDS, Checkpoint, load_checkpoint
-from .files import (PathLike, atomic_write, check_input_file, check_output_path, check_output_paths,
+from kcompress.io.artifact import ARTIFACT_SCHEMA_VERSION, METADATA_KEY, artifact_description, load, save_artifact
+from kcompress.io.checkpoint import KINDS, Checkpoint, load_checkpoint
+from kcompress.io.files import (PathLike, atomic_write, check_input_file, check_output_path, check_output_paths,
                     default_output_path, file_sha256)
-from .recognize import LayerSpec, find_layers
-from .standalone import WEIGHTS_ONLY, StandaloneModel, model_from_checkpoint, model_from_state_dict
+from kcompress.io.recognize import LayerSpec, find_layers
+from kcompress.io.standalone import WEIGHTS_ONLY, StandaloneModel, model_from_checkpoint, model_from_state_dict
 
 __all__ = [
     "ARTIFACT_SCHEMA_VERSION",

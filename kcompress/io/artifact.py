@@ -15,15 +15,15 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from ..errors import KCompressError
-from ..models import SequenceClassifier
-from ..nn import COMPRESSED_TYPES, CompressedLSTM, rebuild, replan
-from ..report import Report
-from .files import (PathLike, _read, _reason, _safetensors_header, _safetensors_tensors, _source_digest, atomic_write,
+from kcompress.errors import KCompressError
+from kcompress.io.models import SequenceClassifier
+from kcompress.nn import COMPRESSED_TYPES, CompressedLSTM, rebuild, replan
+from kcompress.report.record import Report
+from kcompress.io.files import (PathLike, _read, _reason, _safetensors_header, _safetensors_tensors, _source_digest, atomic_write,
                     check_output_path)
-from .recognize import LayerSpec, _join
-from .standalone import StandaloneModel, _load_exact, _module_at, _place
-from .validate import check_architecture, check_layers, check_values, fit_to_model
+from kcompress.io.recognize import LayerSpec, _join
+from kcompress.io.standalone import StandaloneModel, _load_exact, _module_at, _place
+from kcompress.io.validate import check_architecture, check_layers, check_values, fit_to_model
 
 #: key of the JSON description in an artifact's safetensors metadata
 METADATA_KEY = "kcompress"
@@ -114,7 +114,7 @@ def _without_timings(data: Any) -> Any:
 
 
 def _versions() -> dict[str, str]:
-    from .. import __version__
+    from kcompress._version import __version__
 
     return {"kcompress": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__}
 

@@ -28,9 +28,9 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from ..errors import KCompressError
-from .artifact import METADATA_KEY, _artifact_description, _restore
-from .files import PathLike, _corrupt, _read, _reason, _safetensors_header, _safetensors_tensors
+from kcompress.errors import KCompressError
+from kcompress.io.artifact import METADATA_KEY, _artifact_description, _restore
+from kcompress.io.files import PathLike, _corrupt, _read, _reason, _safetensors_header, _safetensors_tensors
 
 #: checkpoint kinds :func:`load_checkpoint` returns
 KINDS = ("state_dict", "module", "torchscript", "safetensors", "artifact")

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Optional, Union
 import safetensors.torch
 from torch import Tensor
 
-from ..errors import KCompressError
+from kcompress.errors import KCompressError
 
 PathLike = Union[str, "os.PathLike[str]"]
 _MAX_HEADER = 100 * 1024 * 1024

@@ -20,8 +20,8 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..errors import KCompressError
-from ..nn import COMPRESSED_TYPES
+from kcompress.errors import KCompressError
+from kcompress.nn import COMPRESSED_TYPES
 
 _TORCH_LAYERS: dict[str, type[nn.Module]] = {cls.__name__: cls for cls in COMPRESSED_TYPES}
 _RNN_KEY = re.compile(r"^(weight|bias)_(ih|hh)_l(\d+)(_reverse)?$")

@@ -8,14 +8,14 @@ from typing import Any, Mapping, Optional, Sequence, TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from ..errors import KCompressError
-from ..models import SequenceClassifier
-from ..nn import COMPRESSED_TYPES
-from .files import _reason
-from .recognize import INTEGER_HINT, LayerSpec, _check_finite, find_layers
+from kcompress.errors import KCompressError
+from kcompress.io.models import SequenceClassifier
+from kcompress.nn import COMPRESSED_TYPES
+from kcompress.io.files import _reason
+from kcompress.io.recognize import INTEGER_HINT, LayerSpec, _check_finite, find_layers
 
 if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
+    from kcompress.io.checkpoint import Checkpoint
 
 #: forward of a model rebuilt from weights alone
 WEIGHTS_ONLY = "this checkpoint holds weights only; pass a model or an --evaluator to run it"

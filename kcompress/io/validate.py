@@ -20,11 +20,11 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from .. import formats
-from ..errors import KCompressError
-from ..nn import COMPRESSED_TYPES
-from .recognize import _check_finite, _join
-from .standalone import _module_at
+from kcompress import formats
+from kcompress.errors import KCompressError
+from kcompress.nn import COMPRESSED_TYPES
+from kcompress.io.recognize import _check_finite, _join
+from kcompress.io.standalone import _module_at
 
 #: layer kwargs that no weight determines: a state dict cannot know them, the user's model says them
 INTERFACE_KEYS = ("batch_first", "dropout")

@@ -14,14 +14,14 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .. import formats
-from ..errors import KCompressError
-from .base import CompressedLayer, MatrixBuilder
-from .cells import CompressedGRUCell, CompressedLSTMCell
-from .linear import CompressedLinear
-from .execution import FACTORIZED, MATERIALIZED, MODES
-from .plan import auto_plan, closed_form, executed, execution_of, replan, set_execution, trained
-from .recurrent import CompressedGRU, CompressedLSTM
+from kcompress import formats
+from kcompress.errors import KCompressError
+from kcompress.nn.base import CompressedLayer, MatrixBuilder
+from kcompress.nn.cells import CompressedGRUCell, CompressedLSTMCell
+from kcompress.nn.linear import CompressedLinear
+from kcompress.nn.execution import FACTORIZED, MATERIALIZED, MODES
+from kcompress.nn.plan import auto_plan, closed_form, executed, execution_of, replan, set_execution, trained
+from kcompress.nn.recurrent import CompressedGRU, CompressedLSTM
 
 #: torch layer type -> its compressed drop-in
 COMPRESSED_TYPES: dict[type[nn.Module], type[CompressedLayer]] = {

@@ -14,8 +14,8 @@ from typing import Any, Callable, ClassVar, Mapping, Optional
 
 from torch import Tensor, nn
 
-from ..errors import KCompressError
-from .execution import FACTORIZED, MATERIALIZED, WeightCache, check_mode, chunked_multiply, is_dense
+from kcompress.errors import KCompressError
+from kcompress.nn.execution import FACTORIZED, MATERIALIZED, WeightCache, check_mode, chunked_multiply, is_dense
 
 #: ``(torch parameter name, dense weight (rows, cols), gates) -> matrix module``; gates is 4 for LSTM
 #: matrices, 3 for GRU, 1 for Linear

@@ -18,8 +18,8 @@ from typing import Any, Callable, ClassVar, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .base import CompressedLayer
-from .execution import fused_cell
+from kcompress.nn.base import CompressedLayer
+from kcompress.nn.execution import fused_cell
 
 #: internal recurrent state: ``(h,)`` for GRU, ``(h, c)`` for LSTM, each ``(batch, hidden)``
 State = tuple[Tensor, ...]

@@ -18,9 +18,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, _VF, nn
 
-from .. import formats
-from ..errors import KCompressError
-from ..formats.rows import in_row_chunks
+from kcompress import formats
+from kcompress.errors import KCompressError
+from kcompress.formats.rows import in_row_chunks
 
 FACTORIZED = "factorized"
 MATERIALIZED = "materialized"

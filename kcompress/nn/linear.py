@@ -6,7 +6,7 @@ from typing import Any, Mapping, Optional
 
 from torch import Tensor, nn
 
-from .base import CompressedLayer
+from kcompress.nn.base import CompressedLayer
 
 
 class CompressedLinear(CompressedLayer):

@@ -6,7 +6,7 @@ per-step Python loop for its whole layer, so the matrices of a layer are decided
 1. Closed form where the answer is clear: a factorized product needing at least the dense product's MACs
    is materialized; one needing at most :data:`CLEAR_FRACTION` of them on a matrix of at least
    :data:`CLEAR_MACS` MACs per row (where fixed kernel costs no longer matter) stays factorized.
-2. Otherwise a short measurement (:func:`kcompress.speed.time_interleaved`, interleaved runs, medians) of
+2. Otherwise a short measurement (:func:`kcompress.nn.speed.time_interleaved`, interleaved runs, medians) of
    the whole layer's forward on random input of :data:`MEASURE_STEPS` steps at each of
    :data:`MEASURE_BATCHES` sequences under each candidate plan; a factorized candidate must beat the
    all-materialized one by :data:`MARGIN` at every batch, in the median of per-round time ratios (robust
@@ -26,11 +26,11 @@ from typing import Callable, Iterator, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..errors import KCompressError
-from ..speed import CHECK_BATCH, paired, time_interleaved
-from .base import CompressedLayer
-from .execution import FACTORIZED, MATERIALIZED, MODES, check_mode, is_dense
-from .recurrent import CompressedRNN
+from kcompress.errors import KCompressError
+from kcompress.nn.speed import CHECK_BATCH, paired, time_interleaved
+from kcompress.nn.base import CompressedLayer
+from kcompress.nn.execution import FACTORIZED, MATERIALIZED, MODES, check_mode, is_dense
+from kcompress.nn.recurrent import CompressedRNN
 
 #: ``"auto"``, one mode for every matrix, or ``{glob over "layer.matrix" names: mode}`` (later globs win)
 Plan = Union[str, Mapping[str, str]]

@@ -32,10 +32,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from ..errors import KCompressError
-from .base import CompressedLayer
-from .cells import CellMath, GRUMath, LSTMMath, Product, PublicState, State
-from .execution import fused_rnn, identity, tracing
+from kcompress.errors import KCompressError
+from kcompress.nn.base import CompressedLayer
+from kcompress.nn.cells import CellMath, GRUMath, LSTMMath, Product, PublicState, State
+from kcompress.nn.execution import fused_rnn, identity, tracing
 
 Input = Union[Tensor, PackedSequence]
 #: the Python overhead of one step of the time loop, in multiply-accumulates of a one-thread GEMM (~50 µs)

@@ -2,7 +2,7 @@
 
 A :class:`TrialJob` carries what a worker needs (the settings, the input file's path and sha256, the
 evaluation spec, the seed, the user's model class) and :func:`execute_trial` returns its record: the
-pipeline's stages (:func:`kcompress.pipeline.compress_stages`) on the dense model the worker loaded once.
+pipeline's stages (:func:`kcompress.runs.pipeline.compress_stages`) on the dense model the worker loaded once.
 Where the worker cannot read the job's files, their bytes come with it and are written to a local cache
 once. Only the driver writes the log (:func:`append_record`): one JSON object per line, each appended with
 a single ``os.write`` on an ``O_APPEND`` descriptor and fsynced; :func:`read_records` reads it back.
@@ -23,14 +23,14 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from typing import Any, Mapping, Optional
 
-from ._threads import threads
-from .config import CompressConfig
-from .errors import error_line
-from .evaluate import EvalSpec, Evaluation, load_evaluation
-from .executors import worker_name
-from .formats import FORMATS, get_format
-from .io import PathLike, atomic_write
-from .pipeline import CompressionRun, FinetuneSettings, compress_stages, load_input, measure
+from kcompress._threads import threads
+from kcompress.config.compress import CompressConfig
+from kcompress.errors import error_line
+from kcompress.tuning.evaluate import EvalSpec, Evaluation, load_evaluation
+from kcompress.runs.executors import worker_name
+from kcompress.formats import FORMATS, get_format
+from kcompress.io import PathLike, atomic_write
+from kcompress.runs.pipeline import CompressionRun, FinetuneSettings, compress_stages, load_input, measure
 
 #: the trial format of the uncompressed baseline: the registered format that keeps a matrix as it is
 BASELINE_FORMAT = next(name for name, cls in FORMATS.items() if not cls.compresses)

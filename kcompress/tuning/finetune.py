@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import Batch, SequenceData
-from .errors import KCompressError
-from .layer_match import captured, matching_loss
-from .nn.plan import trained
-from .evaluate import (
+from kcompress.tuning.data import Batch, SequenceData
+from kcompress.errors import KCompressError
+from kcompress.tuning.layer_match import captured, matching_loss
+from kcompress.nn.plan import trained
+from kcompress.tuning.evaluate import (
     check_task,
     eval_mode,
     evaluate,
@@ -30,7 +30,7 @@ from .evaluate import (
     run_model,
     split_batch,
 )
-from .progress import ProgressCallback, ProgressEvent, ProgressLike, progress_callback, silent
+from kcompress.progress import ProgressCallback, ProgressEvent, ProgressLike, progress_callback, silent
 
 LOSSES = ("task", "distill", "both")
 
@@ -79,7 +79,7 @@ class _Objective:
     task: str
     teacher: Optional[nn.Module]
     temperature: float
-    #: layers whose outputs are also matched to the teacher's (:mod:`kcompress.layer_match`), and the weight
+    #: layers whose outputs are also matched to the teacher's (:mod:`kcompress.tuning.layer_match`), and the weight
     match_layers: tuple[str, ...] = ()
     match_weight: float = 1.0
 
@@ -140,7 +140,7 @@ def finetune(
     outputs for regression; no labels read) or ``"both"`` (their sum); None: ``"distill"`` when a ``teacher``
     is given, else ``"task"``. ``match_layers``: qualified names of layers present in both models whose
     outputs the distillation also matches (normalised squared error times ``match_weight``, see
-    :mod:`kcompress.layer_match`); early stopping watches the output loss alone. Early stopping after ``patience`` epochs without improvement (None: never) of
+    :mod:`kcompress.tuning.layer_match`); early stopping watches the output loss alone. Early stopping after ``patience`` epochs without improvement (None: never) of
     the monitored metric (see ``FinetuneResult.metric``), announced by a ``"stopped"`` progress event; epoch 0
     is the starting point, so a run that only hurts returns the model unchanged. ``progress``: a callback of
     :class:`kcompress.progress.ProgressEvent`, or True for a progress bar on stderr (see

@@ -13,10 +13,10 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .data import BUILTIN_DATASETS, Batch, SequenceData, load_builtin, load_data_file
-from .errors import KCompressError
-from .io import file_sha256
-from .usercode import import_reference, split_reference
+from kcompress.tuning.data import BUILTIN_DATASETS, Batch, SequenceData, load_builtin, load_data_file
+from kcompress.errors import KCompressError
+from kcompress.io import file_sha256
+from kcompress.io.usercode import import_reference, split_reference
 
 TASKS = ("classification", "regression")
 DROP_TYPES = ("absolute", "relative")

@@ -30,12 +30,12 @@ from typing import Any, Optional
 
 from torch import nn
 
-from .convert import compress
-from .planning import NOTHING_MATCHED
-from .errors import KCompressError, KCompressWarning
-from .evaluate import Budget, EvalSpec, Evaluation, load_evaluation, metrics_record
-from .finetune import LOSSES, FinetuneResult, finetune
-from .io import (
+from kcompress.runs.convert import compress
+from kcompress.fitting.planning import NOTHING_MATCHED
+from kcompress.errors import KCompressError, KCompressWarning
+from kcompress.tuning.evaluate import Budget, EvalSpec, Evaluation, load_evaluation, metrics_record
+from kcompress.tuning.finetune import LOSSES, FinetuneResult, finetune
+from kcompress.io import (
     Checkpoint,
     PathLike,
     check_output_path,
@@ -45,9 +45,9 @@ from .io import (
     model_from_checkpoint,
     save_artifact,
 )
-from .progress import ProgressCallback, ProgressEvent
-from .report import Report
-from .usercode import import_reference
+from kcompress.progress import ProgressCallback, ProgressEvent
+from kcompress.report.record import Report
+from kcompress.io.usercode import import_reference
 
 _DEFAULT_FORMAT = inspect.signature(compress).parameters["format"].default
 

@@ -2,7 +2,7 @@
 the dense model, and the whole model's agreement with it, all on the calibration inputs only (no labels).
 
 :class:`CalibrationOptions` holds their settings; :class:`CalibrationRun` is what ``compress`` calls:
-``refine`` per fitted matrix (statistics from :class:`~kcompress.calibrate.Calibrator`, fit through the
+``refine`` per fitted matrix (statistics from :class:`~kcompress.calibration.moments.Calibrator`, fit through the
 format's ``fit_to_data``) and ``finish`` once the model is compressed (distillation, agreement, the
 report's ``calibration`` record).
 """
@@ -18,8 +18,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .augment import Augmentation, AugmentedCalls
-from .calibrate import (
+from kcompress.calibration.augment import Augmentation, AugmentedCalls
+from kcompress.calibration.moments import (
     DEFAULT_HOLDOUT,
     SOURCES,
     CalibrationData,
@@ -29,15 +29,15 @@ from .calibrate import (
     batch_rows,
     calibration_set,
 )
-from .errors import KCompressError
-from .evaluate import TASKS, eval_mode, run_model
-from .finetune import FinetuneResult, finetune
-from .formats import DataFitInfo, DataFitSettings, ProgressFn
-from .formats.data_fit import budgeted
-from .layer_match import first_tensor
-from .nn.plan import compressed_layers, set_execution
-from .progress import ProgressCallback
-from .report import Report
+from kcompress.errors import KCompressError
+from kcompress.tuning.evaluate import TASKS, eval_mode, run_model
+from kcompress.tuning.finetune import FinetuneResult, finetune
+from kcompress.formats import DataFitInfo, DataFitSettings, ProgressFn
+from kcompress.formats.data_fit import budgeted
+from kcompress.tuning.layer_match import first_tensor
+from kcompress.nn.plan import compressed_layers, set_execution
+from kcompress.progress import ProgressCallback
+from kcompress.report.record import Report
 
 
 #: ridges tried by ``ridge="auto"`` (the first is fitted first; see :meth:`CalibrationRun.fit`)
@@ -65,15 +65,15 @@ class CalibrationOptions:
     ``ridge="auto"`` fits the model once per ridge of :data:`RIDGE_CANDIDATES` and keeps the one whose
     outputs agree best with the dense model's on the held-out calibration inputs; ``gate_weights``: weight
     each output row of a recurrent matrix by how much it moves the layer's state
-    (:mod:`kcompress.gate_sensitivity`; False: every row alike; ``"auto"``: fit both ways, at every candidate
+    (:mod:`kcompress.calibration.gate_sensitivity`; False: every row alike; ``"auto"``: fit both ways, at every candidate
     ridge, and keep the closest to the dense model as for ``ridge="auto"``);
     ``distill_lr``, ``task`` (``classification``: KL on logits, ``regression``: MSE on outputs),
     ``patience`` (epochs without improvement of the held-out loss): the unlabeled distillation;
     ``distill_lr="auto"`` distils once per rate of :data:`DISTILL_LR_CANDIDATES` and keeps the model whose
     outputs agree best with the dense model's on the held-out calibration inputs;
     ``augment_copies``, ``mixup``, ``jitter``, ``crop``: its teacher-labelled augmentation of the calibration
-    inputs (:class:`kcompress.augment.Augmentation`; ``augment_copies=0``: none); ``match_weight``: weight of
-    matching each compressed layer's outputs to the dense layer's (:mod:`kcompress.layer_match`; 0: off)."""
+    inputs (:class:`kcompress.calibration.augment.Augmentation`; ``augment_copies=0``: none); ``match_weight``: weight of
+    matching each compressed layer's outputs to the dense layer's (:mod:`kcompress.tuning.layer_match`; 0: off)."""
 
     source: str = "dense"
     holdout: float = DEFAULT_HOLDOUT

@@ -3,7 +3,7 @@
 For a matrix ``W (M, N)`` whose inputs have the second moment ``C (N, N)`` (identity without calibration
 data), the output error of an approximation ``Ŵ`` is ``e = tr(D E C Eᵀ)`` with ``E = W − Ŵ`` and ``D`` the
 diagonal of the matrix's row weights (how much each gate row moves its layer's state,
-:mod:`kcompress.gate_sensitivity`; the identity without): the squared output error ``‖(W − Ŵ) X‖²`` per
+:mod:`kcompress.calibration.gate_sensitivity`; the identity without): the squared output error ``‖(W − Ŵ) X‖²`` per
 input, on the scale of what the matrix contributes, ``tr(D W C Wᵀ)``.
 The allocation minimises ``Σ_matrices e`` subject to ``Σ cost ≤ budget``, where the cost of an option
 (format, rank) is its closed-form parameter count (``objective="size"``) or its multiply MACs per input
@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import KCompressError
-from .formats import Factorization, get_format
-from .formats.data_fit import DataFitSettings, OutputErrors, whitened_svd
-from .tensorize import Tensorization
+from kcompress.errors import KCompressError
+from kcompress.formats import Factorization, get_format
+from kcompress.formats.data_fit import DataFitSettings, OutputErrors, whitened_svd
+from kcompress.formats.tensorize import Tensorization
 
 OBJECTIVES = ("size", "latency")
 #: largest number of budget units the dynamic programme uses (costs are rounded up to ``budget / RESOLUTION``)

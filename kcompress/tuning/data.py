@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import KCompressError
+from kcompress.errors import KCompressError
 
 #: A batch as models take it: ``((inputs, lengths), targets)``, or ``(inputs, targets)`` without lengths.
 Batch = tuple[Union[Tensor, tuple[Tensor, Tensor]], Tensor]
@@ -172,7 +172,7 @@ def _padded(sequences: list[np.ndarray], targets: Tensor) -> SequenceData:
 
 def read_bundled_ts(name: str, split: str) -> tuple[list[np.ndarray], list[str]]:
     """A .ts file bundled in ``kcompress/datasets`` (gzip): ``([(channels, T_b) arrays], [label strings])``."""
-    path = pathlib.Path(__file__).resolve().parent / "datasets" / f"{name}_{split.upper()}.ts.gz"
+    path = pathlib.Path(__file__).resolve().parents[1] / "datasets" / f"{name}_{split.upper()}.ts.gz"
     if not path.is_file():
         raise KCompressError(f"{path} is missing: reinstall kcompress")
     with gzip.open(path, "rt", encoding="utf8") as handle:

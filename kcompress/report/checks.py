@@ -4,7 +4,7 @@ its matrix, compressed matrices that hold more values than the dense ones, and r
 
 from __future__ import annotations
 
-from .report import Report
+from kcompress.report.record import Report
 
 #: a fit whose relative error is at least this explains almost nothing of its matrix
 UNEXPLAINED_ERROR = 0.95

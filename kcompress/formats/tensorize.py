@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .errors import KCompressError
+from kcompress.errors import KCompressError
 
 #: a factorization is accepted when its largest factor is at most this times the ideal ``n**(1/d)``
 BALANCE_TOLERANCE = 2.0

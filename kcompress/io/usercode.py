@@ -16,7 +16,7 @@ import sys
 from types import ModuleType
 from typing import Any, Iterator
 
-from .errors import KCompressError
+from kcompress.errors import KCompressError
 
 
 def split_reference(text: str, what: str, kind: str = "function") -> tuple[str, str]:

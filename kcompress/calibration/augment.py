@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .calibrate import Inputs, batch_rows
-from .errors import KCompressError
+from kcompress.calibration.moments import Inputs, batch_rows
+from kcompress.errors import KCompressError
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ lengths; a padded tensor counts every step as real).
 :func:`matrix_inputs` yields ``(torch parameter name, rows (n, N), sensitivities (n, M) or None)``:
 ``weight_ih*`` gets the layer's inputs ``x_t``, ``weight_hh*`` the previous hidden state ``h_{t-1}`` (``h_0``
 included), ``weight`` (Linear) its input; the sensitivities of an LSTM's/GRU's matrices are the squared state
-sensitivities of their gate rows at the same steps (:mod:`kcompress.gate_sensitivity`), None for Linear.
+sensitivities of their gate rows at the same steps (:mod:`kcompress.calibration.gate_sensitivity`), None for Linear.
 ``weights`` replaces matrices by other dense values (e.g. the reconstruction of an inner layer already
 compressed); ``layers`` restricts the output to some inner layers.
 """
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from .gate_sensitivity import gru_sensitivities, lstm_sensitivities
+from kcompress.calibration.gate_sensitivity import gru_sensitivities, lstm_sensitivities
 
 #: (matrix name, rows (n, N), squared gate-row sensitivities (n, M) or None)
 Rows = tuple[str, Tensor, Optional[Tensor]]

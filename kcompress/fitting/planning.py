@@ -12,12 +12,12 @@ from typing import Any, Optional
 
 from torch import nn
 
-from .config import CompressConfig
-from .errors import KCompressError
-from .formats import Dense, Factorization, FormatOptions, get_format
-from .nn import COMPRESSED_TYPES
-from .report import Report, SkippedLayer, qualified_name
-from .tensorize import Tensorization
+from kcompress.config.compress import CompressConfig
+from kcompress.errors import KCompressError
+from kcompress.formats import Dense, Factorization, FormatOptions, get_format
+from kcompress.nn import COMPRESSED_TYPES
+from kcompress.report.record import Report, SkippedLayer, qualified_name
+from kcompress.formats.tensorize import Tensorization
 
 NOTHING_MATCHED = "no LSTM/GRU/Linear layer matched"
 

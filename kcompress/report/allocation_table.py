@@ -1,5 +1,5 @@
 """Rendering of ``Report.allocation`` (the automatic allocation) and ``Report.search`` (the budget search
-trajectory) as rich tables and Markdown, beside the per-matrix table of :mod:`kcompress.report`."""
+trajectory) as rich tables and Markdown, beside the per-matrix table of :mod:`kcompress.report.record`."""
 
 from __future__ import annotations
 

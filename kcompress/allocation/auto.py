@@ -1,5 +1,5 @@
 """``compress(..., allocate="auto")``: estimate every targeted matrix's error curves once, choose formats and
-ranks under the global budget (:mod:`kcompress.allocate`), then fit only the chosen ones through the usual
+ranks under the global budget (:mod:`kcompress.allocation.choose`), then fit only the chosen ones through the usual
 ``compress`` with per-matrix overrides.
 
 :func:`prepare` does the expensive part (planning, second moments, error curves) and is reused by the
@@ -14,14 +14,14 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .allocate import OBJECTIVES, Allocation, Candidate, Option, allocate, budget_for, check_budget, estimate
-from .calibrate import SecondMoment, collect_second_moments
-from .calibrated import CalibrationOptions
-from .errors import KCompressError
-from .formats import get_format
-from .formats.data_fit import DataFitSettings, output_error
-from .progress import ProgressEvent
-from .report import Report
+from kcompress.allocation.choose import OBJECTIVES, Allocation, Candidate, Option, allocate, budget_for, check_budget, estimate
+from kcompress.calibration.moments import SecondMoment, collect_second_moments
+from kcompress.calibration.run import CalibrationOptions
+from kcompress.errors import KCompressError
+from kcompress.formats import get_format
+from kcompress.formats.data_fit import DataFitSettings, output_error
+from kcompress.progress import ProgressEvent
+from kcompress.report.record import Report
 
 ALLOCATIONS = ("uniform", "auto")
 #: ``compress`` keywords that decide which matrices are targeted and their modes
@@ -71,7 +71,7 @@ def prepare(model: nn.Module, format: Union[str, Sequence[str]], *, objective: s
     if objective not in OBJECTIVES:
         raise KCompressError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     _check_overrides(plan_options.get("overrides"))
-    from .convert import plan_matrices
+    from kcompress.runs.convert import plan_matrices
 
     plans = {fmt: plan_matrices(model, fmt, rank=1, **plan_options) for fmt in formats}
     first = plans[formats[0]]
@@ -98,7 +98,7 @@ def compress_prepared(model: nn.Module, prepared: Prepared, allocation: Allocati
                       **compress_options: Any) -> tuple[nn.Module, Report]:
     """Fit ``allocation`` (from ``prepared.allocate``) with :func:`kcompress.compress`; the report carries
     the allocation table with each matrix's measured output error (held-out moment) and execution path."""
-    from .convert import compress
+    from kcompress.runs.convert import compress
 
     overrides = {**dict(compress_options.pop("overrides", None) or {}), **allocation.overrides()}
     compressed, report = compress(model, prepared.formats[0], rank=1, overrides=overrides, **compress_options)
@@ -119,7 +119,7 @@ def attach_allocation(report: Report, compressed: nn.Module, prepared: Prepared,
 def compress_allocated(model: nn.Module, format: Union[str, Sequence[str]], allocate: str, *,
                        rank: Any = None, ratio: Optional[float] = None, params: Optional[int] = None,
                        objective: str = "size", **compress_options: Any) -> tuple[nn.Module, Report]:
-    """:func:`kcompress.compress` with ``allocate="auto"`` (see :mod:`kcompress.allocate`)."""
+    """:func:`kcompress.compress` with ``allocate="auto"`` (see :mod:`kcompress.allocation.choose`)."""
     check_allocation(format, allocate, rank, ratio, params, objective, compress_options.get("overrides"))
     progress = compress_options.get("progress")
     if progress is not None:

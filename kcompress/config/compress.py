@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, Union
 
-from .calibrate import DEFAULT_SAMPLES
-from .calibrated import CalibrationOptions
-from .errors import KCompressError
-from .formats import get_format
-from .nn.plan import Plan, check_plan
+from kcompress.calibration.moments import DEFAULT_SAMPLES
+from kcompress.calibration.run import CalibrationOptions
+from kcompress.errors import KCompressError
+from kcompress.formats import get_format
+from kcompress.nn.plan import Plan, check_plan
 
 Rank = Union[int, Sequence[int]]
 Modes = tuple[Optional[Sequence[int]], Optional[Sequence[int]]]
@@ -39,7 +39,7 @@ class CompressConfig:
     """The settings of :func:`kcompress.compress` (its keywords of the same names; see ``docs/api.md``).
 
     ``allocate="uniform"`` (the default) applies ``rank`` or ``ratio`` to every matrix; ``"auto"`` (or a
-    list of formats, or ``params``) lets :mod:`kcompress.auto` choose each matrix's format and rank.
+    list of formats, or ``params``) lets :mod:`kcompress.allocation.auto` choose each matrix's format and rank.
     """
 
     format: Union[str, Sequence[str]] = "kcp"
@@ -68,7 +68,7 @@ class CompressConfig:
     def __post_init__(self) -> None:
         check_plan(self.execution)
         if self.allocated:
-            from .auto import check_allocation
+            from kcompress.allocation.auto import check_allocation
 
             check_allocation(self.format, self.allocate, self.rank, self.ratio, self.params, self.objective,
                              self.overrides)
@@ -96,7 +96,7 @@ class CompressConfig:
     # ------------------------------------------------------------------ normalized views
     @property
     def allocated(self) -> bool:
-        """Whether formats and ranks are chosen per matrix (:mod:`kcompress.auto`) rather than given."""
+        """Whether formats and ranks are chosen per matrix (:mod:`kcompress.allocation.auto`) rather than given."""
         return self.allocate != "uniform" or not isinstance(self.format, str) or self.params is not None
 
     @cached_property

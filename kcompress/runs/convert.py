@@ -1,12 +1,12 @@
 """``compress``: replace a model's LSTM/GRU/cell/Linear layers by compressed drop-ins and report what was done.
 
-The settings are one :class:`~kcompress.config.CompressConfig`, checked when it is built. The work then
+The settings are one :class:`~kcompress.config.compress.CompressConfig`, checked when it is built. The work then
 runs in two passes. The *plan* pass reads only the layers' shapes: it selects layers (``include``/
 ``exclude``), resolves every matrix's settings (``overrides``), picks its modes and rank and has the format
 check them with its options (:meth:`Factorization.check`, closed forms, no module built), so every mistake
-in the request is reported before any fit starts (:mod:`kcompress.planning`). The *fit* pass then builds
+in the request is reported before any fit starts (:mod:`kcompress.fitting.planning`). The *fit* pass then builds
 each compressed layer with ``from_dense`` and a matrix builder that fits the planned format, and puts the
-layer where the dense one was (:mod:`kcompress.fitting`).
+layer where the dense one was (:mod:`kcompress.fitting.layers`).
 """
 
 from __future__ import annotations
@@ -20,18 +20,18 @@ import tensorly
 import torch
 from torch import nn
 
-from ._threads import fit_thread_count
-from .calibrate import DEFAULT_SAMPLES
-from .calibrated import CalibrationRun
-from .config import DEFAULT_TARGETS, CompressConfig, Modes, Rank, config_defaults, config_fields
-from .errors import KCompressError, KCompressWarning
-from .fitting import fit_layers
-from .nn.plan import Plan, compressed_layers, set_execution
-from .planning import MatrixPlan, plan_compression
-from .progress import ProgressLike, progress_callback
-from .report import Report
-from .result_checks import result_warnings
-from .speed import CHECK_BATCH, measured_speedup
+from kcompress._threads import fit_thread_count
+from kcompress.calibration.moments import DEFAULT_SAMPLES
+from kcompress.calibration.run import CalibrationRun
+from kcompress.config.compress import DEFAULT_TARGETS, CompressConfig, Modes, Rank, config_defaults, config_fields
+from kcompress.errors import KCompressError, KCompressWarning
+from kcompress.fitting.layers import fit_layers
+from kcompress.nn.plan import Plan, compressed_layers, set_execution
+from kcompress.fitting.planning import MatrixPlan, plan_compression
+from kcompress.progress import ProgressLike, progress_callback
+from kcompress.report.record import Report
+from kcompress.report.checks import result_warnings
+from kcompress.nn.speed import CHECK_BATCH, measured_speedup
 
 
 def compress(
@@ -66,7 +66,7 @@ def compress(
 
     ``allocate="auto"`` (``format`` may then be a list) chooses each matrix's format and rank under one
     global budget, ``ratio`` or ``params``, measured in parameters or, with ``objective="latency"``, in
-    MACs (see :mod:`kcompress.auto`); ``"uniform"`` applies ``rank``/``ratio`` to every matrix.
+    MACs (see :mod:`kcompress.allocation.auto`); ``"uniform"`` applies ``rank``/``ratio`` to every matrix.
 
     ``progress``: a callback of :class:`kcompress.progress.ProgressEvent`, or True for the CLI's progress
     display on stderr. See ``docs/design.md`` (convert). Every entry of ``report.warnings`` is also emitted as a
@@ -75,14 +75,14 @@ def compress(
     ``execution`` (``"auto"``, ``"factorized"``, ``"materialized"`` or ``{glob: path}``) sets how each
     compressed matrix runs (:func:`kcompress.set_execution`; ``auto`` measures only with ``check_speed``).
     With ``check_speed`` each factorized matrix is timed against its dense product at batch
-    :data:`kcompress.speed.CHECK_BATCH` (interleaved, median and spread) and a warning names those that are
+    :data:`kcompress.nn.speed.CHECK_BATCH` (interleaved, median and spread) and a warning names those that are
     slower, with the reason they run factorized.
 
     ``calibration`` (unlabeled model inputs: a tensor, a tuple of positional inputs, a DataLoader or iterable
-    of batches, a SequenceData; see :func:`kcompress.calibrate.calibration_set`) makes every targeted matrix
+    of batches, a SequenceData; see :func:`kcompress.calibration.moments.calibration_set`) makes every targeted matrix
     fit what it computes on those inputs (at most ``calibrate_samples`` sequences, part held out; see
     ``docs/calibration.md``), layer after layer; ``calibrate_options`` are the fields of
-    :class:`kcompress.calibrated.CalibrationOptions`. ``distill_epochs`` then trains the compressed model to
+    :class:`kcompress.calibration.run.CalibrationOptions`. ``distill_epochs`` then trains the compressed model to
     match the dense one's outputs on the same inputs (early stopping on the held-out part).
 
     Every setting is checked before any work as a :class:`kcompress.CompressConfig` (stored in
@@ -97,7 +97,7 @@ def compress(
         raise KCompressError(f"compress needs a torch nn.Module, got {type(model).__name__}")
     config = _config(arguments)
     if config.allocated:
-        from .auto import compress_allocated
+        from kcompress.allocation.auto import compress_allocated
 
         model, report = compress_allocated(model, **config.keywords(), calibration=calibration, progress=progress,
                                            inplace=inplace)
@@ -182,7 +182,7 @@ def _copy(model: nn.Module) -> nn.Module:
 
 
 def _versions() -> dict[str, str]:
-    from . import __version__
+    from kcompress._version import __version__
 
     return {"kcompress": __version__, "torch": torch.__version__, "tensorly": tensorly.__version__,
             "python": platform.python_version()}

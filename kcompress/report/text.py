@@ -1,5 +1,5 @@
 """The text of a report: table cells, the speed column, caption lines and Markdown escaping (the data and
-its JSON are :mod:`kcompress.report`; these only turn them into strings for rich and Markdown)."""
+its JSON are :mod:`kcompress.report.record`; these only turn them into strings for rich and Markdown)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from .report import MatrixReport
+    from kcompress.report.record import MatrixReport
 
 #: rank as stored: one int, a list of per-bond ints, or None for matrices kept dense
 ReportRank = Union[int, list, None]

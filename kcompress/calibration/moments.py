@@ -2,12 +2,12 @@
 
 :func:`calibration_set` normalises the data a user has (a tensor of inputs ``(B, T, F)``, a tuple of
 positional inputs such as ``(x, lengths)``, a DataLoader or iterable of inputs or ``(inputs, targets)``
-batches, or a :class:`~kcompress.data.SequenceData`) into model calls, capped at ``samples`` sequences and
+batches, or a :class:`~kcompress.tuning.data.SequenceData`) into model calls, capped at ``samples`` sequences and
 split (seeded) into a fitting part and a held-out part. Targets are never read.
 
 :func:`collect_second_moments` runs the model over both parts with forward pre-hooks on the layers and
 streams ``C = Σ x xᵀ / n`` per matrix (float64, ``O(N²)`` memory; activations are never kept): see
-:mod:`kcompress.calibrate_layers` for what each matrix multiplies. :class:`Calibrator` does the same one
+:mod:`kcompress.calibration.hooks` for what each matrix multiplies. :class:`Calibrator` does the same one
 layer at a time for ``compress``, so that a layer can see the inputs produced by the layers before it
 after they were compressed (``source="compressed"``) or the dense model's (``source="dense"``).
 """
@@ -20,12 +20,12 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 import torch
 from torch import Tensor, nn
 
-from .calibrate_layers import inner_layer, matrix_inputs
-from .data import BUILTIN_DATASETS, SequenceData, load_builtin, load_inputs_file
-from .errors import KCompressError
-from .evaluate import eval_mode, run_model
-from .nn import COMPRESSED_TYPES
-from .report import qualified_name
+from kcompress.calibration.hooks import inner_layer, matrix_inputs
+from kcompress.tuning.data import BUILTIN_DATASETS, SequenceData, load_builtin, load_inputs_file
+from kcompress.errors import KCompressError
+from kcompress.tuning.evaluate import eval_mode, run_model
+from kcompress.nn import COMPRESSED_TYPES
+from kcompress.report.record import qualified_name
 
 #: positional arguments of one model call
 Inputs = tuple[Any, ...]
@@ -57,7 +57,7 @@ class SecondMoment:
     """The inputs' second moments of one matrix: ``fit`` and ``holdout`` ``(N, N)`` float64 (``E[x xᵀ]`` over
     all real steps of the fitting / held-out sequences), ``samples`` fitting sequences, ``rows`` vectors.
     ``row_weights (M,)``: for an LSTM's/GRU's matrices, the mean squared state sensitivity of each output row
-    over the fitting steps (:mod:`kcompress.gate_sensitivity`), scaled to mean 1; None for Linear."""
+    over the fitting steps (:mod:`kcompress.calibration.gate_sensitivity`), scaled to mean 1; None for Linear."""
 
     fit: Tensor
     holdout: Tensor

@@ -8,14 +8,14 @@ from typing import Mapping, Optional
 
 from torch import Tensor, nn
 
-from . import formats
-from .calibrated import CalibrationRun
-from .errors import KCompressError
-from .formats import DataFitInfo, Stack, relative_error
-from .nn import COMPRESSED_TYPES, MatrixBuilder
-from .planning import MatrixPlan
-from .progress import ProgressCallback, ProgressEvent
-from .report import MatrixReport
+from kcompress import formats
+from kcompress.calibration.run import CalibrationRun
+from kcompress.errors import KCompressError
+from kcompress.formats import DataFitInfo, Stack, relative_error
+from kcompress.nn import COMPRESSED_TYPES, MatrixBuilder
+from kcompress.fitting.planning import MatrixPlan
+from kcompress.progress import ProgressCallback, ProgressEvent
+from kcompress.report.record import MatrixReport
 
 
 def fit_layers(

@@ -1,7 +1,7 @@
-"""Sweeps: a grid of trials (format × rank), each one pipeline run (:mod:`kcompress.trials`), the resumable
+"""Sweeps: a grid of trials (format × rank), each one pipeline run (:mod:`kcompress.runs.trials`), the resumable
 trials log and the Pareto front.
 
-Trials run in a worker of a local process pool or of a Dask cluster (:mod:`kcompress.executors`), which
+Trials run in a worker of a local process pool or of a Dask cluster (:mod:`kcompress.runs.executors`), which
 receive the input files' bytes once each when their disks are not shared. Only this driver writes
 ``trials.jsonl``, as each record arrives. A trial's ``key`` hashes its settings, the evaluation and the
 input's sha256: a rerun skips every trial whose key already has an ``"ok"`` record (failed trials are retried).
@@ -17,15 +17,15 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
-from .errors import KCompressError, error_line
-from .evaluate import Budget, EvalSpec, metric_drop
-from .executors import TrialExecutor, open_executor
-from .io import PathLike, file_sha256
-from .pipeline import FinetuneSettings
-from .progress import ProgressCallback, ProgressEvent
-from .trials import (BASELINE_FORMAT, TrialJob, TrialSpec, append_record, is_baseline, read_records,
+from kcompress.errors import KCompressError, error_line
+from kcompress.tuning.evaluate import Budget, EvalSpec, metric_drop
+from kcompress.runs.executors import TrialExecutor, open_executor
+from kcompress.io import PathLike, file_sha256
+from kcompress.runs.pipeline import FinetuneSettings
+from kcompress.progress import ProgressCallback, ProgressEvent
+from kcompress.runs.trials import (BASELINE_FORMAT, TrialJob, TrialSpec, append_record, is_baseline, read_records,
                      worker_trial)
-from .usercode import split_reference
+from kcompress.io.usercode import split_reference
 
 TRIALS_FILE = "trials.jsonl"
 #: seconds a sweep waits for a trial to finish before it reports that it is still running

@@ -16,10 +16,10 @@ from typing import Any, Mapping, Optional, Sequence
 
 from rich.table import Table
 
-from .allocation_report import markdown as allocation_markdown
-from .report_text import ReportRank, calibration_lines, escape, keep_numbers_whole, metrics_line, row_cells, times
-from .errors import KCompressError
-from .formats import get_format
+from kcompress.report.allocation_table import markdown as allocation_markdown
+from kcompress.report.text import ReportRank, calibration_lines, escape, keep_numbers_whole, metrics_line, row_cells, times
+from kcompress.errors import KCompressError
+from kcompress.formats import get_format
 
 SCHEMA_VERSION = 1
 
@@ -119,7 +119,7 @@ class Report:
     source: dict[str, Any] = field(default_factory=dict)
     status: str = "ok"
     #: with ``allocate="auto"``: objective, budget, used, dense, formats and one row per matrix (format, rank,
-    #: params, macs, estimated and measured relative output error, execution path); see kcompress.allocate
+    #: params, macs, estimated and measured relative output error, execution path); see kcompress.allocation.choose
     allocation: dict[str, Any] = field(default_factory=dict)
     #: after a budget search: max_drop, the trajectory (one entry per budget tried) and the chosen step
     search: dict[str, Any] = field(default_factory=dict)

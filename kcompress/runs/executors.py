@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from .errors import KCompressError
+from kcompress.errors import KCompressError
 
 #: Dask's own environment variable for the scheduler's address
 SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"

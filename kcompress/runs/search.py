@@ -1,10 +1,10 @@
 """The accuracy budget search: the smallest model whose measured metric drop stays within ``max_drop``.
 
-Each step allocates one global budget (:mod:`kcompress.allocate`; the calibration set and the error curves
-are made once per search by :func:`kcompress.auto.prepare` and reused by every step), fits it, and measures
+Each step allocates one global budget (:mod:`kcompress.allocation.choose`; the calibration set and the error curves
+are made once per search by :func:`kcompress.allocation.auto.prepare` and reused by every step), fits it, and measures
 the metric through the pipeline's stages. Recovery is spent only where it decides the answer: a step whose
 fitted model already passes is not trained further; one that fails is distilled on the calibration inputs
-(``distill_epochs``, no labels; :func:`kcompress.calibrated.distill`) and measured again, and, if it still
+(``distill_epochs``, no labels; :func:`kcompress.calibration.run.distill`) and measured again, and, if it still
 fails, fine-tuned (``finetuning``) and measured again. A step whose allocation equals an earlier step's is
 not fitted again: it reuses that step's model and metric.
 
@@ -26,14 +26,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from .allocate import Allocation
-from .auto import Prepared, attach_allocation, prepare_for
-from .calibrate import DEFAULT_SAMPLES, calibration_set
-from .calibrated import CalibrationOptions, CalibrationRun
-from .errors import KCompressError
-from .evaluate import Budget, EvalSpec
-from .io import PathLike, check_output_path, default_output_path
-from .pipeline import (
+from kcompress.allocation.choose import Allocation
+from kcompress.allocation.auto import Prepared, attach_allocation, prepare_for
+from kcompress.calibration.moments import DEFAULT_SAMPLES, calibration_set
+from kcompress.calibration.run import CalibrationOptions, CalibrationRun
+from kcompress.errors import KCompressError
+from kcompress.tuning.evaluate import Budget, EvalSpec
+from kcompress.io import PathLike, check_output_path, default_output_path
+from kcompress.runs.pipeline import (
     CompressionRun,
     FinetuneSettings,
     fine_tune,
@@ -44,8 +44,8 @@ from .pipeline import (
     record_metrics,
     write_artifact,
 )
-from .progress import ProgressCallback, ProgressEvent
-from .report import Report
+from kcompress.progress import ProgressCallback, ProgressEvent
+from kcompress.report.record import Report
 
 #: stop bisecting when the upper over the lower ratio bound is below ``1 + TOLERANCE``
 TOLERANCE = 0.2
@@ -110,7 +110,7 @@ def search_budget(
     """Search the largest compression ratio whose drop is within ``budget`` (see the module doc).
 
     ``run`` holds the dense model, its evaluation and the measured baseline
-    (:func:`kcompress.pipeline.prepare_evaluation`); ``compress_kwargs`` go to every step's
+    (:func:`kcompress.runs.pipeline.prepare_evaluation`); ``compress_kwargs`` go to every step's
     :func:`kcompress.compress` (calibration, seed, targets, ...; not format, rank, ratio or overrides).
     The chosen step's report carries the trajectory under ``report.search``.
     """
@@ -168,7 +168,7 @@ def run_search(
 ) -> SearchResult:
     """The search from a checkpoint file to the artifact of the chosen step (default path: beside the input,
     ``model.auto.safetensors``), through the pipeline's stages: load, evaluation and baseline,
-    :func:`kcompress.auto.prepare`, :func:`search_budget`, write. ``compress_kwargs`` go to every step's
+    :func:`kcompress.allocation.auto.prepare`, :func:`search_budget`, write. ``compress_kwargs`` go to every step's
     :func:`kcompress.compress`. The chosen report's status is ``"failed"`` when no step passed."""
     source = Path(input_path)
     target = Path(output_path) if output_path is not None else default_output_path(source, "auto")
@@ -187,7 +187,7 @@ def run_search(
 
 def with_calibration_set(compress_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """``compress_kwargs`` with the calibration data sampled once into a
-    :class:`~kcompress.calibrate.CalibrationSet` (as every ``compress`` call would sample it: same samples,
+    :class:`~kcompress.calibration.moments.CalibrationSet` (as every ``compress`` call would sample it: same samples,
     held-out fraction and seed), so the error curves and every step use the same calls."""
     options = dict(compress_kwargs)
     if options.get("calibration") is not None:
@@ -275,7 +275,7 @@ def _measure(run: CompressionRun, budget: Budget, what: str, progress: Optional[
 def _distill(run: CompressionRun, compress_kwargs: Mapping[str, Any], epochs: int,
              progress: Optional[ProgressCallback]) -> None:
     """Unlabeled distillation of ``run.compressed`` from the dense model on the calibration set, as
-    ``compress(distill_epochs=epochs)`` runs it (:meth:`kcompress.calibrated.CalibrationRun.finish`), its
+    ``compress(distill_epochs=epochs)`` runs it (:meth:`kcompress.calibration.run.CalibrationRun.finish`), its
     record put into ``report.calibration["distill"]`` beside the fit's calibration record."""
     assert run.compressed is not None and run.report is not None
     seed = compress_kwargs.get("seed") or 0

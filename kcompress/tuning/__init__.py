@@ -1,0 +1,1 @@
+"""Data, evaluation, fine-tuning and layer matching."""
