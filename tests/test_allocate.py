@@ -15,12 +15,14 @@ import kcompress
 from kcompress.allocation.choose import Candidate, Option, allocate, estimate, pareto, solve
 from kcompress.allocation.auto import prepare
 from kcompress.calibration.moments import collect_second_moments
+from kcompress.config import BudgetOptions, CompressConfig
 from kcompress.errors import KCompressError
 from kcompress.tuning.evaluate import Budget, EvalSpec, Evaluation
 from kcompress.formats import get_format
 from kcompress.formats.data_fit import DataFitSettings, output_error
 from kcompress.io.models import SequenceClassifier
 from kcompress.runs.pipeline import CompressionRun
+from kcompress.runs.convert import compress_model
 from kcompress.runs.search import search_budget
 from kcompress.nn.speed import Speed
 
@@ -204,6 +206,11 @@ def test_latency_objective_keeps_every_matrix_within_dense_macs() -> None:
 
 
 # ---------------------------------------------------------------------- the budget search
+def searched(**settings) -> CompressConfig:
+    """An allocated config whose ratio the budget search chooses."""
+    return CompressConfig.from_keywords(["svd"], allocate="auto", targets="ih,hh", check_speed=False, **settings)
+
+
 def search_run(model: nn.Module, measure) -> CompressionRun:
     evaluation = Evaluation(EvalSpec(evaluator="x:y"), measure, None, "test metric")
     return CompressionRun(dense=model, evaluation=evaluation, baseline=measure(model))
@@ -213,10 +220,10 @@ def test_search_finds_the_largest_passing_ratio() -> None:
     model, _ = toy_model()
     dense = sum(p.numel() for p in model.parameters())
     measure = lambda m: 1.0 if sum(p.numel() for p in m.parameters()) >= 0.55 * dense else 0.0
-    prepared = prepare(model, ["svd"], targets="ih,hh")
+    prepared = prepare(model, searched())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = search_budget(search_run(model, measure), prepared, Budget(0.0), targets="ih,hh", check_speed=False)
+        result = search_budget(search_run(model, measure), prepared, Budget(0.0), searched())
     assert result.passed and result.steps[result.chosen].passed
     chosen = result.steps[result.chosen]
     assert all(s.achieved_ratio <= chosen.achieved_ratio for s in result.steps if s.passed)
@@ -227,11 +234,10 @@ def test_search_finds_the_largest_passing_ratio() -> None:
 def test_search_without_a_passing_step_returns_the_closest_marked_failed() -> None:
     model, _ = toy_model()
     measure = lambda m: float(sum(p.numel() for p in m.parameters()))
-    prepared = prepare(model, ["svd"], targets="ih,hh")
+    prepared = prepare(model, searched())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = search_budget(search_run(model, measure), prepared, Budget(0.0), max_steps=3, check_speed=False,
-                               targets="ih,hh")
+        result = search_budget(search_run(model, measure), prepared, Budget(0.0), searched(), max_steps=3)
     assert not result.passed and len(result.steps) == 3
     assert result.steps[result.chosen].drop == min(s.drop for s in result.steps)
     assert result.run.report.status == "failed" and result.run.report.search["passed"] is False
@@ -239,11 +245,11 @@ def test_search_without_a_passing_step_returns_the_closest_marked_failed() -> No
 
 def test_search_refuses_settings_it_chooses_itself() -> None:
     model, _ = toy_model()
-    prepared = prepare(model, ["svd"], targets="ih,hh")
+    prepared = prepare(model, searched())
     run = search_run(model, lambda m: 1.0)
-    for key, value in (("rank", 2), ("format", "kcp"), ("ratio", 4.0)):
-        with pytest.raises(KCompressError, match=f"chooses {key}"):
-            search_budget(run, prepared, Budget(0.0), **{key: value})
+    for key, value in (("rank", 2), ("ratio", 4.0), ("params", 100)):
+        with pytest.raises(KCompressError, match="chooses the"):
+            search_budget(run, prepared, Budget(0.0), searched(**{key: value}))
 
 
 def targeted_params(model: nn.Module) -> int:
@@ -260,10 +266,10 @@ def test_search_steps_over_one_failure_and_never_exceeds_the_budget() -> None:
     model, _ = toy_model()
     dense = targeted_params(model)
     measure = lambda m: 0.0 if 0.15 * dense < targeted_params(m) < 0.4 * dense else 1.0
-    prepared = prepare(model, ["svd"], targets="ih,hh")
+    prepared = prepare(model, searched())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = search_budget(search_run(model, measure), prepared, Budget(0.0), targets="ih,hh", check_speed=False)
+        result = search_budget(search_run(model, measure), prepared, Budget(0.0), searched())
     ratios = [s.ratio for s in result.steps]
     assert ratios[:3] == [2.0, 4.0, 8.0] and not result.steps[1].passed and result.steps[2].passed
     assert result.steps[result.chosen].achieved_ratio >= 8.0
@@ -279,13 +285,12 @@ def test_search_reuses_a_repeated_allocation_with_the_same_result() -> None:
     def measure(m: nn.Module) -> float:
         fits.append(targeted_params(m))
         return 1.0 if targeted_params(m) >= 0.3 * dense else 0.0
-    prepared = prepare(model, ["svd"], targets="ih,hh")
+    prepared = prepare(model, searched())
     run = search_run(model, measure)
     fits.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = search_budget(run, prepared, Budget(0.0), tolerance=0.01, max_steps=9, targets="ih,hh",
-                               check_speed=False)
+        result = search_budget(run, prepared, Budget(0.0), searched(), tolerance=0.01, max_steps=9)
         reused = [s for s in result.steps if s.reused is not None]
         assert reused and len(fits) == len(result.steps) - len(reused)
         for step in reused:
@@ -293,8 +298,9 @@ def test_search_reuses_a_repeated_allocation_with_the_same_result() -> None:
             assert origin.reused is None and (step.used, step.metric, step.passed) == (
                 origin.used, origin.metric, origin.passed)
             allocation = prepared.allocate(ratio=step.ratio)
-            fresh, _ = kcompress.compress(model, format="svd", rank=1, overrides=allocation.overrides(),
-                                          targets="ih,hh", check_speed=False)
+            fresh, _ = compress_model(model, searched().replace(budget=BudgetOptions(ratio=step.ratio,
+                                                                                      allocate="auto")),
+                                      prepared=prepared)
             assert allocation.used == step.used and measure(fresh) == step.metric
             assert step.used <= step.budget
 
@@ -304,14 +310,14 @@ def test_search_is_deterministic_and_recovers_only_failing_steps() -> None:
     model, calibration = toy_model()
     dense = targeted_params(model)
     measure = lambda m: 1.0 if targeted_params(m) >= 0.3 * dense else 0.0
-    prepared = prepare(model, ["svd"], targets="ih,hh", calibration=calibration, calibrate_samples=40)
+    prepared = prepare(model, searched(calibrate_samples=40), calibration)
     trajectories = []
     for _ in range(2):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            result = search_budget(search_run(model, measure), prepared, Budget(0.0), max_steps=3, targets="ih,hh",
-                                   check_speed=False, calibration=calibration, calibrate_samples=40,
-                                   distill_epochs=1, calibrate_options={"ridge": 0.01})
+            result = search_budget(search_run(model, measure), prepared, Budget(0.0),
+                                   searched(calibrate_samples=40, distill_epochs=1, calibrate_options={"ridge": 0.01}),
+                                   calibration=calibration, max_steps=3)
         trajectories.append([{k: v for k, v in vars(s).items() if k != "seconds"} for s in result.steps])
         assert all(s.recovery == ([] if s.fitted_metric == 1.0 else ["distill"]) for s in result.steps)
         assert any(s.recovery for s in result.steps) and any(not s.recovery for s in result.steps)

@@ -238,7 +238,7 @@ def test_cli_calibrates_a_plain_state_dict_from_an_unlabeled_file(tmp_path) -> N
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["calibration"]["samples"] + report["calibration"]["holdout_samples"] == 20
     assert report["calibration"]["distill"]["epochs_run"] == 1
-    assert report["options"]["calibrate_options"]["distill_lr"] == 0.05
+    assert report["options"]["calibration"]["distill_lr"] == 0.05
     assert all(row["output_error_after"] is not None for row in report["matrices"])
     usage = CliRunner().invoke(app, [str(tmp_path / "model.pt"), "--format", "svd", "--ratio", "2",
                                      "--distill-epochs", "1"])
@@ -253,5 +253,5 @@ def test_cli_calibrates_a_plain_state_dict_from_an_unlabeled_file(tmp_path) -> N
         str(tmp_path / "auto.json"), "-o", str(tmp_path / "auto.safetensors")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "auto.json").read_text())
-    assert report["options"]["calibrate_options"]["distill_lr"] == "auto"
+    assert report["options"]["calibration"]["distill_lr"] == "auto"
     assert [c["lr"] for c in report["calibration"]["distill"]["lr_candidates"]] == [1e-3, 1e-2]

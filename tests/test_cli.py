@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from kcompress.cli.main import app
 from kcompress.cli.options import COMPRESSION_FORMATS
-from kcompress.cli.render import PlainProgress
+from kcompress.progress import PlainProgress
 from kcompress.io import default_output_path
 from kcompress.progress import ProgressEvent
 from kcompress.report.record import validate_report_dict

@@ -169,7 +169,7 @@ def test_default_targets_are_every_recurrent_matrix() -> None:
     assert {row.name: row.format for row in report.matrices} == {
         f"rnn.weight_{kind}_l{layer}": "svd" for kind in ("ih", "hh") for layer in range(2)
     }
-    assert report.options["targets"] == "ih,hh"
+    assert report.options["selection"]["targets"] == "ih,hh"
 
 
 def test_warns_when_a_fit_explains_almost_nothing_or_the_output_grows() -> None:
@@ -385,7 +385,7 @@ def test_report_metadata_and_slow_warning(monkeypatch: pytest.MonkeyPatch) -> No
         _, report = compress(make(Classifier), "svd", rank=16, overrides={"*": {"rank": 16}}, execution="factorized")
     assert all(row.measured_speedup == 0.5 for row in report.matrices if row.format != "dense")
     assert set(report.versions) >= {"kcompress", "torch", "tensorly"}
-    assert report.format == "svd" and report.options["rank"] == 16 and report.options["targets"] == "ih,hh"
+    assert report.format == "svd" and report.options["budget"]["rank"] == 16 and report.options["selection"]["targets"] == "ih,hh"
     assert report.options["overrides"] == {"*": {"rank": 16}} and "progress" not in report.options
     validate_report_dict(json.loads(report.to_json()))
 

@@ -443,7 +443,7 @@ def test_metadata_describes_everything(tmp_path: pathlib.Path) -> None:
     with safetensors.safe_open(str(path), "pt") as handle:
         description = json.loads(handle.metadata()[METADATA_KEY])
     assert description["versions"]["torch"] == torch.__version__ and "kcompress" in description["versions"]
-    assert description["format"] == "svd" and description["seed"] == 7 and description["options"]["rank"] == 2
+    assert description["format"] == "svd" and description["seed"] == 7 and description["options"]["budget"]["rank"] == 2
     assert description["source"]["sha256"] == file_sha256(source) == report.source["sha256"]
     assert description["architecture"] == {"kind": "sequence_classifier", "kwargs": {
         "input_size": 6, "hidden_size": 8, "num_classes": 3, "num_layers": 1, "cell": "lstm",

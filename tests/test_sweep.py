@@ -18,7 +18,8 @@ from kcompress.io.models import SequenceClassifier
 from kcompress.cli.plot import plot_pareto
 from kcompress.tuning.evaluate import Budget, EvalSpec, load_evaluation, metric_drop
 from kcompress.io import file_sha256
-from kcompress.runs.pipeline import FinetuneSettings, compress_checked
+from kcompress.config import CompressConfig, FinetuneOptions
+from kcompress.runs.pipeline import compress_checked
 from kcompress.runs.sweep import best_within_budget, expand_grid, pareto_front
 from kcompress.runs.trials import TrialJob, TrialSpec, append_record, read_records, run_trial
 
@@ -115,13 +116,13 @@ def test_appends_from_many_threads_stay_whole_lines(tmp_path) -> None:
 
 # ---------------------------------------------------------------------- trials and grid
 def test_expand_grid_and_keys() -> None:
-    trials = expand_grid(["kcp", "svd", "kcp"], [2, 4, 2], finetune=FinetuneSettings(epochs=1))
+    trials = expand_grid(["kcp", "svd", "kcp"], [2, 4, 2], finetune=FinetuneOptions(epochs=1))
     assert trials[0] == TrialSpec("dense")
     assert [(t.format, t.rank) for t in trials[1:]] == [("kcp", 2), ("kcp", 4), ("svd", 2), ("svd", 4)]
     spec = EvalSpec(data="japanese-vowels").fingerprint()
     keys = {t.key("sha", spec) for t in trials}
     assert len(keys) == len(trials)
-    assert trials[1].key("sha", spec) == TrialSpec("kcp", 2, finetune=FinetuneSettings(epochs=1)).key("sha", spec)
+    assert trials[1].key("sha", spec) == TrialSpec("kcp", 2, finetune=FinetuneOptions(epochs=1)).key("sha", spec)
     assert trials[1].key("other", spec) != trials[1].key("sha", spec)
     assert trials[0].key("sha", spec) == expand_grid(["tt"], [8])[0].key("sha", spec)  # baseline shared
     with pytest.raises(KCompressError, match="dense"):
@@ -208,9 +209,9 @@ def test_data_file_evaluation(tmp_path) -> None:
 
 def test_compress_checked_refuses_a_model_without_layers() -> None:
     with pytest.raises(KCompressError, match="nothing to compress"):
-        compress_checked(torch.nn.Sequential(torch.nn.ReLU()), format="kcp", rank=2)
+        compress_checked(torch.nn.Sequential(torch.nn.ReLU()), CompressConfig.from_keywords("kcp", rank=2))
     with pytest.raises(KCompressError, match="not matched by include"), pytest.warns(KCompressWarning, match="include"):
-        compress_checked(SequenceClassifier(4, 8, 3), format="kcp", rank=2, include=["nothing*"])
+        compress_checked(SequenceClassifier(4, 8, 3), CompressConfig.from_keywords("kcp", rank=2, include=["nothing*"]))
 
 
 # ---------------------------------------------------------------------- one trial in-process
@@ -221,7 +222,7 @@ def test_run_trial_appends_its_record(tmp_path) -> None:
     log = tmp_path / "trials.jsonl"
     sha = file_sha256(model)
     records = []
-    for trial in (TrialSpec("dense"), TrialSpec("svd", 2, finetune=FinetuneSettings(epochs=1))):
+    for trial in (TrialSpec("dense"), TrialSpec("svd", 2, finetune=FinetuneOptions(epochs=1))):
         job = TrialJob(trial, trial.key(sha, spec.fingerprint()), str(model), sha, False, spec, str(log))
         records.append(run_trial(job))
     dense, svd = records

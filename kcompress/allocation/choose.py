@@ -29,12 +29,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kcompress.config.checks import check_budget, check_choice
+from kcompress.config.compress import OBJECTIVES
 from kcompress.errors import KCompressError
 from kcompress.formats import Factorization, get_format
 from kcompress.formats.data_fit import DataFitSettings, OutputErrors, whitened_svd
 from kcompress.formats.tensorize import Tensorization
 
-OBJECTIVES = ("size", "latency")
 #: largest number of budget units the dynamic programme uses (costs are rounded up to ``budget / RESOLUTION``)
 RESOLUTION = 8192
 #: compression ratios (of the matrix's dense size) at which formats without a closed-form curve are fitted
@@ -136,9 +137,10 @@ class Allocation:
     formats: list[str]
     rows: list[AllocationRow] = field(default_factory=list)
 
-    def overrides(self) -> dict[str, dict[str, Any]]:
-        """``{qualified matrix name: {"format", "rank"}}`` for :func:`kcompress.compress`'s ``overrides``."""
-        return {_escape_glob(row.matrix): {"format": row.format, "rank": row.rank} for row in self.rows}
+    def choices(self) -> dict[str, tuple[str, int]]:
+        """``{qualified matrix name: (format, rank)}``: the per-matrix choices the fit applies
+        (:func:`kcompress.fitting.planning.plan_compression`)."""
+        return {row.matrix: (row.format, row.rank) for row in self.rows}
 
     @property
     def ratio(self) -> float:
@@ -240,8 +242,7 @@ def estimate(candidates: Sequence[Candidate], formats: Sequence[str], *, objecti
              settings: DataFitSettings = DataFitSettings(), fit: FitFunction = fit_block) -> list[list[Option]]:
     """Per candidate, the options of every format (see :func:`format_options`). The data-aware refinement of
     the sampled fits runs at most :data:`ESTIMATE_ITERATIONS` steps (an estimate; the real fit runs all)."""
-    if objective not in OBJECTIVES:
-        raise KCompressError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    check_choice("objective", objective, OBJECTIVES)
     settings = replace(settings, iterations=min(settings.iterations, ESTIMATE_ITERATIONS))
     classes = [get_format(name) for name in dict.fromkeys(formats)]
     return [[o for fmt in classes for o in format_options(c, fmt, objective, seed, settings, fit)]
@@ -332,17 +333,6 @@ def allocate(candidates: Sequence[Candidate], options: Sequence[Sequence[Option]
     return Allocation(objective, int(budget), int(used), dense, formats, rows)
 
 
-def check_budget(ratio: Optional[float], params: Optional[int]) -> None:
-    """Exactly one of a positive ``ratio`` and a positive integer ``params`` (a KCompressError otherwise)."""
-    if (ratio is None) == (params is None):
-        raise KCompressError("give exactly one of ratio and params")
-    if params is not None and (isinstance(params, bool) or not isinstance(params, int) or params <= 0):
-        raise KCompressError(f"params must be a positive integer, got {params!r}")
-    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
-                              or not 0 < ratio < math.inf):
-        raise KCompressError(f"ratio must be a positive number, got {ratio!r}")
-
-
 def budget_for(candidates: Sequence[Candidate], ratio: Optional[float] = None,
                params: Optional[int] = None) -> int:
     """The global budget: ``params`` as given, or the candidates' dense size (parameters, which equal the
@@ -356,7 +346,3 @@ def budget_for(candidates: Sequence[Candidate], ratio: Optional[float] = None,
 def _unit(objective: str) -> str:
     return "parameters" if objective == "size" else "MACs"
 
-
-def _escape_glob(name: str) -> str:
-    """``name`` as an fnmatch pattern that matches only itself."""
-    return "".join(f"[{ch}]" if ch in "*?[]" else ch for ch in name)

@@ -20,8 +20,6 @@ on. A call is ``(x (B, T, F) float, [lengths (B,) integer], ...)``; calls whose 
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -29,29 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kcompress.calibration.moments import Inputs, batch_rows
-from kcompress.errors import KCompressError
-
-
-@dataclass(frozen=True)
-class Augmentation:
-    """``copies`` augmented copies of each calibration call per epoch (0: none), ``mixup`` on/off, ``jitter``
-    (noise std in units of each feature's std, 0: none), ``crop`` (smallest kept fraction of a sequence's
-    steps, 1: no cropping)."""
-
-    copies: int = 2
-    mixup: bool = True
-    jitter: float = 0.1
-    crop: float = 0.6
-
-    def __post_init__(self) -> None:
-        if isinstance(self.copies, bool) or not isinstance(self.copies, int) or self.copies < 0:
-            raise KCompressError(f"augment_copies must be an integer >= 0, got {self.copies!r}")
-        if not isinstance(self.mixup, bool):
-            raise KCompressError(f"mixup must be True or False, got {self.mixup!r}")
-        if isinstance(self.jitter, bool) or not (isinstance(self.jitter, (int, float)) and 0 <= self.jitter < math.inf):
-            raise KCompressError(f"jitter must be a number >= 0, got {self.jitter!r}")
-        if isinstance(self.crop, bool) or not (isinstance(self.crop, (int, float)) and 0 < self.crop <= 1):
-            raise KCompressError(f"crop must be a fraction in (0, 1], got {self.crop!r}")
+from kcompress.config.calibration import Augmentation
 
 
 class AugmentedCalls:

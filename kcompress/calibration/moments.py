@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from kcompress.calibration.hooks import inner_layer, matrix_inputs
 from kcompress.tuning.data import BUILTIN_DATASETS, SequenceData, load_builtin, load_inputs_file
+from kcompress.config.calibration import DEFAULT_HOLDOUT, DEFAULT_SAMPLES, SOURCES
 from kcompress.errors import KCompressError
 from kcompress.tuning.evaluate import eval_mode, run_model
 from kcompress.nn import COMPRESSED_TYPES
@@ -30,9 +31,6 @@ from kcompress.report.record import qualified_name
 #: positional arguments of one model call
 Inputs = tuple[Any, ...]
 CalibrationData = Union[Tensor, tuple, list, SequenceData, Iterable[Any]]
-SOURCES = ("compressed", "dense")
-DEFAULT_SAMPLES = 256
-DEFAULT_HOLDOUT = 0.25
 DEFAULT_BATCH = 32
 
 
@@ -50,6 +48,9 @@ class CalibrationSet:
 #: row weights below this fraction of their mean are raised to it (a row that never mattered on the
 #: calibration data keeps a little weight, so the weighted problem stays well posed)
 ROW_WEIGHT_FLOOR = 1e-6
+#: lookups every embedding row is credited with before the calibration data's (add-one smoothing: a token
+#: the calibration data never shows still weighs as one seen once)
+TOKEN_PRIOR = 1.0
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,10 @@ class SecondMoment:
     """The inputs' second moments of one matrix: ``fit`` and ``holdout`` ``(N, N)`` float64 (``E[x xᵀ]`` over
     all real steps of the fitting / held-out sequences), ``samples`` fitting sequences, ``rows`` vectors.
     ``row_weights (M,)``: for an LSTM's/GRU's matrices, the mean squared state sensitivity of each output row
-    over the fitting steps (:mod:`kcompress.calibration.gate_sensitivity`), scaled to mean 1; None for Linear."""
+    over the fitting steps (:mod:`kcompress.calibration.gate_sensitivity`), scaled to mean 1; None for Linear.
+    An embedding's table ``(V, D)`` is looked up, not multiplied: its error on a token is that row's error, so
+    its moments are the identity (one unit vector per lookup) and its row weights the tokens' lookup counts
+    (plus :data:`TOKEN_PRIOR`), scaled to mean 1: frequent rows matter more."""
 
     fit: Tensor
     holdout: Tensor
@@ -197,6 +201,17 @@ class _Moments:
             _accumulate(self.sensitivity_sums, name, sensitivities.detach().to("cpu", torch.float64).sum(0))
         self.rows[name] = self.rows.get(name, 0) + rows.shape[0]
 
+    def add_lookups(self, name: str, index: Tensor, num_embeddings: int, dim: int) -> None:
+        """An embedding's lookups of the rows ``index`` (any shape): ``n`` unit vectors in the moment (its
+        identity ``(dim, dim)`` times ``n``), the lookup counts per row in the row weights."""
+        index = index.detach().reshape(-1).to("cpu", torch.int64)
+        counts = torch.bincount(index, minlength=num_embeddings).to(torch.float64)
+        if name not in self.sensitivity_sums:
+            counts += TOKEN_PRIOR
+        _accumulate(self.sums, name, index.numel() * torch.eye(dim, dtype=torch.float64))
+        _accumulate(self.sensitivity_sums, name, counts)
+        self.rows[name] = self.rows.get(name, 0) + index.numel()
+
     def moment(self, name: str) -> Optional[Tensor]:
         if not self.rows.get(name):
             return None
@@ -230,6 +245,11 @@ def _stream(
 
     def hook_for(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if isinstance(module, nn.Embedding):
+                index = args[0] if args else kwargs["input"]
+                moments.add_lookups(qualified_name(name, "weight"), index, module.num_embeddings,
+                                    module.embedding_dim)
+                return
             weights, inner = select(name, module)
             for matrix, rows, sensitivities in matrix_inputs(module, args, kwargs, weights, inner):
                 moments.add(qualified_name(name, matrix), rows, sensitivities)

@@ -4,12 +4,12 @@ and how they combine with ``--rank``/``--ratio`` and ``--max-drop`` (the budget 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import click
 
-from kcompress.allocation.choose import OBJECTIVES
-from kcompress.allocation.auto import ALLOCATIONS
+from kcompress.config import BudgetOptions
+from kcompress.config.compress import ALLOCATIONS, OBJECTIVES
 from kcompress.cli.options import F, FormatListType
 
 
@@ -37,21 +37,26 @@ def allocation_options(command: F) -> F:
 
 @dataclass(frozen=True)
 class AllocationRequest:
-    """What the options ask for: ``search`` (``--max-drop`` without a size), and the ``compress`` keywords."""
+    """What the options ask for: the ``format`` (a name, or the names to allocate between) and the ``budget``;
+    ``search`` when ``--max-drop`` is given without a size (the budget search chooses the ratio)."""
 
-    search: bool
-    kwargs: dict[str, Any]
+    format: Union[str, list[str]]
+    budget: BudgetOptions
+
+    @property
+    def search(self) -> bool:
+        return self.budget.searched
 
     @property
     def output_tag(self) -> str:
         """The format part of the default output name (``kcp``, or ``auto`` for an automatic allocation)."""
-        return "auto" if self.search or self.kwargs.get("allocate") == "auto" else str(self.kwargs["format"])
+        return "auto" if self.budget.allocate == "auto" else str(self.format)
 
 
 def allocation_request(format_: str, formats: Optional[list[str]], allocate: Optional[str], rank: Any,
                        ratio: Optional[float], params: Optional[int], objective: str,
                        max_drop: Optional[float]) -> AllocationRequest:
-    """Check the combination (usage errors) and build the ``compress`` keywords."""
+    """Check the combination (usage errors) and build the format and budget of the config."""
     search = max_drop is not None and rank is None and ratio is None and params is None
     if allocate is None:
         allocate = "auto" if formats or params is not None or search else "uniform"
@@ -62,7 +67,7 @@ def allocation_request(format_: str, formats: Optional[list[str]], allocate: Opt
             raise click.UsageError("the --max-drop search (no --rank/--ratio/--params) needs --allocate auto")
         if (rank is None) == (ratio is None):
             raise click.UsageError("give exactly one of --rank N and --ratio X")
-        return AllocationRequest(False, {"format": formats[0] if formats else format_, "rank": rank, "ratio": ratio})
+        return AllocationRequest(formats[0] if formats else format_, BudgetOptions(rank=rank, ratio=ratio))
     if rank is not None:
         raise click.UsageError("--allocate auto chooses the ranks: give --ratio X or --params N, not --rank")
     if ratio is not None and params is not None:
@@ -70,7 +75,5 @@ def allocation_request(format_: str, formats: Optional[list[str]], allocate: Opt
     if not search and ratio is None and params is None:
         raise click.UsageError("--allocate auto needs a budget: --ratio X, --params N, or --max-drop D with an "
                                "evaluation to search one")
-    kwargs: dict[str, Any] = {"format": list(formats or [format_]), "objective": objective}
-    if not search:  # the search allocates each step's budget itself
-        kwargs.update(allocate="auto", ratio=ratio, params=params)
-    return AllocationRequest(search, kwargs)
+    return AllocationRequest(list(formats or [format_]),
+                             BudgetOptions(ratio=ratio, params=params, allocate="auto", objective=objective))

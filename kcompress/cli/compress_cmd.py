@@ -12,11 +12,22 @@ import click
 from kcompress._threads import threads_used
 from kcompress.report.allocation_table import rich_tables
 from kcompress.io import atomic_write, check_input_file, check_output_paths, default_output_path
-from kcompress.runs.pipeline import FinetuneSettings, run_pipeline
+from kcompress.config import (
+    CalibrationOptions,
+    CompressConfig,
+    ExecutionOptions,
+    FinetuneOptions,
+    RecoveryOptions,
+    SelectionOptions,
+    StorageOptions,
+    TensorizationOptions,
+)
+from kcompress.runs.pipeline import run_pipeline
 from kcompress.report.record import Report
 from kcompress.runs.search import run_search
 from kcompress.cli.allocation import allocation_options, allocation_request
 from kcompress.cli.options import (
+    checked_targets,
     COMPRESSION_FORMATS,
     EXIT_BUDGET,
     ORDER,
@@ -26,7 +37,7 @@ from kcompress.cli.options import (
     RankType,
     budget,
     budget_options,
-    calibration_kwargs,
+    calibration_data,
     calibration_options,
     check_finetune,
     common_options,
@@ -78,16 +89,21 @@ class Outputs:
               "4,4,16x8,8,8 "
               "(products must cover the matrix; fused gates fold into the first output mode).")
 @click.option("--order", type=ORDER, metavar="D", help="Tensor order (number of modes).")
-@click.option("--targets", type=click.Choice(["ih", "hh", "ih,hh"]), default="ih,hh", show_default=True,
-              help="Recurrent matrices to compress: input-to-hidden, hidden-to-hidden or both (matrices "
-              "left out stay dense, and a warning says so).")
+@click.option("--targets", default="ih,hh", show_default=True, callback=checked_targets, metavar="LIST",
+              help="What to compress, comma-separated: ih, hh (the recurrent matrices: input-to-hidden, "
+              "hidden-to-hidden; those left out stay dense, and a warning says so), embedding (every Embedding "
+              "table), linear (every Linear layer), or all (the whole model).")
+@click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+              help="Store the factors and every untouched tensor as integers with per-slice scales (biases int8); "
+              "the report gives the whole model's bytes before and after either way.")
 @click.option("--gates", type=click.Choice(["fused", "separate"]), default="fused", show_default=True,
               help="Fit an LSTM/GRU matrix's gates as one matrix or one fit per gate.")
 @click.option("--execution", type=click.Choice(["auto", "factorized", "materialized"]), default="auto",
               show_default=True, help="How compressed matrices run: with the factors, as the reconstructed dense "
               "weight in torch's fused kernels, or whichever is faster here (measured). Stored in the artifact.")
 @click.option("--include", multiple=True, metavar="GLOB", help="Compress only layers whose name matches "
-              "(repeatable; Linear layers are compressed only when named here, '*' takes all).")
+              "(repeatable; Linear and Embedding layers are compressed only when named here or by --targets, "
+              "'*' takes all).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave layers whose name matches (repeatable).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of every fit and of fine-tuning.")
 @fit_option
@@ -111,7 +127,8 @@ class Outputs:
 @common_options
 @guarded
 def compress_command(model: pathlib.Path, format_: str, rank: Any, ratio: Optional[float], modes: Any,
-                     order: Optional[int], targets: str, gates: str, execution: str, include: tuple[str, ...],
+                     order: Optional[int], targets: str, quantize: str, gates: str, execution: str,
+                     include: tuple[str, ...],
                      exclude: tuple[str, ...], seed: int, fit_option: tuple[tuple[str, Any], ...],
                      output: Optional[pathlib.Path], overwrite: bool,
                      report_path: Optional[pathlib.Path], markdown_path: Optional[pathlib.Path],
@@ -138,25 +155,31 @@ def compress_command(model: pathlib.Path, format_: str, rank: Any, ratio: Option
     check_output_paths({"--output": artifact, "--report": report_path, "--markdown": markdown_path},
                        overwrite=overwrite, source=model)
     outputs = Outputs(artifact, report_path, markdown_path)
-    compress_kwargs = dict(**request.kwargs, modes=modes, order=order, targets=targets,
-                           gates=gates, execution=execution, include=list(include) or None,
-                           exclude=list(exclude) or None, seed=seed, fit_options=dict(fit_option) or None,
-                           **calibration_kwargs(calibrate_data, calibrate_samples, distill_epochs, distill_lr, task))
+    calibration = calibration_data(calibrate_data, distill_epochs)
+    config = CompressConfig(
+        format=request.format, fit_options=dict(fit_option) or None, budget=request.budget,
+        selection=SelectionOptions(include=list(include) or None, exclude=list(exclude) or None, targets=targets,
+                                   gates=gates),
+        tensorization=TensorizationOptions(order=order, modes=modes),
+        calibration=CalibrationOptions(samples=calibrate_samples, task=task, distill_lr=distill_lr),
+        recovery=RecoveryOptions(distill_epochs, FinetuneOptions(finetune_epochs, finetune_loss, finetune_lr)),
+        execution=ExecutionOptions(path=execution), storage=StorageOptions(None if quantize == "none" else quantize),
+        seed=seed)
     display = Display(quiet)
     if spec is not None and spec.holdout > 0:
         display.note(f"--eval {spec.data} is also the fine-tuning data: scoring on a seeded {spec.holdout:.0%} "
                      f"held out, fine-tuning on the rest (--finetune-data FILE scores on all of it)")
     with display.warnings_shown(), threads_used(threads) as counts, display.progress() as progress:
         display.line(f"threads: {counts['fit']} for fits, {counts['model']} for evaluation and fine-tuning")
-        common = dict(overwrite=overwrite, trust_checkpoint=trust_checkpoint, model_class=model_class,
-                      finetuning=FinetuneSettings(finetune_epochs, finetune_loss, finetune_lr), progress=progress)
         if request.search:
             assert spec is not None
-            report = run_search(model, outputs.artifact, evaluation=spec, budget=limits, **common,
-                                **compress_kwargs).run.report
+            report = run_search(model, outputs.artifact, config, calibration=calibration, evaluation=spec,
+                                budget=limits, overwrite=overwrite, trust_checkpoint=trust_checkpoint,
+                                model_class=model_class, progress=progress).run.report
         else:
-            report = run_pipeline(model, outputs.artifact, evaluation=spec, budget=limits, **common,
-                                  **compress_kwargs).report
+            report = run_pipeline(model, outputs.artifact, config, calibration=calibration, evaluation=spec,
+                                  budget=limits, overwrite=overwrite, trust_checkpoint=trust_checkpoint,
+                                  model_class=model_class, progress=progress).report
     assert report is not None
     report.options["threads"] = counts
     _write_reports(report, outputs, overwrite)

@@ -12,10 +12,12 @@ from typing import Any, Callable, Optional, TypeVar, Union
 
 import click
 
-from kcompress.calibration.moments import DEFAULT_SAMPLES, load_calibration_data
-from kcompress.calibration.run import CalibrationOptions
+from kcompress.calibration.moments import load_calibration_data
+from kcompress.config.calibration import DEFAULT_SAMPLES, CalibrationOptions
 from kcompress.errors import KCompressError, one_line
-from kcompress.tuning.evaluate import DROP_TYPES, TASKS, Budget, EvalSpec
+from kcompress.config.checks import check_targets
+from kcompress.config.calibration import TASKS
+from kcompress.tuning.evaluate import DROP_TYPES, Budget, EvalSpec
 from kcompress.tuning.finetune import LOSSES
 from kcompress.formats import compression_formats
 from kcompress.cli.render import echo_error
@@ -311,15 +313,13 @@ def calibration_options(command: F) -> F:
     return command
 
 
-def calibration_kwargs(data: Optional[str], samples: int, distill_epochs: int, distill_lr: Union[float, str],
-                       task: str) -> dict[str, Any]:
-    """The ``compress`` keyword arguments of the calibration options (data loaded here)."""
+def calibration_data(data: Optional[str], distill_epochs: int) -> Any:
+    """The inputs ``--calibrate DATA`` names (loaded here), or None."""
     if data is None:
         if distill_epochs:
             raise click.UsageError("--distill-epochs needs inputs to distil on: give --calibrate DATA")
-        return {}
-    return {"calibration": load_calibration_data(data), "calibrate_samples": samples,
-            "distill_epochs": distill_epochs, "calibrate_options": {"task": task, "distill_lr": distill_lr}}
+        return None
+    return load_calibration_data(data)
 
 
 def check_finetune(epochs: int, spec: Optional[EvalSpec], finetune_data: Optional[str] = None) -> Optional[EvalSpec]:
@@ -354,3 +354,12 @@ def finetune_data_option(command: F) -> F:
                         help="Fine-tune on this data file (.pt/.npz/.safetensors) and score on all of --eval DATA. "
                              f"Without it, fine-tuning on a data file holds a seeded {HOLDOUT:.0%} of it out "
                              "for scoring.")(command)
+
+
+def checked_targets(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """``--targets``, checked as the config checks it (a usage error, exit code 2, when it is not valid)."""
+    try:
+        check_targets(value)
+    except KCompressError as error:
+        raise click.BadParameter(str(error)) from None
+    return value

@@ -12,7 +12,7 @@ import click
 
 from kcompress.runs.executors import SCHEDULER_ENV, scheduler_address
 from kcompress.io import check_input_file
-from kcompress.runs.pipeline import FinetuneSettings
+from kcompress.config import FinetuneOptions
 from kcompress.runs.sweep import SweepResult, expand_grid, run_sweep, trial_label
 from kcompress.cli.options import (
     COMPRESSION_FORMATS,
@@ -106,7 +106,7 @@ def sweep_command(model: pathlib.Path, format_names: list[str], ranks: list[int]
     address = None if jobs else scheduler_address(scheduler)
     out = out_dir or model.with_name(model.name + ".sweep")
     trials = expand_grid(format_names, ranks, targets=targets, gates=gates, order=order, seed=seed,
-                         finetune=FinetuneSettings(finetune_epochs, finetune_loss, finetune_lr),
+                         finetune=FinetuneOptions(finetune_epochs, finetune_loss, finetune_lr),
                          fit_options=dict(fit_option))
     display = Display(quiet)
     with display.warnings_shown(), display.progress() as progress:

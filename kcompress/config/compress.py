@@ -1,296 +1,351 @@
-"""``CompressConfig``: every setting of one compression as one validated, JSON-able object.
+"""``CompressConfig``: every setting of one compression as one typed, versioned tree, checked once.
 
-:func:`kcompress.compress` builds one from its keywords (or takes one as ``config=``), the report and the
-artifact store its :meth:`~CompressConfig.to_dict` as ``options``, and a sweep's trial log records it per
-trial. The values are kept as given (``targets="ih,hh"`` stays a string), each checked on construction
-with a one-line :class:`KCompressError`; the normalized forms the converter works with are properties
-(:attr:`~CompressConfig.base`, :attr:`~CompressConfig.target_kinds`, ..., computed once). What is not a setting stays a
-keyword of ``compress``: the model, the calibration data, ``progress`` and ``inplace``.
+Whoever starts the work builds it once (the keywords of :func:`kcompress.compress` through
+:meth:`CompressConfig.from_keywords`, the CLI, a sweep trial, the budget search) and passes it down
+unchanged; nothing below the edge forwards keyword dictionaries. The tree::
+
+    CompressConfig
+    ├── format, fit_options     the format (or formats to allocate between) and its options
+    ├── budget                  rank | ratio | params, and how it is split: uniform or allocated
+    ├── selection               include / exclude globs, targets (ih, hh), gates (fused, separate)
+    ├── tensorization           order, modes
+    ├── overrides               {glob: per-matrix settings}
+    ├── calibration             CalibrationOptions (samples, data-aware fit, candidates, distillation)
+    ├── recovery                unlabeled distillation epochs, labelled fine-tuning
+    ├── execution               path (auto | factorized | materialized | {glob: path}), speed check
+    ├── storage                 quantize (int8 | int4 | none): how the artifact stores the tensors
+    └── seed
+
+:meth:`~CompressConfig.to_dict` and :meth:`~CompressConfig.from_dict` round-trip it through JSON with a
+schema version (version 1, the flat dictionary of earlier reports and artifacts, is still read).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, Union
+from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
 
-from kcompress.calibration.moments import DEFAULT_SAMPLES
-from kcompress.calibration.run import CalibrationOptions
+from kcompress.config.calibration import CalibrationOptions
+from kcompress.config.checks import (
+    check_budget,
+    check_choice,
+    check_fit_options,
+    check_format,
+    check_formats,
+    check_globs,
+    check_int,
+    check_modes,
+    check_order,
+    check_overrides,
+    check_rank,
+    check_ratio,
+    check_targets,
+    jsonable,
+)
 from kcompress.errors import KCompressError
-from kcompress.formats import get_format
 from kcompress.nn.plan import Plan, check_plan
+from kcompress.nn.quantize import check_quantize
 
 Rank = Union[int, Sequence[int]]
 Modes = tuple[Optional[Sequence[int]], Optional[Sequence[int]]]
-#: keys an ``overrides`` entry may set
-OVERRIDE_KEYS = ("format", "rank", "ratio", "order", "out_modes", "in_modes", "fit_options")
-TARGETS = ("ih", "hh")
 #: the recurrent matrices compressed by default: all of them (input-to-hidden and hidden-to-hidden)
 DEFAULT_TARGETS = "ih,hh"
 GATES = ("fused", "separate")
-#: version of :meth:`CompressConfig.to_dict`'s layout
-CONFIG_VERSION = 1
+#: how a budget is split: the same rank or ratio for every matrix, or chosen per matrix
+ALLOCATIONS = ("uniform", "auto")
+#: what an allocated budget counts: parameters or multiply MACs per input vector
+OBJECTIVES = ("size", "latency")
+#: fine-tuning losses: the labels, the dense model's outputs, or both
+LOSSES = ("task", "distill", "both")
+#: version of :meth:`CompressConfig.to_dict`'s layout (1: the flat keyword dictionary)
+CONFIG_VERSION = 2
 
 
 @dataclass(frozen=True)
-class CompressConfig:
-    """The settings of :func:`kcompress.compress` (its keywords of the same names; see ``docs/api.md``).
+class BudgetOptions:
+    """How small: ``rank`` or ``ratio`` for every matrix (``allocate="uniform"``), or a ``ratio`` or ``params``
+    for all targeted matrices together, split per matrix by the allocation (``allocate="auto"``) in
+    parameters or, with ``objective="latency"``, in MACs."""
 
-    ``allocate="uniform"`` (the default) applies ``rank`` or ``ratio`` to every matrix; ``"auto"`` (or a
-    list of formats, or ``params``) lets :mod:`kcompress.allocation.auto` choose each matrix's format and rank.
-    """
-
-    format: Union[str, Sequence[str]] = "kcp"
     rank: Optional[Rank] = None
     ratio: Optional[float] = None
+    params: Optional[int] = None
+    allocate: str = "uniform"
+    objective: str = "size"
+
+    def __post_init__(self) -> None:
+        check_choice("allocate", self.allocate, ALLOCATIONS)
+        check_choice("objective", self.objective, OBJECTIVES)
+        check_rank(self.rank)
+        check_ratio(self.ratio)
+        if self.allocate == "auto" or self.params is not None:
+            if self.rank is not None:
+                raise KCompressError("allocate='auto' chooses the ranks: give ratio or params, not rank")
+            if not self.searched:
+                check_budget(self.ratio, self.params)
+        elif (self.rank is None) == (self.ratio is None):
+            raise KCompressError("give exactly one of rank and ratio")
+
+    @property
+    def searched(self) -> bool:
+        """An allocated budget without its size: the budget search (:func:`kcompress.runs.search.run_search`)
+        chooses the ratio; a fit needs a ``ratio`` or ``params``."""
+        return self.allocate == "auto" and self.ratio is None and self.params is None
+
+
+@dataclass(frozen=True)
+class SelectionOptions:
+    """Which matrices: layers by ``include``/``exclude`` globs (Linear layers only when included), the
+    recurrent ``targets`` (``"ih"``, ``"hh"``, ``"ih,hh"``) and ``gates`` (one fit per matrix, or per gate)."""
+
     include: Optional[Union[str, Sequence[str]]] = None
     exclude: Optional[Union[str, Sequence[str]]] = None
     targets: Union[str, Sequence[str]] = DEFAULT_TARGETS
     gates: str = "fused"
+
+    def __post_init__(self) -> None:
+        for what, globs in (("include", self.include), ("exclude", self.exclude)):
+            if globs is not None:
+                check_globs(what, globs)
+        check_targets(self.targets)
+        if self.gates not in GATES:
+            raise KCompressError(f"gates must be 'fused' or 'separate', got {self.gates!r}")
+
+
+@dataclass(frozen=True)
+class TensorizationOptions:
+    """How each matrix is reshaped: the tensor ``order`` and the ``modes`` ``(out_modes, in_modes)`` (either
+    may be None: chosen per matrix)."""
+
     order: Optional[int] = None
     modes: Optional[Modes] = None
-    overrides: Optional[Mapping[str, Mapping[str, Any]]] = None
-    seed: int = 0
-    fit_options: Optional[Mapping[str, Any]] = None
-    check_speed: bool = True
-    allocate: str = "uniform"
-    params: Optional[int] = None
-    objective: str = "size"
-    calibrate_samples: int = DEFAULT_SAMPLES
-    calibrate_options: Optional[Mapping[str, Any]] = None
+
+    def __post_init__(self) -> None:
+        check_order(self.order)
+        check_modes(self.modes)
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """Labelled fine-tuning after compression: ``epochs`` (0: none), ``loss`` and ``lr``."""
+
+    epochs: int = 0
+    loss: str = "distill"
+    lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        check_int("finetune epochs", self.epochs, minimum=0)
+        if self.loss not in LOSSES:
+            raise KCompressError(f"unknown fine-tuning loss {self.loss!r}; use one of: {', '.join(LOSSES)}")
+
+
+@dataclass(frozen=True)
+class RecoveryOptions:
+    """Training after the fit: ``distill_epochs`` of unlabeled distillation from the dense model on the
+    calibration inputs (0: none), and labelled ``finetune`` on evaluation data."""
+
     distill_epochs: int = 0
-    execution: Plan = "auto"
+    finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
+
+    def __post_init__(self) -> None:
+        check_int("distill_epochs", self.distill_epochs, minimum=0)
+
+
+@dataclass(frozen=True)
+class ExecutionOptions:
+    """How compressed matrices run (:func:`kcompress.set_execution`) and whether factorized ones are timed
+    against their dense product (``check_speed``)."""
+
+    path: Plan = "auto"
+    check_speed: bool = True
+
+    def __post_init__(self) -> None:
+        check_plan(self.path)
+        if not isinstance(self.check_speed, bool):
+            raise KCompressError(f"check_speed must be true or false, got {self.check_speed!r}")
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """How the artifact stores the model: ``quantize`` ``"int8"`` or ``"int4"`` (the factors and untouched
+    tensors as integers with per-slice scales, :mod:`kcompress.nn.quantize`; the returned model computes with
+    exactly those values) or None (every tensor as it is)."""
+
+    quantize: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        check_quantize(self.quantize)
+
+
+#: the groups of the tree: field name -> type
+GROUPS: dict[str, type] = {"budget": BudgetOptions, "selection": SelectionOptions,
+                           "tensorization": TensorizationOptions, "calibration": CalibrationOptions,
+                           "recovery": RecoveryOptions, "execution": ExecutionOptions, "storage": StorageOptions}
+#: flat keyword of :func:`kcompress.compress` -> (group, field) in the tree
+KEYWORDS: dict[str, tuple[str, str]] = {
+    **{name: ("budget", name) for name in ("rank", "ratio", "params", "allocate", "objective")},
+    **{name: ("selection", name) for name in ("include", "exclude", "targets", "gates")},
+    **{name: ("tensorization", name) for name in ("order", "modes")},
+    "calibrate_samples": ("calibration", "samples"), "distill_epochs": ("recovery", "distill_epochs"),
+    "execution": ("execution", "path"), "check_speed": ("execution", "check_speed"),
+    "quantize": ("storage", "quantize"),
+}
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """The settings of one compression (see the module docs for the tree; ``docs/api.md``)."""
+
+    format: Union[str, Sequence[str]] = "kcp"
+    fit_options: Optional[Mapping[str, Any]] = None
+    budget: BudgetOptions = field(default_factory=lambda: BudgetOptions(rank=8))
+    selection: SelectionOptions = field(default_factory=SelectionOptions)
+    tensorization: TensorizationOptions = field(default_factory=TensorizationOptions)
+    overrides: Optional[Mapping[str, Mapping[str, Any]]] = None
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+    recovery: RecoveryOptions = field(default_factory=RecoveryOptions)
+    execution: ExecutionOptions = field(default_factory=ExecutionOptions)
+    storage: StorageOptions = field(default_factory=StorageOptions)
+    seed: int = 0
 
     version: ClassVar[int] = CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        check_plan(self.execution)
+        for name, group in GROUPS.items():
+            if not isinstance(getattr(self, name), group):
+                raise KCompressError(f"{name} must be a {group.__name__}, got {type(getattr(self, name)).__name__}")
         if self.allocated:
-            from kcompress.allocation.auto import check_allocation
-
-            check_allocation(self.format, self.allocate, self.rank, self.ratio, self.params, self.objective,
-                             self.overrides)
+            check_formats(self.format)
+            if self.budget.allocate == "uniform":
+                raise KCompressError("several formats or a parameter count need allocate='auto'")
+            for glob, settings in self.override_rules:
+                fixed = sorted(set(settings) & {"format", "rank", "ratio"})
+                if fixed:
+                    raise KCompressError(f"override {glob!r} sets {', '.join(fixed)}, which allocate='auto' "
+                                         f"chooses; leave it out or use allocate='uniform'")
         else:
-            if (self.rank is None) == (self.ratio is None):
-                raise KCompressError("give exactly one of rank and ratio")
-            _base(self)
-        for what, globs in (("include", self.include), ("exclude", self.exclude)):
-            if globs is not None:
-                _check_globs(what, globs)
-        _check_targets(self.targets)
-        _check_overrides(self.overrides)
-        if self.gates not in GATES:
-            raise KCompressError(f"gates must be 'fused' or 'separate', got {self.gates!r}")
-        _check_int("seed", self.seed)
-        _check_int("calibrate_samples", self.calibrate_samples, minimum=1)
-        _check_int("distill_epochs", self.distill_epochs, minimum=0)
-        if not isinstance(self.check_speed, bool):
-            raise KCompressError(f"check_speed must be true or false, got {self.check_speed!r}")
-        _check_fit_options(self.fit_options)
-        CalibrationOptions.from_mapping(self.calibrate_options)
-        for spec in dataclasses.fields(self):  # tuples as lists, mappings as dicts: equal to its from_dict(to_dict())
-            object.__setattr__(self, spec.name, _jsonable(getattr(self, spec.name)))
+            check_format(self.format)
+        check_overrides(self.overrides)
+        check_fit_options(self.fit_options)
+        check_int("seed", self.seed)
+        for name in ("format", "fit_options", "overrides"):  # lists and dicts: equal to its from_dict(to_dict())
+            object.__setattr__(self, name, jsonable(getattr(self, name)))
+        for name in GROUPS:
+            group = getattr(self, name)
+            values = {spec.name: getattr(group, spec.name) for spec in dataclasses.fields(group)}
+            object.__setattr__(self, name, dataclasses.replace(group, **{key: value if dataclasses.is_dataclass(value)
+                                                                          else jsonable(value)
+                                                                          for key, value in values.items()}))
+
+    # ------------------------------------------------------------------ the shorthand
+    @classmethod
+    def from_keywords(cls, format: Union[str, Sequence[str]] = "kcp", *,
+                      calibrate_options: Optional[Mapping[str, Any]] = None, **keywords: Any) -> "CompressConfig":
+        """The config of :func:`kcompress.compress`'s flat keywords (``rank``, ``ratio``, ``include``, ...,
+        ``calibrate_options`` for the fields of :class:`CalibrationOptions`); unknown keywords are an error."""
+        unknown = sorted(set(keywords) - set(KEYWORDS) - {"fit_options", "overrides", "seed"})
+        if unknown:
+            raise KCompressError(f"unknown compress setting(s) {', '.join(unknown)}")
+        options = dict(calibrate_options or {})
+        if "samples" in options:
+            raise KCompressError("give the sample count as calibrate_samples, not in calibrate_options")
+        groups: dict[str, dict[str, Any]] = {"calibration": CalibrationOptions.from_mapping(options).to_dict(),
+                                             "budget": {}}
+        for keyword, (group, name) in KEYWORDS.items():
+            if keyword in keywords:
+                groups.setdefault(group, {})[name] = keywords[keyword]
+        built = {name: GROUPS[name](**values) for name, values in groups.items()}
+        return cls(format=format, fit_options=keywords.get("fit_options"), overrides=keywords.get("overrides"),
+                   seed=keywords.get("seed", 0), **built)
 
     # ------------------------------------------------------------------ normalized views
     @property
     def allocated(self) -> bool:
-        """Whether formats and ranks are chosen per matrix (:mod:`kcompress.allocation.auto`) rather than given."""
-        return self.allocate != "uniform" or not isinstance(self.format, str) or self.params is not None
+        """Whether formats and ranks are chosen per matrix (:mod:`kcompress.allocation`) rather than given."""
+        return self.budget.allocate != "uniform" or not isinstance(self.format, str) or self.budget.params is not None
+
+    @cached_property
+    def formats(self) -> tuple[str, ...]:
+        """The format names (one, or the formats an allocation chooses between)."""
+        return check_formats(self.format)
 
     @cached_property
     def base(self) -> dict[str, Any]:
-        """The global per-matrix settings (the keys of :data:`OVERRIDE_KEYS` but ``fit_options``), checked."""
-        return _base(self)
+        """The per-matrix settings every matrix starts from (``format``, ``rank``, ``ratio``, ``order``,
+        ``out_modes``, ``in_modes``); an allocated budget is not per matrix, so ``rank`` and ``ratio`` are then
+        None (the allocation's choices fill them)."""
+        out_modes, in_modes = check_modes(self.tensorization.modes)
+        per_matrix = not self.allocated
+        return {"format": self.formats[0], "rank": check_rank(self.budget.rank) if per_matrix else None,
+                "ratio": check_ratio(self.budget.ratio) if per_matrix else None,
+                "order": self.tensorization.order, "out_modes": out_modes, "in_modes": in_modes}
 
     @cached_property
     def include_globs(self) -> Optional[tuple[str, ...]]:
-        return None if self.include is None else _check_globs("include", self.include)
+        include = self.selection.include
+        return None if include is None else check_globs("include", include)
 
     @cached_property
     def exclude_globs(self) -> tuple[str, ...]:
-        return () if self.exclude is None else _check_globs("exclude", self.exclude)
+        exclude = self.selection.exclude
+        return () if exclude is None else check_globs("exclude", exclude)
 
     @cached_property
     def target_kinds(self) -> tuple[str, ...]:
-        """A tuple drawn from :data:`TARGETS`, e.g. ``("ih", "hh")``."""
-        return _check_targets(self.targets)
+        """A tuple drawn from ``("ih", "hh")``."""
+        return check_targets(self.selection.targets)
 
     @cached_property
     def override_rules(self) -> tuple[tuple[str, Mapping[str, Any]], ...]:
         """``(glob, checked settings)`` in the order given (later globs win)."""
-        return _check_overrides(self.overrides)
+        return check_overrides(self.overrides)
 
     # ------------------------------------------------------------------ dict form
     def to_dict(self) -> dict[str, Any]:
         """Every setting as a JSON-able value, with ``version``; :meth:`from_dict` gives an equal config."""
-        values = {spec.name: _jsonable(getattr(self, spec.name)) for spec in dataclasses.fields(self)}
-        return {"version": self.version, **values}
+        return {"version": self.version, **jsonable(dataclasses.asdict(self))}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], *, extra: str = "error") -> "CompressConfig":
-        """The config of a :meth:`to_dict` (missing keys take their defaults). Unknown keys raise a one-line
-        error naming the allowed ones, or are left out with ``extra="ignore"`` (a report's ``options`` also
-        holds what was added after compressing, e.g. ``threads``)."""
-        names = [spec.name for spec in dataclasses.fields(cls)]
-        version = values.get("version", cls.version)
+        """The config of a :meth:`to_dict` (missing keys take their defaults), or of a version-1 flat dict.
+        Unknown keys raise a one-line error naming the allowed ones, or are left out with ``extra="ignore"``."""
+        version = values.get("version", 1)
+        if version == 1:
+            return _from_flat(values, extra)
         if version != cls.version:
             raise KCompressError(f"compress config version {version!r} is not supported (this is version {cls.version})")
+        names = [spec.name for spec in dataclasses.fields(cls)]
         unknown = sorted(set(values) - set(names) - {"version"})
         if unknown and extra != "ignore":
             raise KCompressError(f"unknown compress setting(s) {', '.join(unknown)}; allowed: {', '.join(names)}")
-        return cls(**{key: value for key, value in values.items() if key in names})
+        kept = {key: value for key, value in values.items() if key in names}
+        for name, group in GROUPS.items():
+            if name in kept:
+                kept[name] = _group_from_dict(group, kept[name])
+        return cls(**kept)
 
     def replace(self, **changes: Any) -> "CompressConfig":
-        """A copy with ``changes`` applied (checked again)."""
+        """A copy with top-level ``changes`` applied (checked again)."""
         return dataclasses.replace(self, **changes)
 
-    def keywords(self) -> dict[str, Any]:
-        """The settings as :func:`kcompress.compress` keywords."""
-        return {spec.name: getattr(self, spec.name) for spec in dataclasses.fields(self)}
 
-
-def config_fields() -> tuple[str, ...]:
-    """The names of :class:`CompressConfig`'s settings (the matching keywords of ``compress``)."""
-    return tuple(spec.name for spec in dataclasses.fields(CompressConfig))
-
-
-def config_defaults() -> dict[str, Any]:
-    """Each setting's default (``compress``'s keywords have the same defaults)."""
-    return {spec.name: spec.default for spec in dataclasses.fields(CompressConfig)}
-
-
-# ---------------------------------------------------------------------- checks (each a one-line error)
-def _base(config: CompressConfig) -> dict[str, Any]:
-    out_modes, in_modes = _check_modes(config.modes)
-    return {"format": _check_format(config.format), "rank": _check_rank(config.rank),
-            "ratio": _check_ratio(config.ratio), "order": _check_order(config.order),
-            "out_modes": out_modes, "in_modes": in_modes}
-
-
-def _check_int(name: str, value: Any, minimum: Optional[int] = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-        bound = "" if minimum is None else f" >= {minimum}"
-        raise KCompressError(f"{name} must be an integer{bound}, got {value!r}")
-
-
-def _check_format(name: Any) -> str:
-    if not isinstance(name, str):
-        raise KCompressError(f"format must be a name, got {name!r}")
-    return get_format(name).name
-
-
-def _check_rank(rank: Any) -> Any:
-    """None, a positive int, or a non-empty list of positive ints (per-bond ranks)."""
-    if rank is None:
-        return None
-    values = list(rank) if isinstance(rank, (list, tuple)) else [rank]
-    if not values or any(isinstance(r, bool) or not isinstance(r, int) or r <= 0 for r in values):
-        raise KCompressError(f"rank must be a positive integer or a list of them, got {rank!r}")
-    return values if isinstance(rank, (list, tuple)) else rank
-
-
-def _check_ratio(ratio: Any) -> Optional[float]:
-    if ratio is None:
-        return None
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0 or ratio == float("inf"):
-        raise KCompressError(f"ratio must be a positive number, got {ratio!r}")
-    return float(ratio)
-
-
-def _check_order(order: Any) -> Optional[int]:
-    if order is not None and (isinstance(order, bool) or not isinstance(order, int) or order < 1):
-        raise KCompressError(f"order must be a positive integer, got {order!r}")
-    return order
-
-
-def _check_mode_list(name: str, modes: Any) -> Optional[list[int]]:
-    if modes is None:
-        return None
-    if not isinstance(modes, (list, tuple)) or not modes or any(
-        isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in modes
-    ):
-        raise KCompressError(f"{name} must be a list of positive integers, got {modes!r}")
-    return list(modes)
-
-
-def _check_modes(modes: Any) -> tuple[Optional[list[int]], Optional[list[int]]]:
-    """``(out_modes, in_modes)``; either may be None (chosen per matrix)."""
-    if modes is None:
-        return None, None
-    if not isinstance(modes, (list, tuple)) or len(modes) != 2:
-        raise KCompressError(f"modes must be a pair (out_modes, in_modes), got {modes!r}")
-    return _check_mode_list("out_modes", modes[0]), _check_mode_list("in_modes", modes[1])
-
-
-def _check_globs(what: str, globs: Any) -> tuple[str, ...]:
-    """A list of glob strings (one string is taken as a list of one)."""
-    items = [globs] if isinstance(globs, str) else globs
-    if not isinstance(items, (list, tuple)) or not all(isinstance(g, str) and g for g in items):
-        raise KCompressError(f"{what} must be a list of glob patterns, got {globs!r}")
-    return tuple(items)
-
-
-def _check_targets(targets: Any) -> tuple[str, ...]:
-    """``"ih"``, ``"hh"``, ``"ih,hh"`` or a list of those names -> e.g. ``("ih", "hh")``."""
-    items = targets.split(",") if isinstance(targets, str) else targets
-    names = {str(item).strip().lower() for item in items} if isinstance(items, (list, tuple)) else set()
-    if not names or not names <= set(TARGETS):
-        raise KCompressError(f"targets must be 'ih', 'hh' or 'ih,hh', got {targets!r}")
-    return tuple(t for t in TARGETS if t in names)
-
-
-def _check_overrides(overrides: Any) -> tuple[tuple[str, Mapping[str, Any]], ...]:
-    """``{glob: {key: value}}`` with keys from :data:`OVERRIDE_KEYS`, each value checked as the argument."""
-    if overrides is None:
-        return ()
-    if not isinstance(overrides, Mapping):
-        raise KCompressError(f"overrides must be a mapping of glob -> settings, got {type(overrides).__name__}")
-    checked = []
-    for glob, settings in overrides.items():
-        if not isinstance(glob, str) or not isinstance(settings, Mapping):
-            raise KCompressError(f"override {glob!r} must map a glob to a dict of settings")
-        try:
-            checked.append((glob, _check_override(settings)))
-        except KCompressError as error:
-            raise KCompressError(f"override {glob!r}: {error}") from None
-    return tuple(checked)
-
-
-def _check_override(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """One override's settings, each value checked as the argument of the same name."""
-    unknown = sorted(set(settings) - set(OVERRIDE_KEYS))
-    if unknown:
-        raise KCompressError(f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(OVERRIDE_KEYS)}")
-    if "rank" in settings and "ratio" in settings:
-        raise KCompressError("give rank or ratio, not both")
-    if any(settings.get(key, 0) is None for key in ("rank", "ratio")):
-        raise KCompressError("rank and ratio cannot be null")
-    checks: dict[str, Callable[[Any], Any]] = {
-        "format": _check_format, "rank": _check_rank, "ratio": _check_ratio, "order": _check_order,
-        "out_modes": lambda m: _check_mode_list("out_modes", m),
-        "in_modes": lambda m: _check_mode_list("in_modes", m), "fit_options": _check_fit_options,
-    }
-    return {key: checks[key](value) for key, value in settings.items()}
-
-
-def _check_fit_options(options: Any) -> dict[str, Any]:
-    """A JSON-able dict (its keys and values are checked by the format each matrix gets)."""
-    if options is None:
-        return {}
-    if not isinstance(options, Mapping):
-        raise KCompressError(f"fit_options must be a dict, got {type(options).__name__}")
+def _group_from_dict(group: type, values: Any) -> Any:
+    if not isinstance(values, Mapping):
+        raise KCompressError(f"{group.__name__} must be a mapping, got {values!r}")
+    if group is RecoveryOptions and isinstance(values.get("finetune"), Mapping):
+        values = {**values, "finetune": FinetuneOptions(**values["finetune"])}
     try:
-        json.dumps(dict(options))
-    except (TypeError, ValueError):
-        raise KCompressError(f"fit_options must be JSON-serialisable, got {options!r}") from None
-    return dict(options)
+        return group(**values)
+    except TypeError as error:
+        raise KCompressError(f"{group.__name__}: {error}") from None
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    return value
+def _from_flat(values: Mapping[str, Any], extra: str) -> CompressConfig:
+    """A version-1 config: :func:`kcompress.compress`'s flat keywords, as reports and artifacts stored them."""
+    allowed = {"format", "calibrate_options", "fit_options", "overrides", "seed", *KEYWORDS}
+    unknown = sorted(set(values) - allowed - {"version"})
+    if unknown and extra != "ignore":
+        raise KCompressError(f"unknown compress setting(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    return CompressConfig.from_keywords(**{key: value for key, value in values.items() if key in allowed})

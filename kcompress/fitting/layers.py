@@ -4,12 +4,11 @@ data-aware refinement when calibrating), with progress events and one report row
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional, Protocol
 
 from torch import Tensor, nn
 
 from kcompress import formats
-from kcompress.calibration.run import CalibrationRun
 from kcompress.errors import KCompressError
 from kcompress.formats import DataFitInfo, Stack, relative_error
 from kcompress.nn import COMPRESSED_TYPES, MatrixBuilder
@@ -18,14 +17,27 @@ from kcompress.progress import ProgressCallback, ProgressEvent
 from kcompress.report.record import MatrixReport
 
 
+class Refiner(Protocol):
+    """What fits each matrix to data after its plain fit (:mod:`kcompress.calibration.run` implements it)."""
+
+    def plain_fit(self, name: str, fit: Callable[[], nn.Module]) -> nn.Module:
+        """Matrix ``name``'s fit without data (``fit()``, or a copy of an earlier identical fit)."""
+
+    def refine(self, model: nn.Module, layer: str, matrix: str, module: nn.Module, weight: Tensor,
+               fitted: Mapping[str, nn.Module], seed: int, progress: Optional[formats.ProgressFn]
+               ) -> Optional[tuple[DataFitInfo, int]]:
+        """Fit ``module`` (fitted to ``weight``) to ``layer.matrix``'s data in ``model``; ``(info, samples)``, or
+        None when that layer never ran on the data."""
+
+
 def fit_layers(
     model: nn.Module, plans: Mapping[str, Mapping[str, MatrixPlan]], seed: int, progress: Optional[ProgressCallback],
-    calibration: Optional[CalibrationRun] = None,
+    refiner: Optional[Refiner] = None,
 ) -> tuple[nn.Module, list[MatrixReport]]:
     """Replace each planned layer of ``model`` by its fitted drop-in (same training mode), in plan order;
     returns the model (the drop-in itself when the model is the layer) and the report rows in plan order.
-    With ``calibration`` each targeted matrix is then fitted to its data (see :class:`CalibrationRun`)."""
-    fitter = _Fitter(seed, progress, sum(p.targeted for layer in plans.values() for p in layer.values()), calibration)
+    With a ``refiner`` each targeted matrix is then fitted to its data."""
+    fitter = _Fitter(seed, progress, sum(p.targeted for layer in plans.values() for p in layer.values()), refiner)
     for name, layer_plans in plans.items():
         fitter.model = model
         dense = model.get_submodule(name)
@@ -44,8 +56,8 @@ class _Fitter:
     """
 
     def __init__(self, seed: int, progress: Optional[ProgressCallback], total: int,
-                 calibration: Optional[CalibrationRun] = None) -> None:
-        self.seed, self.progress, self.total, self.calibration = seed, progress, total, calibration
+                 refiner: Optional[Refiner] = None) -> None:
+        self.seed, self.progress, self.total, self.refiner = seed, progress, total, refiner
         self.index = 0
         self.rows: list[MatrixReport] = []
         #: the model being compressed, as it is while the current layer is fitted
@@ -66,13 +78,13 @@ class _Fitter:
         if plan.targeted:
             self.index += 1
             self._emit(ProgressEvent("layer", plan.name, self.index, self.total))
-        if self.calibration is None:
+        if self.refiner is None:
             module = self._plain_fit(plan, weight)
         else:  # the same plain fit for every candidate: fitted once, copied after
-            module = self.calibration.plain_fit(plan.name, lambda: self._plain_fit(plan, weight))
+            module = self.refiner.plain_fit(plan.name, lambda: self._plain_fit(plan, weight))
         data_fit = None
-        if plan.targeted and self.calibration is not None and self.model is not None:
-            data_fit = self.calibration.refine(self.model, plan.layer, plan.matrix, module, weight, fitted or {},
+        if plan.targeted and self.refiner is not None and self.model is not None:
+            data_fit = self.refiner.refine(self.model, plan.layer, plan.matrix, module, weight, fitted or {},
                                                self.seed, self._iteration_callback(plan, 0, 1))
         error = relative_error(weight, module.reconstruct())
         if plan.targeted:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from torch import nn
 
@@ -19,7 +19,7 @@ from kcompress.nn import COMPRESSED_TYPES
 from kcompress.report.record import Report, SkippedLayer, qualified_name
 from kcompress.formats.tensorize import Tensorization
 
-NOTHING_MATCHED = "no LSTM/GRU/Linear layer matched"
+NOTHING_MATCHED = "no LSTM/GRU/Linear/Embedding layer matched"
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class MatrixPlan:
 
     @property
     def clamped(self) -> bool:
-        if not self.targeted:
+        if not self.targeted or self.rank_requested is None:
             return False
         return self.rank_used != self.fmt.normalize_rank(self.tensorization, self.rank_requested)
 
@@ -87,9 +87,16 @@ def _select_layers(
 
 
 def _exclusion_reason(name: str, module: nn.Module, config: CompressConfig) -> Optional[str]:
-    """Why ``include``/``exclude`` leave this layer out, or None."""
-    if config.include_globs is None and isinstance(module, nn.Linear):
-        return "Linear layers are compressed only when an include glob names them"
+    """Why ``targets``/``include``/``exclude`` leave this layer out, or None. Linear and Embedding layers are
+    selected when ``targets`` names their kind (``"linear"``, ``"embedding"``, ``"all"``) or an include
+    glob names them; a recurrent layer when ``targets`` names one of its matrices (``"ih"``, ``"hh"``)."""
+    kinds = config.target_kinds
+    for kind, name_of in ((nn.Linear, "linear"), (nn.Embedding, "embedding")):
+        if config.include_globs is None and isinstance(module, kind) and name_of not in kinds:
+            return (f"{kind.__name__} layers are compressed only when targets include {name_of!r} (or 'all') "
+                    "or an include glob names them")
+    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)) and not {"ih", "hh"} & set(kinds):
+        return "targets leave its matrices dense"
     if config.include_globs is not None and not any(fnmatch.fnmatchcase(name, g) for g in config.include_globs):
         return "not matched by include"
     excluded_by = [g for g in config.exclude_globs if fnmatch.fnmatchcase(name, g)]
@@ -110,17 +117,31 @@ def _unsupported_reason(module: nn.Module) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------- planning
-def plan_compression(model: nn.Module, config: CompressConfig, report: Report) -> dict[str, dict[str, MatrixPlan]]:
-    """``{layer name: {matrix name: plan}}`` for the selected layers; fills ``report.skipped`` and warnings."""
+#: per matrix name: ``(format, rank)`` chosen by an allocation
+Choices = Mapping[str, tuple[str, Any]]
+
+
+def plan_compression(model: nn.Module, config: CompressConfig, report: Report,
+                     choices: Optional[Choices] = None) -> dict[str, dict[str, MatrixPlan]]:
+    """``{layer name: {matrix name: plan}}`` for the selected layers; fills ``report.skipped`` and warnings.
+
+    ``choices`` (an allocation's, :meth:`kcompress.allocation.choose.Allocation.choices`) give matrices their
+    format and rank. Without them an allocated ``config`` plans shapes only (``rank_used`` None)."""
     layers, report.skipped = _select_layers(model, config, report)
-    plans = {name: _plan_layer(name, module, config, report) for name, module in layers}
+    plans = {name: _plan_layer(name, module, config, report, choices or {}) for name, module in layers}
     _warn_unused_overrides(config, [p for layer in plans.values() for p in layer.values() if p.targeted], report)
     if not layers:
         _warn(report, NOTHING_MATCHED)
     return plans
 
 
-def _plan_layer(name: str, module: nn.Module, config: CompressConfig, report: Report) -> dict[str, MatrixPlan]:
+def targeted_plans(plans: Mapping[str, Mapping[str, MatrixPlan]]) -> list[MatrixPlan]:
+    """The targeted matrices' plans, in fitting order."""
+    return [plan for layer in plans.values() for plan in layer.values() if plan.targeted]
+
+
+def _plan_layer(name: str, module: nn.Module, config: CompressConfig, report: Report,
+                choices: Choices) -> dict[str, MatrixPlan]:
     """``{torch parameter name: plan}`` for every matrix of one selected layer."""
     layer_cls = COMPRESSED_TYPES[type(module)]
     matrix_names, _ = layer_cls.parameter_names(layer_cls.dense_config(module))
@@ -128,9 +149,14 @@ def _plan_layer(name: str, module: nn.Module, config: CompressConfig, report: Re
     for matrix in matrix_names:
         rows, cols = getattr(module, matrix).shape
         try:
-            plans[matrix] = _plan_matrix(name, type(module).__name__, matrix, (rows, cols), layer_cls.gates, config)
+            plans[matrix] = _plan_matrix(name, type(module).__name__, matrix, (rows, cols), layer_cls.gates, config,
+                                         choices)
         except KCompressError as error:
-            raise KCompressError(f"{qualified_name(name, matrix)}: {error}") from None
+            if config.include_globs is not None or type(module) not in (nn.Linear, nn.Embedding):
+                raise KCompressError(f"{qualified_name(name, matrix)}: {error}") from None
+            # a whole-model target (targets "linear"/"embedding"/"all") too small for the budget stays dense
+            _warn(report, f"{qualified_name(name, matrix)} kept dense: {error}")
+            plans[matrix] = _dense_plan(name, type(module).__name__, matrix, (rows, cols))
         plan = plans[matrix]
         if plan.clamped:
             _warn(report, f"{plan.name}: rank {plan.rank_requested} is above the largest {plan.fmt.name} rank for "
@@ -139,27 +165,37 @@ def _plan_layer(name: str, module: nn.Module, config: CompressConfig, report: Re
 
 
 def _plan_matrix(
-    layer: str, layer_type: str, matrix: str, shape: tuple[int, int], gates: int, config: CompressConfig
+    layer: str, layer_type: str, matrix: str, shape: tuple[int, int], gates: int, config: CompressConfig,
+    choices: Choices,
 ) -> MatrixPlan:
     """Format, modes, rank and options of one matrix, checked by the format (:meth:`Factorization.check`)."""
-    rows, cols = shape
     if not _is_target(matrix, config.target_kinds):
-        tz = Dense.default_tensorization(rows, cols)
-        return MatrixPlan(layer, layer_type, matrix, shape, Dense, tz, 1, None, None, Dense.options_type(),
-                          targeted=False)
+        return _dense_plan(layer, layer_type, matrix, shape)
+    rows, cols = shape
     settings = _settings(layer, matrix, config)
+    if qualified_name(layer, matrix) in choices:
+        settings["format"], settings["rank"] = choices[qualified_name(layer, matrix)]
     fmt = get_format(settings["format"])
-    blocks = gates if config.gates == "separate" else 1
+    blocks = gates if config.selection.gates == "separate" else 1
     tz = fmt.default_tensorization(
         rows // blocks, cols, settings["order"], settings["out_modes"], settings["in_modes"],
         out_group=gates if blocks == 1 else 1,
     )
     if settings["rank"] is not None:
         requested = fmt.normalize_rank(tz, settings["rank"])
-    else:
+    elif settings["ratio"] is not None:
         requested = fmt.rank_for_ratio(tz, settings["ratio"])
+    else:  # an allocated budget without its choices: the shapes only
+        options = fmt.options_type.from_dict(settings["fit_options"], owner=fmt.name)
+        return MatrixPlan(layer, layer_type, matrix, shape, fmt, tz, blocks, None, None, options, targeted=True)
     used, options = fmt.check(tz, fmt.clamp_rank(tz, requested), settings["fit_options"])
     return MatrixPlan(layer, layer_type, matrix, shape, fmt, tz, blocks, requested, used, options, targeted=True)
+
+
+def _dense_plan(layer: str, layer_type: str, matrix: str, shape: tuple[int, int]) -> MatrixPlan:
+    """The plan of a matrix kept as it is (format ``dense``, not targeted)."""
+    tz = Dense.default_tensorization(*shape)
+    return MatrixPlan(layer, layer_type, matrix, shape, Dense, tz, 1, None, None, Dense.options_type(), targeted=False)
 
 
 def _is_target(matrix: str, targets: tuple[str, ...]) -> bool:

@@ -24,10 +24,11 @@ def result_warnings(report: Report) -> list[str]:
         messages.append(f"compressed is larger than dense: {report.compressed_params_after:,} vs "
                         f"{report.compressed_params_before:,} parameters ({report.compression_ratio:.2f}x; grown: "
                         f"{names}); use a smaller rank or a larger --ratio")
-    dense = [row for row in report.matrices if not row.compressed and row.rank_used is None]
+    dense = [row for row in report.matrices if not row.compressed and row.rank_used is None
+             and row.matrix.startswith(("weight_ih", "weight_hh"))]
     if dense:
         kept = sum(row.params_before for row in dense)
-        messages.append(f"{len(dense)} recurrent matrices left dense by targets={report.options.get('targets')!r} "
+        messages.append(f"{len(dense)} recurrent matrices left dense by targets={report.options.get('selection', {}).get('targets')!r} "
                         f"({kept:,} parameters, e.g. {dense[0].name}): the model ratio is "
                         f"{report.model_compression_ratio:.2f}x; targets='ih,hh' compresses them too")
     return messages

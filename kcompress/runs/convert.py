@@ -1,7 +1,8 @@
 """``compress``: replace a model's LSTM/GRU/cell/Linear layers by compressed drop-ins and report what was done.
 
-The settings are one :class:`~kcompress.config.compress.CompressConfig`, checked when it is built. The work then
-runs in two passes. The *plan* pass reads only the layers' shapes: it selects layers (``include``/
+The settings are one :class:`~kcompress.config.CompressConfig`, checked when it is built (the keywords of
+:func:`compress` are its shorthand; :func:`compress_model` takes the config). An allocated budget is first
+resolved to per-matrix choices (:mod:`kcompress.allocation`). The work then runs in two passes. The *plan* pass reads only the layers' shapes: it selects layers (``include``/
 ``exclude``), resolves every matrix's settings (``overrides``), picks its modes and rank and has the format
 check them with its options (:meth:`Factorization.check`, closed forms, no module built), so every mistake
 in the request is reported before any fit starts (:mod:`kcompress.fitting.planning`). The *fit* pass then builds
@@ -12,6 +13,7 @@ layer where the dense one was (:mod:`kcompress.fitting.layers`).
 from __future__ import annotations
 
 import copy
+import inspect
 import platform
 import warnings
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -20,18 +22,20 @@ import tensorly
 import torch
 from torch import nn
 
-from kcompress._threads import fit_thread_count
-from kcompress.calibration.moments import DEFAULT_SAMPLES
+from kcompress.allocation.auto import Prepared, attach_allocation, prepare
 from kcompress.calibration.run import CalibrationRun
-from kcompress.config.compress import DEFAULT_TARGETS, CompressConfig, Modes, Rank, config_defaults, config_fields
+from kcompress.config import CompressConfig
+from kcompress.config.calibration import DEFAULT_SAMPLES
+from kcompress.config.compress import DEFAULT_TARGETS, Modes, Rank
 from kcompress.errors import KCompressError, KCompressWarning
 from kcompress.fitting.layers import fit_layers
+from kcompress.fitting.planning import plan_compression
 from kcompress.nn.plan import Plan, compressed_layers, set_execution
-from kcompress.fitting.planning import MatrixPlan, plan_compression
-from kcompress.progress import ProgressLike, progress_callback
-from kcompress.report.record import Report
-from kcompress.report.checks import result_warnings
+from kcompress.nn.quantize import quantization_plan, quantize_model, tensor_bytes
 from kcompress.nn.speed import CHECK_BATCH, measured_speedup
+from kcompress.progress import ProgressCallback, ProgressEvent, ProgressLike, progress_callback
+from kcompress.report.checks import result_warnings
+from kcompress.report.record import Report
 
 
 def compress(
@@ -60,18 +64,19 @@ def compress(
     calibrate_options: Optional[Mapping[str, Any]] = None,
     distill_epochs: int = 0,
     execution: Plan = "auto",
+    quantize: Optional[str] = None,
     config: Optional[CompressConfig] = None,
 ) -> tuple[nn.Module, Report]:
     """Compress the model's recurrent (and, when included, linear) layers; returns ``(model, report)``.
 
     ``allocate="auto"`` (``format`` may then be a list) chooses each matrix's format and rank under one
     global budget, ``ratio`` or ``params``, measured in parameters or, with ``objective="latency"``, in
-    MACs (see :mod:`kcompress.allocation.auto`); ``"uniform"`` applies ``rank``/``ratio`` to every matrix.
+    MACs (see :mod:`kcompress.allocation`); ``"uniform"`` applies ``rank``/``ratio`` to every matrix.
 
-    ``progress``: a callback of :class:`kcompress.progress.ProgressEvent`, or True for the CLI's progress
-    display on stderr. See ``docs/design.md`` (convert). Every entry of ``report.warnings`` is also emitted as a
-    :class:`KCompressWarning`. A model with nothing to compress is returned (copied) with an empty
-    ``report.matrices`` and the warning :data:`NOTHING_MATCHED`; raising is left to the caller.
+    ``progress``: a callback of :class:`kcompress.progress.ProgressEvent`, or True for a progress display on
+    stderr. Every entry of ``report.warnings`` is also emitted as a :class:`KCompressWarning`. A model with
+    nothing to compress is returned (copied) with an empty ``report.matrices`` and the warning
+    :data:`NOTHING_MATCHED`; raising is left to the caller.
     ``execution`` (``"auto"``, ``"factorized"``, ``"materialized"`` or ``{glob: path}``) sets how each
     compressed matrix runs (:func:`kcompress.set_execution`; ``auto`` measures only with ``check_speed``).
     With ``check_speed`` each factorized matrix is timed against its dense product at batch
@@ -79,36 +84,56 @@ def compress(
     slower, with the reason they run factorized.
 
     ``calibration`` (unlabeled model inputs: a tensor, a tuple of positional inputs, a DataLoader or iterable
-    of batches, a SequenceData; see :func:`kcompress.calibration.moments.calibration_set`) makes every targeted matrix
-    fit what it computes on those inputs (at most ``calibrate_samples`` sequences, part held out; see
+    of batches, a SequenceData; see :func:`kcompress.calibration.moments.calibration_set`) makes every targeted
+    matrix fit what it computes on those inputs (at most ``calibrate_samples`` sequences, part held out; see
     ``docs/calibration.md``), layer after layer; ``calibrate_options`` are the fields of
-    :class:`kcompress.calibration.run.CalibrationOptions`. ``distill_epochs`` then trains the compressed model to
+    :class:`kcompress.config.CalibrationOptions`. ``distill_epochs`` then trains the compressed model to
     match the dense one's outputs on the same inputs (early stopping on the held-out part).
 
-    Every setting is checked before any work as a :class:`kcompress.CompressConfig` (stored in
-    ``report.options`` and the artifact). ``config`` gives them all at once, also in ``format``'s place
+    ``quantize`` (``"int8"`` or ``"int4"``) stores the factors and untouched tensors as integers with per-slice
+    scales (:mod:`kcompress.nn.quantize`); the returned model computes with exactly the stored values, and
+    ``report.model_bytes_before/after`` give the dense and the artifact's tensor bytes either way.
+
+    The setting keywords are a shorthand for one :class:`kcompress.CompressConfig`
+    (:meth:`~kcompress.CompressConfig.from_keywords`), checked before any work and stored in
+    ``report.options`` and the artifact. ``config`` gives them all at once, also in ``format``'s place
     (``compress(model, config)``); the setting keywords are then left at their defaults.
     """
-    arguments = dict(locals())
-    if isinstance(progress, bool):  # True: the CLI's progress display on stderr for this call
-        with progress_callback(progress) as callback:
-            return compress(**{**arguments, "progress": callback})
+    settings = {name: value for name, value in locals().items() if name in _SETTINGS}
+    if isinstance(format, CompressConfig):
+        if config is not None:
+            raise KCompressError("give one CompressConfig, not two")
+        config, settings["format"] = format, _DEFAULTS["format"]
+    if config is None:
+        config = CompressConfig.from_keywords(**_given(settings))
+    elif not isinstance(config, CompressConfig):
+        raise KCompressError(f"config must be a CompressConfig, got {type(config).__name__}")
+    elif _given(settings):
+        raise KCompressError(f"give settings either in config or as keywords, not both: {', '.join(_given(settings))}")
+    with progress_callback(progress) as callback:
+        return compress_model(model, config, calibration=calibration, inplace=inplace, progress=callback)
+
+
+def compress_model(model: nn.Module, config: CompressConfig, *, calibration: Optional[Any] = None,
+                   inplace: bool = False, progress: Optional[ProgressCallback] = None,
+                   prepared: Optional[Prepared] = None) -> tuple[nn.Module, Report]:
+    """:func:`compress` with its settings as one config: allocate (when the budget is allocated; ``prepared``
+    reuses estimated error curves), plan, calibrate and fit, set the execution paths, check the result."""
     if not isinstance(model, nn.Module):
         raise KCompressError(f"compress needs a torch nn.Module, got {type(model).__name__}")
-    config = _config(arguments)
+    if config.budget.searched:
+        raise KCompressError("give exactly one of ratio and params for an allocated budget (or search one with max_drop)")
+    if config.recovery.distill_epochs and calibration is None:
+        raise KCompressError("distill_epochs needs calibration data (the inputs to distil on)")
+    report = Report(format=config.formats[0], options=config.to_dict(), versions=_versions(),
+                    model_params_before=count_parameters(model), model_bytes_before=tensor_bytes(model))
+    run = None if calibration is None else CalibrationRun(calibration, config)
+    allocation = None
     if config.allocated:
-        from kcompress.allocation.auto import compress_allocated
-
-        model, report = compress_allocated(model, **config.keywords(), calibration=calibration, progress=progress,
-                                           inplace=inplace)
-        report.options.update(config.to_dict())  # the settings asked for; the allocation's are in report.allocation
-        return model, report
-    report = Report(format=config.base["format"], options=config.to_dict(), versions=_versions(),
-                    model_params_before=count_parameters(model))
-    report.options["threads"] = {"fit": fit_thread_count(), "model": torch.get_num_threads()}
-    run = _calibration_run(calibration, config.calibrate_samples, config.calibrate_options, config.distill_epochs,
-                           config.seed)
-    plans = plan_compression(model, config, report)
+        _emit_step(progress, "allocate", "estimating error curves ...")
+        prepared = prepared or prepare(model, config, calibration)
+        allocation = prepared.allocate(config.budget.ratio, config.budget.params)
+    plans = plan_compression(model, config, report, allocation.choices() if allocation else None)
     teacher = model
     if not inplace:
         model = _copy(model)
@@ -117,28 +142,42 @@ def compress(
     if run is None:
         model, report.matrices = fit_layers(model, plans, config.seed, progress)
     else:
-        model, report.matrices = run.fit(model, teacher, list(plans),
-                                         lambda m: fit_layers(m, plans, config.seed, progress, run), _copy)
-    set_execution(model, config.execution, measure=config.check_speed)
+        model, report.matrices = run.fit(model, teacher, plans, config.seed, progress, _copy)
+    set_execution(model, config.execution.path, measure=config.execution.check_speed)
     if run is not None:
         run.finish(model, teacher, report, config.seed, progress)
+    if allocation is not None and prepared is not None:
+        attach_allocation(report, model, prepared, allocation)
     report.model_params_after = count_parameters(model)
-    _check_speed(model, report, config.execution, config.check_speed)
+    _store(model, report, config.storage.quantize)
+    _check_speed(model, report, config.execution.path, config.execution.check_speed)
     report.warnings.extend(result_warnings(report))
     for message in report.warnings:
-        warnings.warn(message, KCompressWarning, stacklevel=2)
+        warnings.warn(message, KCompressWarning, stacklevel=3)
     return model, report
 
 
-def plan_matrices(model: nn.Module, format: str = "kcp", rank: Optional[Rank] = None, ratio: Optional[float] = None,
-                  **options: Any) -> list[MatrixPlan]:
-    """The plans of the targeted matrices :func:`compress` would fit with these arguments (``options``: its
-    ``include``, ``exclude``, ``targets``, ``gates``, ``order``, ``modes``, ``overrides``, ``fit_options``),
-    in fitting order; nothing is fitted. Errors are the ones :func:`compress` raises."""
-    names = ("include", "exclude", "targets", "gates", "order", "modes", "overrides", "fit_options")
-    settings = {name: options[name] for name in names if options.get(name) is not None}
-    plans = plan_compression(model, CompressConfig(format=format, rank=rank, ratio=ratio, **settings), Report())
-    return [plan for layer in plans.values() for plan in layer.values() if plan.targeted]
+#: the setting keywords of :func:`compress` (the shorthand of a :class:`CompressConfig`) and their defaults
+_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(compress).parameters.items()
+             if name not in ("model", "inplace", "progress", "calibration", "config")}
+_SETTINGS = tuple(_DEFAULTS)
+
+
+def _given(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings that differ from their defaults."""
+    return {name: value for name, value in settings.items() if value != _DEFAULTS[name]}
+
+
+def _store(model: nn.Module, report: Report, quantize: Optional[str]) -> None:
+    """Quantize the model as its artifact will store it (``quantize`` None: as it is) and record the bytes."""
+    plan = quantization_plan(model, quantize)
+    quantize_model(model, plan)
+    report.quantize, report.model_bytes_after = quantize, tensor_bytes(model, plan)
+
+
+def _emit_step(progress: Optional[ProgressCallback], name: str, message: str) -> None:
+    if progress is not None:
+        progress(ProgressEvent("step", name, message=message))
 
 
 def _check_speed(model: nn.Module, report: Report, execution: Plan, measure: bool) -> None:
@@ -188,30 +227,3 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def _config(arguments: Mapping[str, Any]) -> CompressConfig:
-    """The :class:`CompressConfig` of a :func:`compress` call: the one given (as ``config`` or in ``format``'s
-    place), whose settings must then not also be given as keywords, or one built from the keywords."""
-    given, settings = arguments["config"], {name: arguments[name] for name in config_fields()}
-    defaults = config_defaults()
-    if isinstance(settings["format"], CompressConfig):
-        if given is not None:
-            raise KCompressError("give one CompressConfig, not two")
-        given, settings["format"] = settings["format"], defaults["format"]
-    if given is None:
-        return CompressConfig(**settings)
-    if not isinstance(given, CompressConfig):
-        raise KCompressError(f"config must be a CompressConfig, got {type(given).__name__}")
-    changed = [name for name, value in settings.items() if value != defaults[name]]
-    if changed:
-        raise KCompressError(f"give settings either in config or as keywords, not both: {', '.join(changed)}")
-    return given
-
-
-def _calibration_run(data: Any, samples: int, options: Optional[Mapping[str, Any]], distill_epochs: int,
-                     seed: int) -> Optional[CalibrationRun]:
-    """The calibration of a :func:`compress` call (None without data), every setting checked."""
-    if data is None:
-        if distill_epochs:
-            raise KCompressError("distill_epochs needs calibration data (the inputs to distil on)")
-        return None
-    return CalibrationRun(data, samples, options, distill_epochs, seed)

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import multiprocessing
+import multiprocessing.connection
 import os
 import sys
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
@@ -23,6 +25,8 @@ from kcompress.errors import KCompressError
 
 #: Dask's own environment variable for the scheduler's address
 SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
+#: the exit code of a local worker whose driver is gone
+EXIT_ORPHANED = 1
 
 
 def scheduler_address(option: Optional[str]) -> Optional[str]:
@@ -58,8 +62,12 @@ class TrialExecutor:
             return Counter()
 
     def close(self, cancel: bool = False) -> None:
-        """Stop the executor (cancelling what has not finished when ``cancel``) and close the client."""
+        """Stop the executor and close the client. With ``cancel`` (the sweep was interrupted or failed) what
+        has not finished is cancelled and local workers are terminated at once, mid-trial: nothing waits
+        for a long fit that nobody will read."""
         if self.client is None:
+            if cancel:
+                _terminate_workers(self.executor)
             self.executor.shutdown(wait=not cancel, cancel_futures=cancel)
             return
         self.executor.shutdown(wait=not cancel)
@@ -81,7 +89,8 @@ def open_executor(jobs: int, scheduler: Optional[str] = None) -> TrialExecutor:
     if scheduler is None:
         if jobs < 1:
             raise KCompressError(f"jobs must be at least 1, got {jobs}")
-        pool = futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+        pool = futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                           initializer=exit_with_parent)
         return TrialExecutor(pool, f"{jobs} local process{'es' if jobs > 1 else ''}")
     try:
         from distributed import Client
@@ -97,6 +106,31 @@ def open_executor(jobs: int, scheduler: Optional[str] = None) -> TrialExecutor:
     threads = sum(worker.get("nthreads", 0) for worker in workers.values())
     return TrialExecutor(client.get_executor(pure=False), f"Dask scheduler {scheduler} ({len(workers)} workers, "
                          f"{threads} threads)", client)
+
+
+def exit_with_parent() -> None:
+    """In a local pool's worker: end this process as soon as the driver that spawned it is gone (killed
+    with SIGKILL, say), instead of finishing a trial that nobody will read. A daemon thread waits on the
+    parent's sentinel, which becomes ready when the parent exits."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, name="kcompress-parent-watch", daemon=True).start()
+
+
+def _terminate_workers(pool: futures.Executor) -> None:
+    """SIGTERM to every worker process of a local pool (``terminate_workers`` from Python 3.14 on)."""
+    terminate = getattr(pool, "terminate_workers", None)
+    if terminate is not None:
+        terminate()
+        return
+    for process in list(getattr(pool, "_processes", None) or {}.values()):
+        process.terminate()
 
 
 def worker_name() -> str:

@@ -6,12 +6,10 @@
         -> select -> [calibrate] -> fit -> [refine] -> plan execution      (kcompress.compress)
         -> [measure] -> [fine-tune -> measure] -> metrics -> write
 
-Every entry point runs these stages: the CLI's ``compress`` command (:func:`run_pipeline`), the Python
-:func:`compress_file`, and each trial of a sweep (:func:`compress_stages` on a model its worker loaded once).
-Selection, planning and fitting are :func:`kcompress.compress`: the :func:`fit` stage passes every compress
-keyword through unchanged, so options added to ``compress`` reach the CLI, sweeps and ``compress_file``.
-Data-aware stages that need the model and data before the fit (calibration) go between the baseline
-measurement and :func:`fit` in :func:`compress_stages`.
+Every entry point runs these stages with one :class:`~kcompress.config.CompressConfig` built at its edge: the
+CLI's ``compress`` command (:func:`run_pipeline`), the Python :func:`compress_file`, and each trial of a sweep
+(:func:`compress_stages` on a model its worker loaded once). Selection, planning and fitting are
+:func:`kcompress.runs.convert.compress_model`, handed the same config.
 
 Every check that needs no fitting runs first: the output path, the checkpoint, the user's model class,
 the evaluation (its baseline is measured on the dense model, so a broken evaluator fails before any fit)
@@ -22,7 +20,6 @@ Stages report what they do as ``ProgressEvent("step" | "metric", ...)`` through 
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +27,13 @@ from typing import Any, Optional
 
 from torch import nn
 
-from kcompress.runs.convert import compress
+from kcompress.allocation.auto import Prepared
+from kcompress.config import CompressConfig, FinetuneOptions
+from kcompress.runs.convert import compress_model
 from kcompress.fitting.planning import NOTHING_MATCHED
 from kcompress.errors import KCompressError, KCompressWarning
 from kcompress.tuning.evaluate import Budget, EvalSpec, Evaluation, load_evaluation, metrics_record
-from kcompress.tuning.finetune import LOSSES, FinetuneResult, finetune
+from kcompress.tuning.finetune import FinetuneResult, finetune
 from kcompress.io import (
     Checkpoint,
     PathLike,
@@ -48,18 +47,6 @@ from kcompress.io import (
 from kcompress.progress import ProgressCallback, ProgressEvent
 from kcompress.report.record import Report
 from kcompress.io.usercode import import_reference
-
-_DEFAULT_FORMAT = inspect.signature(compress).parameters["format"].default
-
-
-@dataclass(frozen=True)
-class FinetuneSettings:
-    """Fine-tuning after compression: ``epochs`` (0: none), ``loss`` (task|distill|both) and ``lr``."""
-
-    epochs: int = 0
-    loss: str = "distill"
-    lr: float = 1e-3
-
 
 @dataclass
 class CompressionRun:
@@ -89,56 +76,60 @@ class CompressionRun:
 # ---------------------------------------------------------------------- the whole pipeline
 def run_pipeline(
     input_path: PathLike,
-    output_path: Optional[PathLike] = None,
+    output_path: Optional[PathLike],
+    config: CompressConfig,
     *,
+    calibration: Any = None,
     overwrite: bool = False,
     trust_checkpoint: bool = False,
     model_class: Optional[str] = None,
     evaluation: Optional[EvalSpec] = None,
-    finetuning: FinetuneSettings = FinetuneSettings(),
     budget: Budget = Budget(),
     progress: Optional[ProgressCallback] = None,
-    **compress_kwargs: Any,
 ) -> CompressionRun:
-    """Every stage from ``input_path`` to the artifact at ``output_path`` (default: beside the input).
+    """Every stage from ``input_path`` to the artifact at ``output_path`` (None: beside the input).
 
-    ``model_class`` (``"file.py:Class"``) builds the user's own module from a state dict;
-    ``compress_kwargs`` go to :func:`kcompress.compress`. The report's status is ``"failed"`` when the
-    ``budget`` is missed (the artifact is still written). Every problem is a one-line KCompressError,
-    and then nothing is written.
+    ``model_class`` (``"file.py:Class"``) builds the user's own module from a state dict; ``calibration`` is
+    the unlabeled data of ``config.calibration``. The report's status is ``"failed"`` when the ``budget``
+    is missed (the artifact is still written). Every problem is a one-line KCompressError, and then nothing
+    is written.
     """
     source = Path(input_path)
-    if output_path is None:
-        fmt, rank, ratio = (compress_kwargs.get(k) for k in ("format", "rank", "ratio"))
-        output_path = default_output_path(source, fmt or _DEFAULT_FORMAT, rank, ratio)
-    target = Path(output_path)
+    target = Path(output_path) if output_path is not None else default_output_path(source, output_tag(config),
+                                                                                    config.budget.rank,
+                                                                                    config.budget.ratio)
     check_output_path(target, overwrite=overwrite, source=source)
-    _check_finetuning(finetuning, evaluation)
+    _check_finetuning(config.recovery.finetune, evaluation)
     run = load_input(source, trust_checkpoint=trust_checkpoint, model_class=model_class, progress=progress)
     if evaluation is not None:
         prepare_evaluation(run, evaluation, progress)
-    compress_stages(run, finetuning=finetuning, budget=budget, progress=progress, **compress_kwargs)
+    compress_stages(run, config, calibration=calibration, budget=budget, progress=progress)
     write_artifact(run, target, overwrite=overwrite, progress=progress)
     return run
 
 
+def output_tag(config: CompressConfig) -> str:
+    """The format part of a default artifact name: the format, or ``auto`` for an allocated budget."""
+    return "auto" if config.allocated else config.formats[0]
+
+
 def compress_stages(
     run: CompressionRun,
+    config: CompressConfig,
     *,
-    finetuning: FinetuneSettings = FinetuneSettings(),
+    calibration: Any = None,
     budget: Budget = Budget(),
     progress: Optional[ProgressCallback] = None,
-    **compress_kwargs: Any,
 ) -> CompressionRun:
     """The stages between a loaded model and its artifact: fit, then (with an evaluation) measure,
     fine-tune and measure again, and the metrics with their budget when the baseline was measured."""
-    fit(run, progress=progress, **compress_kwargs)
+    fit(run, config, calibration=calibration, progress=progress)
     if run.evaluation is None:
         return run
     assert run.compressed is not None
     run.compressed_metric = measure(run, run.compressed, "compressed model", progress)
-    if finetuning.epochs > 0:
-        fine_tune(run, finetuning, seed=compress_kwargs.get("seed", 0), progress=progress)
+    if config.recovery.finetune.epochs > 0:
+        fine_tune(run, config.recovery.finetune, seed=config.seed, progress=progress)
         run.finetuned_metric = measure(run, run.compressed, "fine-tuned model", progress)
     if run.baseline is not None:
         record_metrics(run, budget)
@@ -151,17 +142,22 @@ def compress_file(
     *,
     overwrite: bool = False,
     trust_checkpoint: bool = False,
-    **compress_kwargs: Any,
+    calibration: Any = None,
+    config: Optional[CompressConfig] = None,
+    **settings: Any,
 ) -> tuple[Path, Report]:
     """Compress the checkpoint at ``input_path`` and write the artifact; returns ``(artifact path, report)``.
 
-    ``output_path`` defaults to :func:`kcompress.io.default_output_path` beside the input.
-    ``compress_kwargs`` go to :func:`kcompress.compress` (``format``, ``rank`` or ``ratio``, ``include``,
-    ...). A model with nothing to compress is an error. ``report.source`` records the input's path, kind
-    and sha256. Every problem is a one-line :class:`KCompressError`, and then nothing is written.
+    ``output_path`` defaults to :func:`kcompress.io.default_output_path` beside the input. The settings are
+    ``config``, or :func:`kcompress.compress`'s keywords (``format``, ``rank`` or ``ratio``, ``include``, ...)
+    as its shorthand. A model with nothing to compress is an error. ``report.source`` records the input's
+    path, kind and sha256. Every problem is a one-line :class:`KCompressError`, and then nothing is written.
     """
-    run = run_pipeline(input_path, output_path, overwrite=overwrite, trust_checkpoint=trust_checkpoint,
-                       **compress_kwargs)
+    if config is not None and settings:
+        raise KCompressError(f"give settings either in config or as keywords, not both: {', '.join(settings)}")
+    config = config if config is not None else CompressConfig.from_keywords(**settings)
+    run = run_pipeline(input_path, output_path, config, calibration=calibration, overwrite=overwrite,
+                       trust_checkpoint=trust_checkpoint)
     assert run.artifact is not None and run.report is not None
     return run.artifact, run.report
 
@@ -223,20 +219,23 @@ def prepare_evaluation(run: CompressionRun, spec: EvalSpec, progress: Optional[P
     run.baseline = measure(run, run.dense, "dense model", progress)
 
 
-def fit(run: CompressionRun, *, progress: Optional[ProgressCallback] = None, **compress_kwargs: Any) -> None:
-    """Select, fit and plan execution: :func:`compress_checked` on the dense model, ``compress_kwargs``
-    passed through to :func:`kcompress.compress`."""
-    run.compressed, run.report = compress_checked(run.dense, progress, where=run.source.get("path"),
-                                                  **compress_kwargs)
+def fit(run: CompressionRun, config: CompressConfig, *, calibration: Any = None,
+        progress: Optional[ProgressCallback] = None, prepared: Optional[Prepared] = None) -> None:
+    """Select, fit and plan execution: :func:`compress_checked` on the dense model."""
+    run.compressed, run.report = compress_checked(run.dense, config, calibration=calibration, progress=progress,
+                                                  where=run.source.get("path"), prepared=prepared)
     run.report.source = dict(run.source)
 
 
-def compress_checked(model: nn.Module, progress: Optional[ProgressCallback] = None, *, where: Optional[str] = None,
-                     **compress_kwargs: Any) -> tuple[nn.Module, Report]:
-    """:func:`kcompress.compress`, with a model that has nothing to compress made an error (naming ``where``)."""
+def compress_checked(model: nn.Module, config: CompressConfig, *, calibration: Any = None,
+                     progress: Optional[ProgressCallback] = None, where: Optional[str] = None,
+                     prepared: Optional[Prepared] = None) -> tuple[nn.Module, Report]:
+    """:func:`kcompress.runs.convert.compress_model`, with a model that has nothing to compress made an error
+    (naming ``where``)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=NOTHING_MATCHED, category=KCompressWarning)
-        compressed, report = compress(model, progress=progress, **compress_kwargs)
+        compressed, report = compress_model(model, config, calibration=calibration, progress=progress,
+                                            prepared=prepared)
     if not report.matrices:
         raise KCompressError(nothing_to_compress(report, where))
     return compressed, report
@@ -260,7 +259,7 @@ def measure(run: CompressionRun, model: nn.Module, what: str, progress: Optional
     return value
 
 
-def fine_tune(run: CompressionRun, settings: FinetuneSettings, seed: int = 0,
+def fine_tune(run: CompressionRun, settings: FinetuneOptions, seed: int = 0,
               progress: Optional[ProgressCallback] = None) -> None:
     """Fine-tune: the compressed model in place on the evaluation's training data, distilling from the dense
     model unless the loss is ``task``."""
@@ -273,11 +272,9 @@ def fine_tune(run: CompressionRun, settings: FinetuneSettings, seed: int = 0,
                               progress=progress)
 
 
-def _check_finetuning(settings: FinetuneSettings, spec: Optional[EvalSpec]) -> None:
+def _check_finetuning(settings: FinetuneOptions, spec: Optional[EvalSpec]) -> None:
     if settings.epochs > 0 and (spec is None or (spec.data is None and spec.finetune_data is None)):
         raise KCompressError("fine-tuning needs data: give a built-in dataset or a data file")
-    if settings.loss not in LOSSES:
-        raise KCompressError(f"unknown fine-tuning loss {settings.loss!r}; use one of: {', '.join(LOSSES)}")
 
 
 def record_metrics(run: CompressionRun, budget: Budget) -> None:
@@ -306,7 +303,7 @@ def _step(progress: Optional[ProgressCallback], name: str, message: str) -> None
 
 
 __all__ = [
-    "CompressionRun", "FinetuneSettings", "build_user_model", "compress_checked", "compress_file", "compress_stages", "fine_tune",
+    "CompressionRun", "output_tag", "build_user_model", "compress_checked", "compress_file", "compress_stages", "fine_tune",
     "fit", "load_input", "measure", "nothing_to_compress", "prepare_evaluation", "record_metrics", "run_pipeline",
     "write_artifact",
 ]

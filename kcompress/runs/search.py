@@ -24,18 +24,19 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
+from kcompress.allocation.auto import Prepared, prepare
 from kcompress.allocation.choose import Allocation
-from kcompress.allocation.auto import Prepared, attach_allocation, prepare_for
-from kcompress.calibration.moments import DEFAULT_SAMPLES, calibration_set
-from kcompress.calibration.run import CalibrationOptions, CalibrationRun
+from kcompress.calibration.moments import CalibrationSet, calibration_set
+from kcompress.calibration.run import CalibrationRun
+from kcompress.config import CompressConfig, RecoveryOptions
 from kcompress.errors import KCompressError
-from kcompress.tuning.evaluate import Budget, EvalSpec
 from kcompress.io import PathLike, check_output_path, default_output_path
+from kcompress.progress import ProgressCallback, ProgressEvent
+from kcompress.report.record import Report
 from kcompress.runs.pipeline import (
     CompressionRun,
-    FinetuneSettings,
     fine_tune,
     fit,
     load_input,
@@ -44,8 +45,7 @@ from kcompress.runs.pipeline import (
     record_metrics,
     write_artifact,
 )
-from kcompress.progress import ProgressCallback, ProgressEvent
-from kcompress.report.record import Report
+from kcompress.tuning.evaluate import Budget, EvalSpec
 
 #: stop bisecting when the upper over the lower ratio bound is below ``1 + TOLERANCE``
 TOLERANCE = 0.2
@@ -100,19 +100,20 @@ def search_budget(
     run: CompressionRun,
     prepared: Prepared,
     budget: Budget,
+    config: CompressConfig,
     *,
-    finetuning: FinetuneSettings = FinetuneSettings(),
+    calibration: Any = None,
     max_steps: int = MAX_STEPS,
     tolerance: float = TOLERANCE,
     progress: Optional[ProgressCallback] = None,
-    **compress_kwargs: Any,
 ) -> SearchResult:
     """Search the largest compression ratio whose drop is within ``budget`` (see the module doc).
 
     ``run`` holds the dense model, its evaluation and the measured baseline
-    (:func:`kcompress.runs.pipeline.prepare_evaluation`); ``compress_kwargs`` go to every step's
-    :func:`kcompress.compress` (calibration, seed, targets, ...; not format, rank, ratio or overrides).
-    The chosen step's report carries the trajectory under ``report.search``.
+    (:func:`kcompress.runs.pipeline.prepare_evaluation`); ``config`` is an allocated config whose ratio the
+    search chooses (its budget gives neither ratio nor params); each step fits it at one ratio, with the
+    ``calibration`` data (sampled once, :func:`sampled_calibration`) that ``prepared`` was made from. The chosen
+    step's report carries the trajectory under ``report.search``.
     """
     if run.evaluation is None or run.baseline is None:
         raise KCompressError("the budget search needs an evaluation with a measured baseline")
@@ -120,19 +121,18 @@ def search_budget(
         raise KCompressError("the budget search needs a maximum drop")
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise KCompressError(f"max_steps must be a positive integer, got {max_steps!r}")
-    chosen_by_search = sorted({"format", "rank", "ratio", "params", "allocate", "overrides", "config"} & set(compress_kwargs))
-    if chosen_by_search:
-        raise KCompressError(f"the budget search chooses {', '.join(chosen_by_search)} itself; do not give them")
-    compress_kwargs = with_calibration_set(compress_kwargs)
-    if compress_kwargs.get("distill_epochs") and compress_kwargs.get("calibration") is None:
+    if not config.budget.searched:
+        raise KCompressError("the budget search chooses the formats' ranks and the ratio itself: give an allocated "
+                             "config without rank, ratio or params")
+    if config.recovery.distill_epochs and calibration is None:
         raise KCompressError("distill_epochs needs calibration data (the inputs to distil on)")
+    calibration = sampled_calibration(calibration, config)
     result = SearchResult()
     runs: list[CompressionRun] = []
     limit = largest_ratio(prepared)
     ratio, expanding = min(FIRST_RATIO, limit), True
     while len(result.steps) < max_steps:
-        step_run, step = _step(run, prepared, ratio, budget, finetuning, progress, compress_kwargs,
-                               result.steps, runs)
+        step_run, step = _step(run, prepared, ratio, budget, config, calibration, progress, result.steps, runs)
         runs.append(step_run)
         result.steps.append(step)
         low, high = _bounds(result.steps, limit)
@@ -153,49 +153,46 @@ def search_budget(
 
 def run_search(
     input_path: PathLike,
-    output_path: Optional[PathLike] = None,
+    output_path: Optional[PathLike],
+    config: CompressConfig,
     *,
-    format: Union[str, Sequence[str]],
     evaluation: EvalSpec,
     budget: Budget,
-    objective: str = "size",
+    calibration: Any = None,
     overwrite: bool = False,
     trust_checkpoint: bool = False,
     model_class: Optional[str] = None,
-    finetuning: FinetuneSettings = FinetuneSettings(),
     progress: Optional[ProgressCallback] = None,
-    **compress_kwargs: Any,
 ) -> SearchResult:
     """The search from a checkpoint file to the artifact of the chosen step (default path: beside the input,
     ``model.auto.safetensors``), through the pipeline's stages: load, evaluation and baseline,
-    :func:`kcompress.allocation.auto.prepare`, :func:`search_budget`, write. ``compress_kwargs`` go to every step's
-    :func:`kcompress.compress`. The chosen report's status is ``"failed"`` when no step passed."""
+    :func:`kcompress.allocation.auto.prepare`, :func:`search_budget`, write. The chosen report's status is
+    ``"failed"`` when no step passed."""
     source = Path(input_path)
     target = Path(output_path) if output_path is not None else default_output_path(source, "auto")
     check_output_path(target, overwrite=overwrite, source=source)
+    if not config.budget.searched:
+        raise KCompressError("the budget search chooses the ratio itself: give neither rank, ratio nor params")
     run = load_input(source, trust_checkpoint=trust_checkpoint, model_class=model_class, progress=progress)
     prepare_evaluation(run, evaluation, progress)
     if progress is not None:
         progress(ProgressEvent("step", "allocate", message="estimating error curves ..."))
-    compress_kwargs = with_calibration_set(compress_kwargs)
-    prepared = prepare_for(run.dense, format, objective, compress_kwargs)
-    result = search_budget(run, prepared, budget, finetuning=finetuning, progress=progress, **compress_kwargs)
+    data = sampled_calibration(calibration, config)
+    prepared = prepare(run.dense, config, data)
+    result = search_budget(run, prepared, budget, config, calibration=data, progress=progress)
     assert result.run is not None
     write_artifact(result.run, target, overwrite=overwrite, progress=progress)
     return result
 
 
-def with_calibration_set(compress_kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """``compress_kwargs`` with the calibration data sampled once into a
-    :class:`~kcompress.calibration.moments.CalibrationSet` (as every ``compress`` call would sample it: same samples,
-    held-out fraction and seed), so the error curves and every step use the same calls."""
-    options = dict(compress_kwargs)
-    if options.get("calibration") is not None:
-        holdout = CalibrationOptions.from_mapping(options.get("calibrate_options")).holdout
-        options["calibration"] = calibration_set(options["calibration"],
-                                                 options.get("calibrate_samples") or DEFAULT_SAMPLES,
-                                                 holdout, options.get("seed") or 0)
-    return options
+def sampled_calibration(calibration: Any, config: CompressConfig) -> Optional[CalibrationSet]:
+    """The calibration data sampled once into a :class:`~kcompress.calibration.moments.CalibrationSet` (as every
+    fit would sample it: same samples, held-out fraction and seed), so the error curves and every step use
+    the same calls; None without data."""
+    if calibration is None:
+        return None
+    options = config.calibration
+    return calibration_set(calibration, options.samples, options.holdout, config.seed)
 
 
 def _bounds(steps: Sequence[SearchStep], limit: float) -> tuple[float, float]:
@@ -211,8 +208,8 @@ def largest_ratio(prepared: Prepared) -> float:
     return prepared.dense / cheapest
 
 
-def _step(run: CompressionRun, prepared: Prepared, ratio: float, budget: Budget, finetuning: FinetuneSettings,
-          progress: Optional[ProgressCallback], compress_kwargs: dict[str, Any], steps: Sequence[SearchStep],
+def _step(run: CompressionRun, prepared: Prepared, ratio: float, budget: Budget, config: CompressConfig,
+          calibration: Optional[CalibrationSet], progress: Optional[ProgressCallback], steps: Sequence[SearchStep],
           runs: Sequence[CompressionRun]) -> tuple[CompressionRun, SearchStep]:
     """Allocate at one ratio; reuse an earlier step with the same allocation, else fit, measure, and recover
     (distil, then fine-tune) only while the step fails."""
@@ -229,19 +226,19 @@ def _step(run: CompressionRun, prepared: Prepared, ratio: float, budget: Budget,
         return runs[earlier], step
     step_run = CompressionRun(dense=run.dense, source=dict(run.source), evaluation=run.evaluation,
                               baseline=run.baseline)
-    options = dict(compress_kwargs)
-    distill_epochs = options.pop("distill_epochs", 0) or 0
-    fit(step_run, progress=progress, format=prepared.formats[0], rank=1, overrides=allocation.overrides(), **options)
+    step_config = config.replace(budget=replace(config.budget, ratio=ratio),
+                                 recovery=RecoveryOptions(finetune=config.recovery.finetune))
+    fit(step_run, step_config, calibration=calibration, progress=progress, prepared=prepared)
     assert step_run.report is not None and step_run.compressed is not None
-    attach_allocation(step_run.report, step_run.compressed, prepared, allocation)
     fitted = _measure(step_run, budget, "compressed model", progress)
     recovery = []
-    if not step_run.report.metrics["passed"] and distill_epochs:
-        _distill(step_run, options, distill_epochs, progress)
+    if not step_run.report.metrics["passed"] and config.recovery.distill_epochs:
+        assert calibration is not None
+        _distill(step_run, config, calibration, progress)
         recovery.append("distill")
         _measure(step_run, budget, "distilled model", progress)
-    if not step_run.report.metrics["passed"] and finetuning.epochs > 0:
-        fine_tune(step_run, finetuning, seed=options.get("seed") or 0, progress=progress)
+    if not step_run.report.metrics["passed"] and config.recovery.finetune.epochs > 0:
+        fine_tune(step_run, config.recovery.finetune, seed=config.seed, progress=progress)
         recovery.append("finetune")
         _measure(step_run, budget, "fine-tuned model", progress)
     metrics = step_run.report.metrics
@@ -272,17 +269,15 @@ def _measure(run: CompressionRun, budget: Budget, what: str, progress: Optional[
     return value
 
 
-def _distill(run: CompressionRun, compress_kwargs: Mapping[str, Any], epochs: int,
+def _distill(run: CompressionRun, config: CompressConfig, calibration: CalibrationSet,
              progress: Optional[ProgressCallback]) -> None:
-    """Unlabeled distillation of ``run.compressed`` from the dense model on the calibration set, as
-    ``compress(distill_epochs=epochs)`` runs it (:meth:`kcompress.calibration.run.CalibrationRun.finish`), its
-    record put into ``report.calibration["distill"]`` beside the fit's calibration record."""
+    """Unlabeled distillation of ``run.compressed`` from the dense model on the calibration set, as a fit with
+    ``distill_epochs`` runs it (:meth:`kcompress.calibration.run.CalibrationRun.finish`), its record put into
+    ``report.calibration["distill"]`` beside the fit's calibration record."""
     assert run.compressed is not None and run.report is not None
-    seed = compress_kwargs.get("seed") or 0
-    calibration = CalibrationRun(compress_kwargs["calibration"], compress_kwargs.get("calibrate_samples") or
-                                 DEFAULT_SAMPLES, compress_kwargs.get("calibrate_options"), epochs, seed)
     finished = Report()
-    calibration.finish(run.compressed, run.dense, finished, seed, progress)
+    CalibrationRun(calibration, config).finish(run.compressed, run.dense, finished, config.seed, progress)
+    assert finished.calibration is not None
     run.report.calibration = {**(run.report.calibration or {}), "distill": finished.calibration["distill"]}
 
 

@@ -21,7 +21,7 @@ from kcompress.errors import KCompressError, error_line
 from kcompress.tuning.evaluate import Budget, EvalSpec, metric_drop
 from kcompress.runs.executors import TrialExecutor, open_executor
 from kcompress.io import PathLike, file_sha256
-from kcompress.runs.pipeline import FinetuneSettings
+from kcompress.config import FinetuneOptions
 from kcompress.progress import ProgressCallback, ProgressEvent
 from kcompress.runs.trials import (BASELINE_FORMAT, TrialJob, TrialSpec, append_record, is_baseline, read_records,
                      worker_trial)
@@ -41,7 +41,7 @@ def expand_grid(
     gates: str = "fused",
     order: Optional[int] = None,
     seed: int = 0,
-    finetune: FinetuneSettings = FinetuneSettings(),
+    finetune: FinetuneOptions = FinetuneOptions(),
     fit_options: Optional[Mapping[str, Any]] = None,
 ) -> list[TrialSpec]:
     """The dense baseline, then every ``format × rank`` (formats in the given order, duplicates dropped);
@@ -150,7 +150,6 @@ def run_sweep(
                                   message=f"{len(done)} of {len(jobs_by_key)} trials already in {log}"))
     if pending:
         with open_executor(min(jobs, len(pending)), scheduler) as executor:
-            out.mkdir(parents=True, exist_ok=True)
             _emit(progress, ProgressEvent("step", "sweep", message=f"running {len(pending)} trials on "
                                                                    f"{executor.description}"))
             shipped = executor.distributed and not shared_files
@@ -161,19 +160,20 @@ def run_sweep(
 
 def _run_jobs(executor: TrialExecutor, pending: list[TrialJob], files: Optional[Mapping[str, Any]],
               log: pathlib.Path, done: int, total: int, progress: Optional[ProgressCallback]) -> None:
-    """The dense baseline alone first (a broken evaluation fails once, not per trial), then the rest; each
-    record appended to the log as it arrives."""
+    """The dense baseline alone first (a broken checkpoint or evaluation fails once, not per trial, and
+    before the log or its folder exists), then the rest; each record appended to the log as it arrives."""
     tally = WorkerTally(executor)
     baseline = [job for job in pending if job.trial.baseline]
     for batch in (baseline, [job for job in pending if not job.trial.baseline]):
         for record in _completed(executor, batch, files, tally, progress):
+            if is_baseline(record["trial"]) and record["status"] != "ok":
+                raise KCompressError(f"the dense baseline could not be measured: {record['error']}")
+            log.parent.mkdir(parents=True, exist_ok=True)
             append_record(log, record)
             tally.add(record)
             done += 1
             _emit(progress, ProgressEvent("trial", trial_label(record["trial"]), done, total,
                                           record.get("metric"), _summary(record)))
-            if is_baseline(record["trial"]) and record["status"] != "ok":
-                raise KCompressError(f"the dense baseline could not be measured: {record['error']}")
     _emit(progress, ProgressEvent("workers", "sweep", message=tally.summary()))
 
 

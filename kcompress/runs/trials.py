@@ -24,13 +24,13 @@ from functools import lru_cache
 from typing import Any, Mapping, Optional
 
 from kcompress._threads import threads
-from kcompress.config.compress import CompressConfig
+from kcompress.config import CompressConfig, FinetuneOptions, RecoveryOptions
 from kcompress.errors import error_line
 from kcompress.tuning.evaluate import EvalSpec, Evaluation, load_evaluation
 from kcompress.runs.executors import worker_name
 from kcompress.formats import FORMATS, get_format
 from kcompress.io import PathLike, atomic_write
-from kcompress.runs.pipeline import CompressionRun, FinetuneSettings, compress_stages, load_input, measure
+from kcompress.runs.pipeline import CompressionRun, compress_stages, load_input, measure
 
 #: the trial format of the uncompressed baseline: the registered format that keeps a matrix as it is
 BASELINE_FORMAT = next(name for name, cls in FORMATS.items() if not cls.compresses)
@@ -48,7 +48,7 @@ class TrialSpec:
     gates: str = "fused"
     order: Optional[int] = None
     seed: int = 0
-    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
     fit_options: tuple[tuple[str, Any], ...] = ()
 
     @property
@@ -58,9 +58,10 @@ class TrialSpec:
     def config(self) -> CompressConfig:
         """The trial's compression settings (checked; no speed check: timings taken beside other busy
         workers would mislead)."""
-        return CompressConfig(format=self.format, rank=self.rank, targets=self.targets, gates=self.gates,
-                              order=self.order, seed=self.seed, fit_options=dict(self.fit_options) or None,
-                              check_speed=False)
+        return CompressConfig.from_keywords(self.format, rank=self.rank, targets=self.targets, gates=self.gates,
+                                            order=self.order, seed=self.seed,
+                                            fit_options=dict(self.fit_options) or None, check_speed=False
+                                            ).replace(recovery=RecoveryOptions(finetune=self.finetune))
 
     def key(self, input_sha256: str, eval_fingerprint: Mapping[str, Any]) -> str:
         """Stable hash of the settings, the evaluation and the input file (without ``fit_options`` when there
@@ -142,7 +143,7 @@ def _measure_trial(job: TrialJob) -> dict[str, Any]:
                 "model_compression_ratio": 1.0, "predicted_speedup": 1.0, "max_relative_error": 0.0, "warnings": []}
     config = trial.config()
     with warnings.catch_warnings(record=True):  # the report keeps them
-        compress_stages(run, finetuning=trial.finetune, **config.keywords())
+        compress_stages(run, config)
     report = run.report
     assert report is not None
     errors = [m.relative_error for m in report.matrices if m.relative_error is not None]

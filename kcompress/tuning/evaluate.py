@@ -14,11 +14,11 @@ import torch
 from torch import Tensor, nn
 
 from kcompress.tuning.data import BUILTIN_DATASETS, Batch, SequenceData, load_builtin, load_data_file
+from kcompress.config.calibration import TASKS
 from kcompress.errors import KCompressError
 from kcompress.io import file_sha256
 from kcompress.io.usercode import import_reference, split_reference
 
-TASKS = ("classification", "regression")
 DROP_TYPES = ("absolute", "relative")
 _TASK_METRICS = {"classification": "accuracy", "regression": "mse"}
 
