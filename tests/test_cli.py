@@ -286,6 +286,7 @@ def test_inspect(tiny: pathlib.Path) -> None:
 
 
 # ---------------------------------------------------------------------- sweep
+@pytest.mark.slow
 def test_sweep_resumes_and_reports_the_front(tiny: pathlib.Path, tmp_path: pathlib.Path, monkeypatch) -> None:
     evaluator = write_param_evaluator(tmp_path / "sweep_metric.py")
     out = tmp_path / "sweep"
@@ -327,6 +328,7 @@ def _entry_point() -> pathlib.Path:
     return script
 
 
+@pytest.mark.slow
 def test_installed_entry_point(tiny: pathlib.Path) -> None:
     report = tiny.with_name("r.json")
     env = {**os.environ, "NO_COLOR": "1"}
@@ -343,6 +345,7 @@ def test_installed_entry_point(tiny: pathlib.Path) -> None:
     assert failed.stderr.strip().splitlines() == [one_error_line(failed.stderr)]
 
 
+@pytest.mark.slow
 def test_python_dash_m(tiny: pathlib.Path) -> None:
     version = subprocess.run([sys.executable, "-m", "kcompress", "--version"], capture_output=True, text=True,
                              timeout=120)

@@ -155,6 +155,7 @@ main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_sigterm_mid_write_leaves_nothing(tiny: pathlib.Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-c", _SIGTERM_MID_WRITE, str(tiny), "--format", "svd", "--rank", "2"],
@@ -166,6 +167,7 @@ def test_sigterm_mid_write_leaves_nothing(tiny: pathlib.Path) -> None:
     assert _names(tiny.parent) == ["tiny.pt"]
 
 
+@pytest.mark.slow
 def test_sigint_while_starting_prints_one_line(tiny: pathlib.Path, delay: float = 0.5) -> None:
     """Ctrl-C while torch is still importing (or the command has just begun): one line, no traceback."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

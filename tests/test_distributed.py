@@ -26,6 +26,9 @@ from .test_cli import one_error_line, run  # noqa: E402
 from .test_sweep import save_tiny_data, save_tiny_model  # noqa: E402
 
 #: fields that say where and when a trial ran, not what it measured
+pytestmark = pytest.mark.slow  # examples, subprocesses or exports: seconds each
+
+
 WHERE = {"host", "worker", "seconds", "finished"}
 
 SLOW_METRIC = """

@@ -11,6 +11,9 @@ from kcompress.io.models import SequenceClassifier
 from .conftest import ROOT
 
 
+pytestmark = pytest.mark.slow  # examples, subprocesses or exports: seconds each
+
+
 def run(*args: str, timeout: int = 240) -> str:
     result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-2000:]

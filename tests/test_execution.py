@@ -304,6 +304,7 @@ def test_training_keeps_what_auto_left_factorized() -> None:
     assert layer.requested == {"weight_ih_l0": "auto", "weight_hh_l0": "factorized"}
 
 
+@pytest.mark.slow
 def test_the_fused_path_exports_to_onnx(tmp_path: Path) -> None:
     ort = pytest.importorskip("onnxruntime")
     layer = COMPRESSED_TYPES[nn.LSTM].from_dense(nn.LSTM(6, HIDDEN, num_layers=2, bidirectional=True), svd).eval()

@@ -20,6 +20,9 @@ from kcompress.nn import COMPRESSED_TYPES, CompressedLinear
 INPUT, HIDDEN, CLASSES, BATCH, STEPS = 16, 8, 5, 3, 6
 
 
+pytestmark = pytest.mark.slow  # examples, subprocesses or exports: seconds each
+
+
 def mixed(name: str, weight: Tensor, gates: int) -> nn.Module:
     """kcp with explicit modes on the first input matrix, truncated svd on the others and the head, dense hh."""
     if name == "weight_ih_l0":

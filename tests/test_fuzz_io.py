@@ -204,6 +204,7 @@ def artifact(valid: dict[str, bytes]) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, json.loads(json.loads(data[8:8 + size])["__metadata__"]["kcompress"])
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=st.data())
 def test_mutated_artifact_metadata(scratch: pathlib.Path, artifact: tuple, data: st.DataObject) -> None:
