@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from common import machine_markdown, markdown_table, write_results
 
 import kcompress
+from kcompress.io.models import SequenceClassifier
 from kcompress.tuning.data import load_builtin
 from kcompress.tuning.evaluate import evaluate
-from kcompress.io.models import SequenceClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = ("kcp", "tt", "svd")

@@ -27,13 +27,13 @@ from common import RESULTS, machine_markdown, markdown_table, write_results  # n
 
 from kcompress import compress  # noqa: E402
 from kcompress.calibration.moments import collect_second_moments  # noqa: E402
-from kcompress.tuning.data import SequenceData, load_builtin  # noqa: E402
-from kcompress.tuning.evaluate import evaluate  # noqa: E402
 from kcompress.formats import DataFitSettings, get_format  # noqa: E402
 from kcompress.io.models import SequenceClassifier  # noqa: E402
+from kcompress.tuning.data import SequenceData, load_builtin  # noqa: E402
+from kcompress.tuning.evaluate import evaluate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-FORMATS = ("svd", "kcp", "tt")
+FORMATS = ("svd", "kcp", "tt", "tr", "bt")
 SAMPLES = 64
 #: per-matrix settings: one ratio for both matrices, or the input matrices (12 wide: their rank is what a
 #: small ratio leaves) kept closer to dense and the hidden ones compressed harder, both about 4x / 8x overall

@@ -10,8 +10,11 @@
   forward (no grad) and one training step (forward + backward through ``kcompress.nn.trained``, the
   path fine-tuning takes), each timed interleaved with dense ``nn.LSTM``/``nn.GRU`` of the same run
   (:func:`kcompress.nn.speed.time_interleaved`: medians within a time budget, interquartile spread).
-* ``paper``: the KCP paper shape (57,600 -> 4x256, W_ih as KCP rank 8, modes of bench_speed.py, T = 16),
-  whole-LSTM forward against dense fp32 and int8 dynamic quantization at batch 1, 16, 128.
+* ``paper``: the KCP paper shape (57,600 -> 4x256, W_ih as KCP rank 8, modes of bench_speed.py, T = 16) at
+  batch 1, 16, 128: the input transform alone (``x @ W_ih.T`` on the T·batch rows) and the whole-LSTM forward,
+  KCP on the kernel ``auto`` picks (the GEMM chain) and on the previous one (``algorithm="rank_batch"``),
+  against dense fp32 and int8 dynamic quantization, all four interleaved; with the MAC-limited ratio (dense
+  MACs / KCP MACs, input and hidden products together for the LSTM) beside the measured one.
 * ``distill``: one distillation epoch (``kcompress.finetune``, validation passes included) over the bundled
   JapaneseVowels training set, student KCP x8 (``targets="ih,hh"``) against the same epoch with a dense
   student; alternating, median of 3 after a warm-up round.
@@ -36,9 +39,8 @@ import warnings
 from typing import Any, Callable
 
 import torch
-from torch import nn
-
 from common import machine_markdown, markdown_table, write_results
+from torch import nn
 
 from kcompress import KCompressError, set_execution
 from kcompress.formats import FORMATS
@@ -151,31 +153,58 @@ def _speed(ratio: Any, spread: Any) -> str:
     return "not measured" if ratio is None else f"{ratio}x ±{spread:.0%}"
 
 
-def bench_paper(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
-    from bench_speed import _Wrapped, compressed_lstm, kcompress_matrices, shapes
+def paper_models(shape: Any) -> dict[str, Any]:
+    """Dense LSTM and input matrix, their int8 versions, and KCP rank 8 on the chain and on ``rank_batch``
+    (the same factors), each as the matrix and as the LSTM with that W_ih (auto plan)."""
+    from bench_speed import _Wrapped, compressed_lstm, kcompress_matrices
 
-    shape = shapes()[0]
     torch.manual_seed(0)
     dense = nn.LSTM(shape.input_size, shape.hidden).eval()
-    int8 = torch.ao.quantization.quantize_dynamic(_Wrapped(dense), {nn.LSTM}, dtype=torch.qint8)
+    linear = nn.Linear(shape.input_size, 4 * shape.hidden, bias=False).eval()
+    with torch.no_grad():
+        linear.weight.copy_(dense.weight_ih_l0)
     kcp = next(module for label, _, module in kcompress_matrices(shape) if label.startswith("kcompress kcp"))
-    model = compressed_lstm(shape, dense, kcp)
-    set_execution(model, "auto")
+    previous = FORMATS["kcp"](kcp.tensorization, kcp.rank, algorithm="rank_batch").eval()
+    previous.load_state_dict(kcp.state_dict())
+    lstms = {name: compressed_lstm(shape, dense, matrix) for name, matrix in (("kcp", kcp), ("previous", previous))}
+    for model in lstms.values():
+        set_execution(model, "auto")
+    quantize = torch.ao.quantization.quantize_dynamic
+    return {"matrix": {"dense": linear, "int8": quantize(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8),
+                       "kcp": kcp.multiply, "previous": previous.multiply},
+            "lstm": {"dense": dense, "int8": quantize(_Wrapped(dense), {nn.LSTM}, dtype=torch.qint8), **lstms},
+            "macs": (4 * shape.hidden * shape.input_size, kcp.macs_per_vector(), 4 * shape.hidden * shape.hidden)}
+
+
+def bench_paper(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
+    from bench_speed import shapes
+
+    shape = shapes()[0]
+    models = paper_models(shape)
+    dense_macs, kcp_macs, hidden_macs = models["macs"]
+    limits = {"matrix": dense_macs / kcp_macs, "lstm": (dense_macs + hidden_macs) / (kcp_macs + hidden_macs)}
     rows = []
     for batch in args.paper_batch:
         x = torch.randn(16, batch, shape.input_size)
-        runs = 3 if batch >= 128 else 5
-        with torch.no_grad():
-            times = time_interleaved({"dense": lambda: dense(x), "int8": lambda: int8(x), "kcp": lambda: model(x)},
-                                     budget=args.budget, min_runs=runs)
-        row = {"part": "paper", "batch": batch, "threads": threads, "auto": plan_text(model, batch),
-               **{f"{k}_ms": round(t.median * 1e3, 2) for k, t in times.items()},
-               "kcp_vs_dense": round(paired(times["dense"], times["kcp"]).ratio, 1),
-               "kcp_vs_int8": round(paired(times["int8"], times["kcp"]).ratio, 1),
-               "spread": round(max(t.spread for t in times.values()), 2)}
-        rows.append(row)
-        print(row, flush=True)
+        inputs = x.reshape(-1, shape.input_size)
+        for part, data in (("matrix", inputs), ("lstm", x)):
+            with torch.no_grad():
+                times = time_interleaved({k: lambda f=f: f(data) for k, f in models[part].items()},
+                                         budget=args.budget, min_runs=3 if batch >= 128 else 5)
+            rows.append(_paper_row(part, batch, threads, times, limits[part], plan_text(models["lstm"]["kcp"], batch)))
+            print(rows[-1], flush=True)
     return rows
+
+
+def _paper_row(part: str, batch: int, threads: int, times: dict[str, Timing], limit: float, auto: str) -> dict[str, Any]:
+    kcp_vs_dense = paired(times["dense"], times["kcp"])
+    return {"part": "paper", "what": part, "batch": batch, "rows": 16 * batch, "threads": threads, "auto": auto,
+            **{f"{k}_ms": round(t.median * 1e3, 2) for k, t in times.items()},
+            "kcp_vs_dense": round(kcp_vs_dense.ratio, 1), "mac_limit": round(limit, 1),
+            "of_limit": round(kcp_vs_dense.ratio / limit, 2),
+            "kcp_vs_int8": round(paired(times["int8"], times["kcp"]).ratio, 1),
+            "kcp_vs_previous": round(paired(times["previous"], times["kcp"]).ratio, 2),
+            "spread": round(max(t.spread for t in times.values()), 2)}
 
 
 def bench_distill(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
@@ -269,10 +298,16 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
                      f"(worst {_grid_line(worst_train)}).\n")
     paper = [r for r in rows if r["part"] == "paper"]
     if paper:
-        text += "\n### KCP paper shape (57,600 -> 4x256, rank 8, T = 16): whole-LSTM forward\n\n"
-        table = [[r["batch"], r["threads"], r["dense_ms"], r["int8_ms"], r["kcp_ms"], f"{r['kcp_vs_dense']}x",
-                  f"{r['kcp_vs_int8']}x", f"{r['spread']:.0%}", r["auto"]] for r in paper]
-        text += markdown_table(["batch", "threads", "dense ms", "int8 ms", "kcp ms", "kcp vs dense", "kcp vs int8",
+        text += ("\n### KCP paper shape (57,600 -> 4x256, rank 8, T = 16): input transform and whole-LSTM forward\n\n"
+                 "matrix = `x @ W_ih.T` on the 16·batch input rows; lstm = the whole forward. kcp = KCP on the kernel "
+                 "auto picks (the GEMM chain), previous = the same factors on `algorithm=\"rank_batch\"`; ratios are "
+                 "medians of per-round ratios of the four interleaved; MAC limit = dense MACs / KCP MACs; of limit = "
+                 "kcp vs dense / MAC limit (the KCP product's MAC rate as a fraction of dense fp32's).\n\n")
+        table = [[r["what"], r["batch"], r["rows"], r["threads"], r["dense_ms"], r["int8_ms"], r["kcp_ms"],
+                  r["previous_ms"], f"{r['kcp_vs_dense']}x", f"{r['mac_limit']}x", f"{r['of_limit']:.0%}",
+                  f"{r['kcp_vs_int8']}x", f"{r['kcp_vs_previous']}x", f"{r['spread']:.0%}", r["auto"]] for r in paper]
+        text += markdown_table(["part", "batch", "rows", "threads", "dense ms", "int8 ms", "kcp ms", "previous ms",
+                                "kcp vs dense", "MAC limit", "of limit", "kcp vs int8", "kcp vs previous",
                                 "max spread", "auto chose"], table)
     distill = [r for r in rows if r["part"] == "distill"]
     if distill:

@@ -24,9 +24,8 @@ SEQ, BATCH, INPUT, HIDDEN = 16, 16, 57600, 256
 def measure(config: str) -> dict[str, Any]:
     """Run in the child: build ``config``, run one forward, return peak RSS in MB."""
     import torch
-    from torch import nn
-
     from bench_speed import _Wrapped, compressed_lstm, kcompress_matrices, shapes
+    from torch import nn
 
     torch.set_num_threads(1)
     x = torch.randn(SEQ, BATCH, INPUT)

@@ -1,13 +1,18 @@
 """Speed of the input-to-hidden transform and of a whole LSTM forward, against dense, int8 and peers.
 
-    python benchmarks/bench_speed.py [--quick] [--threads 1 2] [--part matrix lstm]
+    python benchmarks/bench_speed.py [--quick] [--threads 1 2] [--part matrix lstm] [--shapes paper mid small]
+        [--batches 1 16 128] [--seqs 16 32]
 
 Shapes (issue 7): the KCP paper's video shape (N = 57600 -> 4·256, in-modes (8,20,20,18), gates folded
 into out-modes (16,4,4,4)), a mid shape (512 -> 4·512) and a small one (128 -> 4·128). Every
 kcompress format runs at the rank whose parameter count is closest to (not above) KCP rank 8, so rows
-compare equal storage. Factor values are random: speed does not depend on them (fit quality is measured
-in bench_fit.py). Peers: tensorly-torch FactorizedLinear (factorized forward) and tednet TT/TR-LSTM, when
-installed. Results: benchmarks/results/speed.{json,md}.
+compare equal storage (bt: its number of blocks at Tucker ranks 2). Factor values are random: speed does not
+depend on them (fit quality is measured in bench_fit.py). Peers: tensorly-torch FactorizedLinear (factorized
+forward) and tednet TT/TR-LSTM, when installed. All candidates of one shape and batch are timed interleaved,
+round by round (:func:`kcompress.nn.speed.time_interleaved`), and each ratio to dense fp32 is the median of the
+per-round ratios; "MAC limit" is dense MACs / the method's MACs per row (for an LSTM: input and hidden
+products together), the ratio a method running at the dense GEMM's MAC rate would reach. Results:
+benchmarks/results/speed.{json,md}.
 """
 
 from __future__ import annotations
@@ -20,12 +25,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+from common import machine_markdown, markdown_table, write_results
 from torch import nn
-
-from common import machine_markdown, markdown_table, median_ms, write_results
 
 from kcompress.formats import FORMATS, Dense, Factorization
 from kcompress.formats.tensorize import Tensorization, choose_tensorization
+from kcompress.nn.speed import paired, time_interleaved
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", message=".*quantiz.*")
@@ -78,7 +83,7 @@ def kcompress_matrices(shape: Shape, kcp_rank: int = 8) -> list[tuple[str, int, 
     tz = shape.tensorization
     budget = FORMATS["kcp"].param_count(tz, kcp_rank)
     rows = []
-    for name in ("kcp", "tt", "ht", "svd"):
+    for name in ("kcp", "tt", "tr", "ht", "bt", "svd"):
         if name not in FORMATS:
             continue
         cls = FORMATS[name]
@@ -116,27 +121,41 @@ def peer_matrices(shape: Shape, budget: int) -> list[tuple[str, int, nn.Module]]
     return rows
 
 
+def mac_limit(dense_macs: int, module: Any, extra_macs: int = 0) -> Optional[float]:
+    """``(dense_macs + extra) / (module's MACs per row + extra)`` for a kcompress matrix, else None."""
+    if not isinstance(module, Factorization):
+        return None
+    return round((dense_macs + extra_macs) / (module.macs_per_vector() + extra_macs), 2)
+
+
 def bench_matrix(shape: Shape, batches: list[int], threads: int) -> list[dict[str, Any]]:
     tz = shape.tensorization
     dense = nn.Linear(tz.in_features, tz.out_features, bias=False).eval()
     int8 = torch.ao.quantization.quantize_dynamic(nn.Sequential(dense), {nn.Linear}, dtype=torch.qint8)
-    candidates = [("dense fp32", tz.out_features * tz.in_features, dense), ("int8 dynamic", tz.out_features * tz.in_features, int8)]
+    dense_macs = tz.out_features * tz.in_features
+    candidates = [("dense fp32", dense_macs, dense), ("int8 dynamic", dense_macs, int8)]
     ours = kcompress_matrices(shape)
     candidates += ours + peer_matrices(shape, ours[0][1])
+    limits = {label: 1.0 if module is dense else mac_limit(dense_macs, module) for label, _, module in candidates}
     rows = []
     for batch in batches:
         x = torch.randn(batch, tz.in_features)
-        dense_ms = median_ms(lambda: dense(x))
-        for label, params, module in candidates:
-            ms = dense_ms if module is dense else median_ms(lambda m=module: m(x))
-            rows.append(_row("matrix", shape, label, params, batch, threads, ms, dense_ms))
+        with torch.no_grad():
+            times = time_interleaved({label: lambda m=module: m(x) for label, _, module in candidates},
+                                     budget=0.5, min_runs=3)
+        for label, params, _ in candidates:
+            rows.append(_row("matrix", shape, label, params, batch, threads, times, limits[label]))
     return rows
 
 
-def _row(part: str, shape: Shape, label: str, params: int, batch: int, threads: int, ms: float, dense_ms: float, seq: int = 1) -> dict[str, Any]:
+def _row(part: str, shape: Shape, label: str, params: int, batch: int, threads: int, times: dict[str, Any],
+         limit: Optional[float], seq: int = 1) -> dict[str, Any]:
+    """One method's row: its median ms and the median of its per-round ratios to dense (the first candidate)."""
+    dense = next(iter(times.values()))
     return {
         "part": part, "shape": shape.name, "method": label, "params": params, "batch": batch, "seq": seq,
-        "threads": threads, "ms": round(ms, 3), "speedup_vs_dense": round(dense_ms / ms, 2),
+        "threads": threads, "ms": round(times[label].median * 1e3, 3),
+        "speedup_vs_dense": round(paired(dense, times[label]).ratio, 2), "mac_limit": limit,
     }
 
 
@@ -203,20 +222,25 @@ def bench_lstm(shape: Shape, batches: list[int], seqs: list[int], threads: int) 
         ("dense nn.LSTM", params(dense), dense),
         ("int8 dynamic", params(dense), int8),
     ]
+    gates = 4 * shape.hidden
+    hidden_macs = gates * shape.hidden
+    limits: dict[str, Optional[float]] = {"dense nn.LSTM": 1.0}
     for label, _, module in kcompress_matrices(shape):
         lstm = compressed_lstm(shape, dense, module)
         if lstm is not None:
             candidates.append((label, params(lstm), lstm))
+            limits[label] = mac_limit(gates * shape.input_size, module, hidden_macs)
     for label, model, run in tednet_lstms(shape):
         candidates.append((label, params(model), run))
     rows = []
     for seq in seqs:
         for batch in batches:
             x = torch.randn(seq, batch, shape.input_size)
-            dense_ms = median_ms(lambda: dense(x), min_time=0.3)
-            for label, count, fn in candidates:
-                ms = dense_ms if fn is dense else median_ms(lambda f=fn: f(x), min_time=0.3)
-                rows.append(_row("lstm", shape, label, count, batch, threads, ms, dense_ms, seq))
+            with torch.no_grad():
+                times = time_interleaved({label: lambda f=fn: f(x) for label, _, fn in candidates}, budget=0.5,
+                                         min_runs=3)
+            for label, count, _ in candidates:
+                rows.append(_row("lstm", shape, label, count, batch, threads, times, limits.get(label), seq))
     return rows
 
 
@@ -226,12 +250,15 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
         selected = [r for r in rows if r["part"] == part]
         if not selected:
             continue
-        text += f"\n### {title}\n\nms = median milliseconds; x = speed-up against dense fp32 in the same run.\n\n"
+        text += (f"\n### {title}\n\nms = median milliseconds; x = speed-up against dense fp32 in the same run (median "
+                 "of per-round ratios of interleaved runs); MAC limit = dense MACs / the method's MACs.\n\n")
         table = [
-            [r["shape"], r["threads"], r["seq"], r["batch"], r["method"], f"{r['params']:,}", r["ms"], f"{r['speedup_vs_dense']}x"]
+            [r["shape"], r["threads"], r["seq"], r["batch"], r["method"], f"{r['params']:,}", r["ms"],
+             f"{r['speedup_vs_dense']}x", "-" if r.get("mac_limit") is None else f"{r['mac_limit']}x"]
             for r in selected
         ]
-        text += markdown_table(["shape", "threads", "T", "batch", "method", "params", "ms", "vs dense"], table)
+        text += markdown_table(["shape", "threads", "T", "batch", "method", "params", "ms", "vs dense", "MAC limit"],
+                               table)
     return text
 
 
@@ -241,10 +268,14 @@ def main() -> None:
     parser.add_argument("--part", nargs="+", default=["matrix", "lstm"], choices=["matrix", "lstm"])
     parser.add_argument("--quick", action="store_true", help="small shapes and batch 16 only (smoke test)")
     parser.add_argument("--name", default=None, help="results file name (default: speed, or speed_quick)")
+    parser.add_argument("--shapes", nargs="+", default=["paper", "mid", "small"], choices=["paper", "mid", "small"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 128])
+    parser.add_argument("--seqs", type=int, nargs="+", default=[16, 32])
     args = parser.parse_args()
-    selected = shapes()[1:] if args.quick else shapes()
-    batches = [16] if args.quick else [1, 16, 128]
-    seqs = [16] if args.quick else [16, 32]
+    selected = [shape for shape in shapes() if shape.name.split()[0] in args.shapes]
+    selected = selected if not args.quick else [shape for shape in selected if not shape.name.startswith("paper")]
+    batches = [16] if args.quick else args.batches
+    seqs = [16] if args.quick else args.seqs
     rows: list[dict[str, Any]] = []
     for threads in args.threads:
         torch.set_num_threads(threads)

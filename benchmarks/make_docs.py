@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PARTS = ["params", "speed", "speed_matrix_2threads_quiet", "fit", "memory", "sweep", "sweep_executors", "calibration",
+PARTS = ["params", "speed", "speed_matrix_2threads_quiet", "speed_matrix_1thread", "fit", "memory", "sweep", "sweep_executors", "calibration",
          "allocate", "search_distill_lr", "search", "search_distill", "exec_summary", "exec_train", "exec_train_h256svd", "exec_quiet",
          "exec_paper_quiet", "exec_paper", "exec_distill_memory", "exec_grid_lstm", "exec_grid_gru"]
 
@@ -21,7 +21,7 @@ shared, so absolute times vary between runs (the load average is recorded); rati
 the meaningful numbers. Nothing here is asserted by the test suite.
 
 ```bash
-python benchmarks/bench_params.py     # parameter counts in the KCP paper's setting, checked
+python benchmarks/bench_params.py     # the KCP paper's comparison (TT, TR, BT, HT, KCP): parameters and MACs, checked
 python benchmarks/bench_speed.py      # matrix and whole-LSTM speed, 1 and 2 threads, with peers
 python benchmarks/bench_fit.py        # fit time and error against rank, real weights + paper shape
 python benchmarks/bench_memory.py     # peak RSS of an LSTM forward at the paper shape

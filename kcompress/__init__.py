@@ -17,16 +17,16 @@ from kcompress.errors import KCompressError, KCompressWarning
 if TYPE_CHECKING:  # the public names, for type checkers; at run time they load on first use (__getattr__)
     from kcompress.calibration.moments import SecondMoment, calibration_set, collect_second_moments
     from kcompress.config import CompressConfig
+    from kcompress.formats import FORMATS, Factorization, build, get_format
+    from kcompress.formats.tensorize import Tensorization, choose_tensorization
+    from kcompress.io import load, load_checkpoint, model_from_checkpoint, save_artifact
+    from kcompress.nn.plan import set_execution
+    from kcompress.report import Report
     from kcompress.runs.convert import compress
+    from kcompress.runs.pipeline import compress_file
     from kcompress.tuning.data import BUILTIN_DATASETS, SequenceData, load_builtin, load_data_file
     from kcompress.tuning.evaluate import evaluate
     from kcompress.tuning.finetune import FinetuneResult, finetune
-    from kcompress.formats import FORMATS, Factorization, build, get_format
-    from kcompress.io import load, load_checkpoint, model_from_checkpoint, save_artifact
-    from kcompress.nn.plan import set_execution
-    from kcompress.runs.pipeline import compress_file
-    from kcompress.report import Report
-    from kcompress.formats.tensorize import Tensorization, choose_tensorization
 
 from kcompress._version import __version__
 

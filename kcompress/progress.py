@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Optional, Union
 
 from rich.console import Console
@@ -73,6 +73,22 @@ def stderr_progress(console: Optional[Console] = None) -> Iterator[ProgressCallb
         yield PlainProgress(lambda text: print(text, file=sys.stderr, flush=True))
 
 
+#: how epochs are named by the ``name`` of their events: fine-tuning, or distillation after calibration
+_EPOCH_LABELS = {"finetune": "fine-tune", "distill": "distillation"}
+
+
+def _epoch_label(event: ProgressEvent) -> str:
+    return _EPOCH_LABELS.get(event.name, event.name)
+
+
+def relabelled(progress: Optional[ProgressCallback], stage: str, name: str) -> Optional[ProgressCallback]:
+    """``progress`` with the events of ``stage`` renamed ``name`` (e.g. fine-tuning epochs that distil)."""
+    if progress is None:
+        return None
+    callback = progress
+    return lambda event: callback(replace(event, name=name) if event.stage == stage else event)
+
+
 def number(value: Optional[float]) -> str:
     """A metric or error for display: four significant digits, an em dash when unknown."""
     return "—" if value is None else f"{value:.4g}"
@@ -98,10 +114,10 @@ class PlainProgress:
         self.last = self.clock()
 
     def _on_layer(self, event: ProgressEvent) -> None:
-        self.started = self.clock()
+        self.started = self.last = self.clock()
 
     def _on_iteration(self, event: ProgressEvent) -> None:
-        if self.clock() - self.last >= HEARTBEAT_SECONDS:
+        if event.index > 0 and self.clock() - self.last >= HEARTBEAT_SECONDS:  # 0: the start, not an iteration
             gate = f" ({event.message})" if event.message else ""
             where = f"{event.name}{gate}: iteration {event.index}/{event.total}"
             self._print(f"      {where}, error {number(event.error)}")
@@ -112,7 +128,7 @@ class PlainProgress:
                     f"({seconds:.2f} s)")
 
     def _on_epoch(self, event: ProgressEvent) -> None:
-        self._print(f"fine-tune epoch {event.index}/{event.total}: {event.message}")
+        self._print(f"{_epoch_label(event)} epoch {event.index}/{event.total}: {event.message}")
 
     def _on_trial(self, event: ProgressEvent) -> None:
         self._print(f"[{event.index}/{event.total}] {event.name}: {event.message}")
@@ -148,7 +164,7 @@ class RichProgress:
     def _overall(self, description: str, completed: int, total: int, info: str = "") -> None:
         if self.overall is None:
             self.overall = self.bars.add_task(description, total=total or None, info=info)
-        fields = {"description": description} if description else {}
+        fields: dict[str, Any] = {"description": description} if description else {}
         self.bars.update(self.overall, completed=completed, total=total or None, info=info, **fields)
 
     def _on_layer(self, event: ProgressEvent) -> None:
@@ -171,7 +187,7 @@ class RichProgress:
                                 f"{number(event.error)} ({seconds:.2f} s)", markup=False)
 
     def _on_epoch(self, event: ProgressEvent) -> None:
-        self._overall("fine-tuning", event.index, event.total, event.message)
+        self._overall(_epoch_label(event), event.index, event.total, event.message)
 
     def _on_wait(self, event: ProgressEvent) -> None:
         if self.overall is not None:

@@ -12,19 +12,19 @@ import torch
 from torch import nn
 
 import kcompress
-from kcompress.allocation.choose import Candidate, Option, allocate, estimate, pareto, solve
 from kcompress.allocation.auto import prepare
+from kcompress.allocation.choose import Candidate, Option, allocate, estimate, pareto, solve
 from kcompress.calibration.moments import collect_second_moments
 from kcompress.config import BudgetOptions, CompressConfig
 from kcompress.errors import KCompressError
-from kcompress.tuning.evaluate import Budget, EvalSpec, Evaluation
 from kcompress.formats import get_format
 from kcompress.formats.data_fit import DataFitSettings, output_error
 from kcompress.io.models import SequenceClassifier
-from kcompress.runs.pipeline import CompressionRun
-from kcompress.runs.convert import compress_model
-from kcompress.runs.search import search_budget
 from kcompress.nn.speed import Speed
+from kcompress.runs.convert import compress_model
+from kcompress.runs.pipeline import CompressionRun
+from kcompress.runs.search import search_budget
+from kcompress.tuning.evaluate import Budget, EvalSpec, Evaluation
 
 from .conftest import trained_like
 from .test_sweep import save_tiny_model, write_param_evaluator

@@ -12,10 +12,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from kcompress import compress
 from kcompress.calibration.moments import calibration_set, collect_second_moments
-from kcompress.tuning.data import SequenceData
 from kcompress.errors import KCompressError
 from kcompress.formats import DataFitSettings, get_format, output_error, whitened_svd
 from kcompress.io.models import SequenceClassifier
+from kcompress.tuning.data import SequenceData
 
 from .test_gate_sensitivity import autograd_gru, autograd_lstm
 

@@ -20,9 +20,8 @@ from click.testing import CliRunner
 
 from kcompress.cli.main import app
 from kcompress.cli.options import COMPRESSION_FORMATS
-from kcompress.progress import PlainProgress
 from kcompress.io import default_output_path
-from kcompress.progress import ProgressEvent
+from kcompress.progress import PlainProgress, ProgressEvent
 from kcompress.report.record import validate_report_dict
 
 from .conftest import EXAMPLE_LSTM, ROOT

@@ -15,7 +15,6 @@ from kcompress.config.compress import KEYWORDS
 from kcompress.errors import KCompressError
 from kcompress.io.models import SequenceClassifier
 
-
 pytestmark = pytest.mark.usefixtures("steady_speed")
 
 

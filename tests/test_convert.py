@@ -18,8 +18,8 @@ from kcompress.formats import FORMATS, Dense, Stack, get_format
 from kcompress.formats.kcp import KCP
 from kcompress.formats.svd import SVD
 from kcompress.nn import CompressedGRU, CompressedGRUCell, CompressedLinear, CompressedLSTM, CompressedLSTMCell
-from kcompress.report.record import validate_report_dict
 from kcompress.nn.speed import Speed
+from kcompress.report.record import validate_report_dict
 
 # warnings are asserted with pytest.warns where they matter (it records them whatever the filters say)
 pytestmark = pytest.mark.filterwarnings("ignore::kcompress.errors.KCompressWarning")

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from kcompress.errors import KCompressError
 from kcompress.tuning import data as data_module
 from kcompress.tuning.data import BUILTIN_DATASETS, SequenceData, load_builtin, load_data_file, read_bundled_ts
-from kcompress.errors import KCompressError
 
 
 @pytest.fixture(scope="module")

@@ -98,9 +98,9 @@ def test_ridge_auto_collects_dense_statistics_once_and_warm_starts(monkeypatch: 
 
     from kcompress import compress
     from kcompress.calibration import run as calibrated
-    from kcompress.tuning.data import SequenceData
     from kcompress.formats.base import Factorization
     from kcompress.io.models import SequenceClassifier
+    from kcompress.tuning.data import SequenceData
 
     made: list[str] = []
     starts: list[bool] = []
@@ -146,9 +146,9 @@ def test_each_plain_fit_runs_once_and_gives_the_result_of_refitting(monkeypatch:
 
     from kcompress import compress
     from kcompress.calibration import run as calibrated
-    from kcompress.tuning.data import SequenceData
     from kcompress.formats.base import Factorization
     from kcompress.io.models import SequenceClassifier
+    from kcompress.tuning.data import SequenceData
 
     torch.manual_seed(0)
     model = SequenceClassifier(6, 8, 3)

@@ -9,15 +9,16 @@ import pytest
 import torch
 
 from kcompress import compress
-from kcompress.calibration.augment import Augmentation, AugmentedCalls, augment_call
+from kcompress.calibration.augment import AugmentedCalls, augment_call
 from kcompress.calibration.moments import calibration_set
-from kcompress.tuning.data import SequenceData
+from kcompress.config.calibration import Augmentation
 from kcompress.errors import KCompressError
+from kcompress.io.models import SequenceClassifier
+from kcompress.nn.plan import compressed_layers, trained
+from kcompress.tuning.data import SequenceData
 from kcompress.tuning.evaluate import run_model
 from kcompress.tuning.finetune import finetune
 from kcompress.tuning.layer_match import captured, matching_loss
-from kcompress.io.models import SequenceClassifier
-from kcompress.nn.plan import compressed_layers, trained
 
 
 def _data(rows: int = 40) -> SequenceData:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from kcompress.tuning.data import SequenceData
 from kcompress.errors import KCompressError
+from kcompress.tuning.data import SequenceData
 from kcompress.tuning.evaluate import evaluate, higher_is_better
 
 

@@ -10,7 +10,6 @@ from kcompress.io.models import SequenceClassifier
 
 from .conftest import ROOT
 
-
 pytestmark = pytest.mark.slow  # examples, subprocesses or exports: seconds each
 
 

@@ -16,8 +16,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import kcompress
 from kcompress import formats
 from kcompress.errors import KCompressError
-from kcompress.nn import COMPRESSED_TYPES, CompressedLayer, auto_plan, set_execution
 from kcompress.formats.rows import in_row_chunks
+from kcompress.nn import COMPRESSED_TYPES, CompressedLayer, auto_plan, set_execution
 from kcompress.nn.execution import chunked_multiply
 
 HIDDEN, STEPS, BATCH = 3, 5, 4

@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from kcompress.tuning.data import SequenceData, load_builtin
 from kcompress.errors import KCompressError
-from kcompress.tuning.evaluate import evaluate
-from kcompress.tuning.finetune import FinetuneResult, finetune
 from kcompress.io.models import SequenceClassifier
 from kcompress.progress import ProgressEvent
+from kcompress.tuning.data import SequenceData, load_builtin
+from kcompress.tuning.evaluate import evaluate
+from kcompress.tuning.finetune import FinetuneResult, finetune
 
 from .conftest import EXAMPLE_LSTM
 

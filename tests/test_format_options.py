@@ -16,15 +16,14 @@ from kcompress import compress
 from kcompress.cli.main import app
 from kcompress.config.compress import CompressConfig
 from kcompress.errors import KCompressError, KCompressWarning
-from kcompress.tuning.evaluate import EvalSpec
 from kcompress.formats import KCPOptions, TreeOptions, build, get_format
 from kcompress.io import file_sha256
 from kcompress.io.models import SequenceClassifier
 from kcompress.runs.sweep import expand_grid
 from kcompress.runs.trials import TrialJob, TrialSpec, run_trial
+from kcompress.tuning.evaluate import EvalSpec
 
 from .test_sweep import save_tiny_data, save_tiny_model
-
 
 pytestmark = pytest.mark.usefixtures("steady_speed")
 

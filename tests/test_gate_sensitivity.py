@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from kcompress import compress
+from kcompress.calibration.gate_sensitivity import gru_sensitivities, lstm_sensitivities
 from kcompress.calibration.moments import calibration_set, collect_second_moments
 from kcompress.formats import output_error, whitened_svd
-from kcompress.calibration.gate_sensitivity import gru_sensitivities, lstm_sensitivities
 from kcompress.io.models import SequenceClassifier
 
 

@@ -15,6 +15,7 @@ from kcompress.errors import KCompressError
 from kcompress.formats import KCP, SVD, Dense, Stack
 from kcompress.nn import (
     COMPRESSED_TYPES,
+    CompressedEmbedding,
     CompressedGRU,
     CompressedGRUCell,
     CompressedLinear,
@@ -154,6 +155,7 @@ def test_compressed_types() -> None:
         nn.LSTMCell: CompressedLSTMCell,
         nn.GRUCell: CompressedGRUCell,
         nn.Linear: CompressedLinear,
+        nn.Embedding: CompressedEmbedding,
     }
 
 

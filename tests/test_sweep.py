@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from kcompress.errors import KCompressError, KCompressWarning
-from kcompress.io.models import SequenceClassifier
 from kcompress.cli.plot import plot_pareto
-from kcompress.tuning.evaluate import Budget, EvalSpec, load_evaluation, metric_drop
-from kcompress.io import file_sha256
 from kcompress.config import CompressConfig, FinetuneOptions
+from kcompress.errors import KCompressError, KCompressWarning
+from kcompress.io import file_sha256
+from kcompress.io.models import SequenceClassifier
 from kcompress.runs.pipeline import compress_checked
 from kcompress.runs.sweep import best_within_budget, expand_grid, pareto_front
 from kcompress.runs.trials import TrialJob, TrialSpec, append_record, read_records, run_trial
+from kcompress.tuning.evaluate import Budget, EvalSpec, load_evaluation, metric_drop
 
 
 # ---------------------------------------------------------------------- helpers shared with test_cli

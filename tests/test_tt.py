@@ -7,8 +7,8 @@ import torch
 from tensorly.tt_matrix import tt_matrix_to_tensor
 
 from kcompress.errors import KCompressError
-from kcompress.formats.tt import TT
 from kcompress.formats.tensorize import Tensorization, choose_tensorization
+from kcompress.formats.tt import TT
 
 from .conftest import trained_like
 

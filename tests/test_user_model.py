@@ -144,9 +144,9 @@ def test_importing_user_code_leaves_sys_path_alone(tagger: pathlib.Path, monkeyp
 
 def test_a_sweep_trial_builds_the_users_model_from_shipped_files(tagger: pathlib.Path) -> None:
     """A trial on a worker without the user's disk: the checkpoint and tagger.py arrive as bytes."""
-    from kcompress.tuning.evaluate import EvalSpec
     from kcompress.io import file_sha256
     from kcompress.runs.trials import TrialJob, TrialSpec, execute_trial
+    from kcompress.tuning.evaluate import EvalSpec
 
     checkpoint, code = tagger / "tagger.pt", tagger / "tagger.py"
     spec = EvalSpec(evaluator=f"{code}:accuracy")

@@ -13,9 +13,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from kcompress.io.models import SequenceClassifier
 from kcompress.tuning.data import load_builtin
 from kcompress.tuning.evaluate import evaluate
-from kcompress.io.models import SequenceClassifier
 
 HERE = pathlib.Path(__file__).resolve().parent
 

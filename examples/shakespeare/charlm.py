@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
 HERE = pathlib.Path(__file__).resolve().parent
 CHECKPOINT = HERE / "char_lstm.pt"
 VALIDATION_PLAYS = ("macbeth",)

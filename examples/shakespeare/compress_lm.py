@@ -23,16 +23,14 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+from charlm import CHECKPOINT, HERE, TEST_PLAYS, VALIDATION_PLAYS, CharLSTM, bits_per_char, splits, training_batch
 from rich.console import Console
 from rich.table import Table
 
 from kcompress import KCompressWarning, compress
-from kcompress.tuning.finetune import finetune
 from kcompress.formats import FORMATS
 from kcompress.nn import executed
-
-from charlm import (CHECKPOINT, HERE, TEST_PLAYS, VALIDATION_PLAYS, CharLSTM, bits_per_char, splits,
-                    training_batch)
+from kcompress.tuning.finetune import finetune
 
 DEFAULT_FORMATS = ("kcp", "tt", "svd")
 

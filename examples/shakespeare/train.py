@@ -12,7 +12,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from charlm import CHECKPOINT, CharLSTM, bits_per_char, splits, training_batch
 
 

@@ -32,16 +32,15 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
+from silero_port import CHUNK, SileroVAD
+from speech import read_16k, speech_files
 from torch import Tensor, nn
 
 from kcompress import KCompressWarning, compress
-from kcompress.tuning.data import SequenceData
-from kcompress.tuning.finetune import finetune
 from kcompress.formats import FORMATS
 from kcompress.nn import executed
-
-from silero_port import CHUNK, SileroVAD
-from speech import read_16k, speech_files
+from kcompress.tuning.data import SequenceData
+from kcompress.tuning.finetune import finetune
 
 HERE = pathlib.Path(__file__).resolve().parent
 NOT_COMPRESSIBLE = ("dense", "stack")  # registry entries that are not compression formats

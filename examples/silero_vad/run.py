@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-
 from silero_port import CHUNK, SileroVAD, load_reference, reference_probabilities
 from speech import read_16k, speech_files
 

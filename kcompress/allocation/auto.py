@@ -91,7 +91,7 @@ def _measure(model: nn.Module, prepared: Prepared, allocation: Allocation) -> No
     """Fill each row's measured relative output error (held-out moment) and execution path."""
     for candidate, row in zip(prepared.candidates, allocation.rows):
         layer_name, _, matrix = candidate.name.rpartition(".")
-        layer = model.get_submodule(layer_name)
+        layer: Any = model.get_submodule(layer_name)  # Any: a compressed layer; nn.Module attrs typed Tensor | Module
         approximation = layer.matrices[matrix].reconstruct().detach()
         row.measured_error = output_error(candidate.weight, approximation, candidate.holdout, candidate.row_weights)
         row.path = getattr(layer, "execution", {}).get(matrix)

@@ -340,6 +340,7 @@ def budget_for(candidates: Sequence[Candidate], ratio: Optional[float] = None,
     check_budget(ratio, params)
     if params is not None:
         return params
+    assert ratio is not None  # check_budget requires exactly one of ratio and params
     return int(sum(c.dense_params for c in candidates) / ratio)
 
 

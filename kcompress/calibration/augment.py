@@ -53,6 +53,7 @@ class AugmentedCalls:
             yield call, _placeholder(call)
         if not self.active:
             return
+        assert self.std is not None  # active implies a std
         for _ in range(self.augmentation.copies):
             for call in self.calls:
                 if _augmentable(call):

@@ -150,7 +150,7 @@ def _recurrent_inputs(
 def _run_layer(module: nn.RNNBase, x: Tensor, initial: tuple[Tensor, ...], params: Mapping[str, Any]) -> Tensor:
     """One layer, one direction, over padded ``x (T, B, F)``: the output ``(T, B, H)`` (exact at real steps)."""
     has_bias = params["bias_ih"] is not None
-    template = _template(type(module), x.shape[-1], module.hidden_size, has_bias)
+    template = _template(type(module), x.shape[-1], module.hidden_size, has_bias)  # type: ignore[arg-type]  # torch stubs: RNNBase.__hash__ does not match Hashable
     names = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if has_bias else ())
     values = {f"{kind}_l0": params[kind].to(x.dtype) for kind in names}
     hx = initial if isinstance(module, nn.LSTM) else initial[0]

@@ -21,16 +21,16 @@ import torch
 from torch import Tensor, nn
 
 from kcompress.calibration.hooks import inner_layer, matrix_inputs
-from kcompress.tuning.data import BUILTIN_DATASETS, SequenceData, load_builtin, load_inputs_file
 from kcompress.config.calibration import DEFAULT_HOLDOUT, DEFAULT_SAMPLES, SOURCES
 from kcompress.errors import KCompressError
-from kcompress.tuning.evaluate import eval_mode, run_model
 from kcompress.nn import COMPRESSED_TYPES
 from kcompress.report.record import qualified_name
+from kcompress.tuning.data import BUILTIN_DATASETS, SequenceData, load_builtin, load_inputs_file
+from kcompress.tuning.evaluate import eval_mode, run_model
 
 #: positional arguments of one model call
 Inputs = tuple[Any, ...]
-CalibrationData = Union[Tensor, tuple, list, SequenceData, Iterable[Any]]
+CalibrationData = Union[Tensor, tuple, list, SequenceData, "CalibrationSet", Iterable[Any]]
 DEFAULT_BATCH = 32
 
 
@@ -97,6 +97,8 @@ def calibration_set(
     held = min(max(1, round(holdout * total)), total - 1)
     chosen = torch.zeros(total, dtype=torch.bool)
     chosen[torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:held]] = True
+    fit: list[Inputs]
+    kept: list[Inputs]
     fit, kept, start = [], [], 0
     for call in batches:
         rows = batch_rows(call)
@@ -349,7 +351,7 @@ class Calibrator:
         self, model: nn.Module, layer: str, inner: int, fitted: Mapping[str, nn.Module]
     ) -> dict[str, SecondMoment]:
         with torch.no_grad():
-            weights = {name: module.reconstruct().detach() for name, module in fitted.items()
+            weights = {name: module.reconstruct().detach() for name, module in fitted.items()  # type: ignore[operator]  # nn.Module attrs typed Tensor | Module
                        if inner_layer(name) < inner}
         layers = _layers(model, [layer])
         select = lambda name, module: (weights, {inner})

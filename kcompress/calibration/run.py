@@ -10,10 +10,10 @@ report's ``calibration`` record).
 from __future__ import annotations
 
 import math
+import time
 from copy import deepcopy
 from dataclasses import dataclass, replace
-import time
-from typing import Any, Callable, Literal, Mapping, Optional, Sequence
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -30,15 +30,14 @@ from kcompress.calibration.moments import (
 from kcompress.config import CalibrationOptions, CompressConfig
 from kcompress.fitting.layers import fit_layers
 from kcompress.fitting.planning import MatrixPlan
-from kcompress.tuning.evaluate import eval_mode, run_model
-from kcompress.tuning.finetune import FinetuneResult, finetune
 from kcompress.formats import DataFitInfo, DataFitSettings, ProgressFn
 from kcompress.formats.data_fit import budgeted
-from kcompress.tuning.layer_match import first_tensor
 from kcompress.nn.plan import compressed_layers, set_execution
-from kcompress.progress import ProgressCallback
+from kcompress.progress import ProgressCallback, ProgressEvent, relabelled
 from kcompress.report.record import Report
-
+from kcompress.tuning.evaluate import eval_mode, run_model
+from kcompress.tuning.finetune import FinetuneResult, finetune
+from kcompress.tuning.layer_match import first_tensor
 
 #: optimizer steps at most of each screened candidate, and at most half of a matrix's steps
 #: (:meth:`CalibrationRun.fit`)
@@ -108,13 +107,17 @@ class CalibrationRun:
 
         if len(self.candidates) == 1:
             return candidate(model, self.candidates[0], {}, "full")[0]
+        starts: dict[tuple[str, str], nn.Module]
         tried, starts = [], {}
         for index, settings in enumerate(self.candidates):
+            _announce(progress, f"calibration candidate {index + 1}/{len(self.candidates)}", settings,
+                      "screened: a few steps" if index else "all steps")
             result, refinement = candidate(copy(model), settings, starts, "screen" if index else "full")
             tried.append(self._scored(result, teacher, refinement))
             starts = refinement.refined
         best = min(tried, key=lambda scored: scored.error)
         if best.cut:
+            _announce(progress, "calibration: the closest screened candidate", best.settings, "its remaining steps")
             result, refinement = candidate(model, best.settings, best.refined, "finish")
             best = min(best, self._scored(result, teacher, refinement), key=lambda scored: scored.error)
         self.settings = best.settings
@@ -158,10 +161,14 @@ class CalibrationRun:
         start = {name: value.detach().clone() for name, value in model.state_dict().items()}
         best: Optional[tuple[dict[str, Any], dict[str, Tensor]]] = None
         tried = []
-        for rate in self.options.distill_rates():
+        rates = self.options.distill_rates()
+        for rate in rates:
+            if progress is not None and len(rates) > 1:
+                progress(ProgressEvent("step", "distill", message=f"distillation at learning rate {rate:g}"))
             model.load_state_dict(start)
             result = distill(model, teacher, self.data, self.distill_epochs, replace(self.options, distill_lr=rate),
                              seed, progress)
+            record: dict[str, Any]
             record = {"lr": rate, "epochs_run": len(result.history) - 1, "best_epoch": result.best_epoch,
                       "matched_layers": matched_layers(model, self.options), "holdout_loss": result.best_val,
                       "agreement": output_agreement(model, teacher, self.data.holdout)}
@@ -171,6 +178,14 @@ class CalibrationRun:
         assert best is not None
         model.load_state_dict(best[1])
         return {**best[0], "lr_candidates": tried if len(tried) > 1 else []}
+
+
+def _announce(progress: Optional[ProgressCallback], what: str, settings: DataFitSettings, steps: str) -> None:
+    """A progress line naming the candidate whose matrix fits follow."""
+    if progress is not None:
+        weights = "on" if settings.weighted_rows else "off"
+        progress(ProgressEvent("step", "calibration", message=f"{what}: ridge {settings.ridge:g}, gate-row weights "
+                                                              f"{weights} ({steps})"))
 
 
 class _Refinement:
@@ -205,7 +220,7 @@ class _Refinement:
         steps = budgeted(self.settings, tuple(weight.shape)).iterations
         screened = min(steps // 2, SCREEN_ITERATIONS)
         limit = {"full": steps, "screen": screened, "finish": steps - screened}[self.stage]
-        info = module.fit_to_data(weight, moment.fit, moment.holdout, replace(self.settings, iterations=limit),
+        info = module.fit_to_data(weight, moment.fit, moment.holdout, replace(self.settings, iterations=limit),  # type: ignore[operator]  # nn.Module attrs typed Tensor | Module
                                   seed=seed, progress=progress, start=self.starts.get((layer, matrix)),
                                   row_weights=moment.row_weights)
         self.refined[(layer, matrix)] = module
@@ -228,9 +243,10 @@ def distill(
     the held-out calls as they are (:func:`kcompress.finetune` with ``loss="distill"``: the placeholder
     targets it is handed are never read)."""
     calls = AugmentedCalls(calibration.fit, options.augmentation(), seed)
-    return finetune(model, calls, teacher=teacher, epochs=epochs, lr=options.distill_lr,
+    # cast: distill is called with a numeric distill_lr (one of distill_rates())
+    return finetune(model, calls, teacher=teacher, epochs=epochs, lr=cast(float, options.distill_lr),
                     loss="distill", task=options.task, val_data=_unlabeled(calibration.holdout),
-                    patience=options.patience, seed=seed, progress=progress,
+                    patience=options.patience, seed=seed, progress=relabelled(progress, "epoch", "distill"),
                     match_layers=matched_layers(model, options), match_weight=options.match_weight)
 
 

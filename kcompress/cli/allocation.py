@@ -8,9 +8,9 @@ from typing import Any, Optional, Union
 
 import click
 
+from kcompress.cli.options import F, FormatListType
 from kcompress.config import BudgetOptions
 from kcompress.config.compress import ALLOCATIONS, OBJECTIVES
-from kcompress.cli.options import F, FormatListType
 
 
 def allocation_options(command: F) -> F:

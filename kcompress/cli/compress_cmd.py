@@ -10,24 +10,8 @@ from typing import Any, Optional, Union
 import click
 
 from kcompress._threads import threads_used
-from kcompress.report.allocation_table import rich_tables
-from kcompress.io import atomic_write, check_input_file, check_output_paths, default_output_path
-from kcompress.config import (
-    CalibrationOptions,
-    CompressConfig,
-    ExecutionOptions,
-    FinetuneOptions,
-    RecoveryOptions,
-    SelectionOptions,
-    StorageOptions,
-    TensorizationOptions,
-)
-from kcompress.runs.pipeline import run_pipeline
-from kcompress.report.record import Report
-from kcompress.runs.search import run_search
 from kcompress.cli.allocation import allocation_options, allocation_request
 from kcompress.cli.options import (
-    checked_targets,
     COMPRESSION_FORMATS,
     EXIT_BUDGET,
     ORDER,
@@ -40,18 +24,34 @@ from kcompress.cli.options import (
     calibration_data,
     calibration_options,
     check_finetune,
+    checked_targets,
     common_options,
     eval_options,
     eval_spec,
-    fit_option,
     finetune_data_option,
     finetune_options,
+    fit_option,
     guarded,
     model_option,
     threads_option,
     trust_option,
 )
 from kcompress.cli.render import Display
+from kcompress.config import (
+    CalibrationOptions,
+    CompressConfig,
+    ExecutionOptions,
+    FinetuneOptions,
+    RecoveryOptions,
+    SelectionOptions,
+    StorageOptions,
+    TensorizationOptions,
+)
+from kcompress.io import atomic_write, check_input_file, check_output_paths, default_output_path
+from kcompress.report.allocation_table import rich_tables
+from kcompress.report.record import Report
+from kcompress.runs.pipeline import run_pipeline
+from kcompress.runs.search import run_search
 
 EPILOG = """\b
 Examples:
@@ -82,7 +82,8 @@ class Outputs:
 @click.option("--format", "format_", type=click.Choice(COMPRESSION_FORMATS), default="kcp", show_default=True,
               help="Weight format of the compressed matrices.")
 @click.option("--rank", type=RankType(), help="Rank of every compressed matrix (clamped to each matrix's "
-              "largest useful rank, with a warning); N,N,... for per-bond ranks.")
+              "largest useful rank, with a warning); N,N,... for per-bond ranks (bt: N_b,r = blocks, "
+              "Tucker rank).")
 @click.option("--ratio", type=FiniteFloat(min=0, min_open=True), metavar="X",
               help="Instead of --rank: per matrix the largest rank with at most 1/X of its parameters.")
 @click.option("--modes", type=ModesType(), metavar="OUTxIN", help="Mode shapes OUTxIN for every matrix, e.g. "
@@ -102,8 +103,8 @@ class Outputs:
               show_default=True, help="How compressed matrices run: with the factors, as the reconstructed dense "
               "weight in torch's fused kernels, or whichever is faster here (measured). Stored in the artifact.")
 @click.option("--include", multiple=True, metavar="GLOB", help="Compress only layers whose name matches "
-              "(repeatable; Linear and Embedding layers are compressed only when named here or by --targets, "
-              "'*' takes all).")
+              "(repeatable; Linear layers are compressed only when named here or by --targets, Embedding "
+              "layers only by --targets; '*' takes all).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave layers whose name matches (repeatable).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of every fit and of fine-tuning.")
 @fit_option
@@ -173,9 +174,11 @@ def compress_command(model: pathlib.Path, format_: str, rank: Any, ratio: Option
         display.line(f"threads: {counts['fit']} for fits, {counts['model']} for evaluation and fine-tuning")
         if request.search:
             assert spec is not None
-            report = run_search(model, outputs.artifact, config, calibration=calibration, evaluation=spec,
-                                budget=limits, overwrite=overwrite, trust_checkpoint=trust_checkpoint,
-                                model_class=model_class, progress=progress).run.report
+            searched = run_search(model, outputs.artifact, config, calibration=calibration, evaluation=spec,
+                                  budget=limits, overwrite=overwrite, trust_checkpoint=trust_checkpoint,
+                                  model_class=model_class, progress=progress)
+            assert searched.run is not None  # run_search always sets the chosen run
+            report = searched.run.report
         else:
             report = run_pipeline(model, outputs.artifact, config, calibration=calibration, evaluation=spec,
                                   budget=limits, overwrite=overwrite, trust_checkpoint=trust_checkpoint,

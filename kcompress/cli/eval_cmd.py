@@ -8,12 +8,20 @@ from typing import Optional
 
 import click
 
-from kcompress.tuning.evaluate import load_evaluation
+from kcompress._threads import threads as _threads
+from kcompress.cli.options import (
+    common_options,
+    eval_options,
+    eval_spec,
+    guarded,
+    model_option,
+    threads_option,
+    trust_option,
+)
+from kcompress.cli.render import Display
 from kcompress.io import check_input_file
 from kcompress.runs.pipeline import load_input
-from kcompress._threads import threads as _threads
-from kcompress.cli.options import common_options, eval_options, eval_spec, guarded, model_option, threads_option, trust_option
-from kcompress.cli.render import Display
+from kcompress.tuning.evaluate import load_evaluation
 
 EPILOG = """\b
 Examples:

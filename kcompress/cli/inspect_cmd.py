@@ -1,8 +1,11 @@
-"""``kcompress inspect``: the layers kcompress finds in a model and, per matrix, the modes, parameters and
-MACs each format would give at each rank (closed forms: nothing is fitted)."""
+"""``kcompress inspect``: the layers kcompress finds in a model and what each format would make of them at
+each rank (closed forms: nothing is fitted): a summary by default (the layers, and per format and rank the
+totals over the matrices ``compress`` takes by default), every matrix's modes, parameters and MACs with
+``--details``. Matrices of one shape are worked out once, so a model with thousands of layers costs little."""
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import re
@@ -11,19 +14,30 @@ from typing import Any, Optional
 import click
 from torch import nn
 
+from kcompress.cli.options import (
+    COMPRESSION_FORMATS,
+    ORDER,
+    FormatListType,
+    IntListType,
+    common_options,
+    guarded,
+    trust_option,
+)
+from kcompress.cli.render import Display, layers_table, options_table, summary_table
 from kcompress.errors import KCompressError
 from kcompress.formats import get_format
 from kcompress.io import check_input_file
 from kcompress.nn import COMPRESSED_TYPES
 from kcompress.runs.pipeline import load_input
-from kcompress.cli.options import COMPRESSION_FORMATS, ORDER, FormatListType, IntListType, common_options, guarded, trust_option
-from kcompress.cli.render import Display, layers_table, options_table
 
 EPILOG = """\b
 Examples:
   kcompress inspect model.pt
-  kcompress inspect model.pt --formats kcp,svd --ranks 1,2,4,8,16,32 --gates separate
+  kcompress inspect model.pt --details
+  kcompress inspect model.pt --formats kcp,svd --ranks 1,2,4,8,16,32 --gates separate --details
   kcompress inspect model.pt --json > layers.json"""
+#: layers listed in the summary's table (--details lists all)
+SUMMARY_LAYERS = 12
 
 
 @click.command("inspect", epilog=EPILOG)
@@ -34,17 +48,21 @@ Examples:
 @click.option("--order", type=ORDER, metavar="D", help="Tensor order (default: per format).")
 @click.option("--gates", type=click.Choice(["fused", "separate"]), default="fused", show_default=True,
               help="Count an LSTM/GRU matrix's gates as one fit or one per gate.")
-@click.option("--json", "as_json", is_flag=True, help="Print the same data as JSON on stdout.")
+@click.option("--details", is_flag=True, help="Every layer, and per matrix its modes, parameters and MACs at each "
+              "format and rank (default: a summary).")
+@click.option("--json", "as_json", is_flag=True, help="Print the same data, details included, as JSON on stdout.")
 @trust_option
 @common_options
 @guarded
 def inspect_command(model: pathlib.Path, format_names: list[str], ranks: list[int], order: Optional[int],
-                    gates: str, as_json: bool, trust_checkpoint: bool, quiet: bool, debug: bool) -> None:
+                    gates: str, details: bool, as_json: bool, trust_checkpoint: bool, quiet: bool,
+                    debug: bool) -> None:
     """Show MODEL's compressible layers and what each format and rank would make of them.
 
-    Per matrix: the modes each format picks, its parameters and multiply-accumulates (MACs) per input
-    vector at each rank, and both as ratios against the dense matrix (MACs ratio above 1: predicted
-    faster; `kcompress compress` also measures it). Ranks above a format's useful maximum are shown clamped.
+    The summary: the layers found, and per format and rank the parameters and multiply-accumulates (MACs)
+    per input vector of the matrices `compress` takes by default, against dense (MACs ratio above 1:
+    predicted faster; `kcompress compress` also measures it). --details: the same per matrix, with the modes
+    each format picks. Ranks above a format's useful maximum are clamped (shown with --details).
     """
     check_input_file(model)
     display = Display(quiet)
@@ -55,12 +73,39 @@ def inspect_command(model: pathlib.Path, format_names: list[str], ranks: list[in
         raise KCompressError(f"nothing to compress: {model} has no LSTM, GRU, LSTMCell, GRUCell or Linear layer")
     matrices = [_matrix_options(layer, name, shape, format_names, ranks, order, gates)
                 for layer in layers if layer["supported"] for name, shape in layer["matrices"].items()]
+    summary = _summary(matrices)
     if as_json:
-        click.echo(json.dumps({"layers": layers, "matrices": matrices}, indent=2))
+        click.echo(json.dumps({"layers": layers, "summary": summary, "matrices": matrices}, indent=2))
         return
-    display.show(layers_table(layers))
-    for matrix in matrices:
-        display.show(options_table(matrix["title"], matrix["options"]))
+    shown = layers if details else layers[:SUMMARY_LAYERS]
+    display.show(layers_table(shown, more=len(layers) - len(shown)))
+    if details:
+        for matrix in matrices:
+            display.show(options_table(matrix["title"], matrix["options"]))
+        return
+    display.show(summary_table(summary["title"], summary["options"]))
+    display.result(f"per matrix (modes, clamped ranks, each format's parameters and MACs): kcompress inspect "
+                   f"{model} --details")
+
+
+def _summary(matrices: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per format and rank, the totals over the matrices compressed by default (over all when none is:
+    a model of Linear layers, which need --include)."""
+    chosen = [m for m in matrices if m["default"]] or matrices
+    which = "compressed by default" if chosen[0]["default"] else "all of them Linear, compressed with --include"
+    dense = sum(m["shape"][0] * m["shape"][1] for m in chosen)
+    totals: dict[tuple[str, Any], dict[str, Any]] = {}
+    for matrix in chosen:
+        for option in matrix["options"]:
+            total = totals.setdefault((option["format"], option["rank_asked"]), {
+                "format": option["format"], "rank": option["rank_asked"], "matrices": 0, "params": 0, "macs": 0})
+            total["matrices"] += 1
+            total["params"] += option["params"]
+            total["macs"] += option["macs"]
+    options = [{**t, "ratio": dense / t["params"], "macs_ratio": dense / t["macs"]} for t in totals.values()
+               if t["matrices"] == len(chosen)]
+    return {"title": f"{len(chosen)} matrices ({which}; {dense:,} params dense)", "dense_params": dense,
+            "options": options}
 
 
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -87,18 +132,21 @@ def _matrix_options(layer: dict[str, Any], matrix: str, shape: tuple[int, int], 
     name = f"{layer['name']}.{matrix}" if layer["name"] else matrix
     hint = "" if layer["type"] == "Linear" else _target_hint(matrix)
     title = f"{name} ({shape[0]}x{shape[1]}{hint})"
-    options = [_option(fmt, rank, shape, layer["gates"], order, gates) for fmt in format_names for rank in ranks]
-    return {"name": name, "shape": list(shape), "title": title, "options": [o for o in options if o is not None]}
+    options = [(rank, _option(fmt, rank, tuple(shape), layer["gates"], order, gates))
+               for fmt in format_names for rank in ranks]
+    return {"name": name, "shape": list(shape), "title": title, "default": layer["type"] != "Linear",
+            "options": [{**option, "rank_asked": rank} for rank, option in options if option is not None]}
 
 
 def _target_hint(matrix: str) -> str:
     return ", compressed by default" if re.match(r"weight_ih", matrix) else ", compressed with --targets ih,hh"
 
 
+@functools.lru_cache(maxsize=4096)
 def _option(format_name: str, rank: int, shape: tuple[int, int], layer_gates: int, order: Optional[int],
             gates: str) -> Optional[dict[str, Any]]:
     """Modes, rank used, parameters and MACs of one format and rank (None where the format cannot take
-    this matrix)."""
+    this matrix); the same for every matrix of one shape, so worked out once (callers copy it)."""
     fmt = get_format(format_name)
     rows, cols = shape
     blocks = layer_gates if gates == "separate" else 1

@@ -13,15 +13,14 @@ from typing import Any, Callable, Optional, TypeVar, Union
 import click
 
 from kcompress.calibration.moments import load_calibration_data
-from kcompress.config.calibration import DEFAULT_SAMPLES, CalibrationOptions
-from kcompress.errors import KCompressError, one_line
-from kcompress.config.checks import check_targets
-from kcompress.config.calibration import TASKS
-from kcompress.tuning.evaluate import DROP_TYPES, Budget, EvalSpec
-from kcompress.tuning.finetune import LOSSES
-from kcompress.formats import compression_formats
 from kcompress.cli.render import echo_error
 from kcompress.cli.signals import interruption, terminations_interrupt
+from kcompress.config.calibration import DEFAULT_SAMPLES, TASKS, CalibrationOptions
+from kcompress.config.checks import check_targets
+from kcompress.errors import KCompressError, one_line
+from kcompress.formats import compression_formats
+from kcompress.tuning.evaluate import DROP_TYPES, Budget, EvalSpec
+from kcompress.tuning.finetune import LOSSES
 
 EXIT_ERROR = 1
 #: the fraction of an --eval data file held out for scoring when the same file is also fine-tuned on
@@ -190,7 +189,7 @@ class FitOptionType(click.ParamType):
 def fit_option(command: F) -> F:
     """``--fit-option KEY=VALUE`` (repeatable): the format's options (``compress(fit_options=...)``)."""
     return click.option("--fit-option", "fit_option", type=FitOptionType(), multiple=True,
-                        help="An option of the format, e.g. max_iterations=50 (kcp), max_sweeps=8 (tt, ht), "
+                        help="An option of the format, e.g. max_iterations=50 (kcp), max_sweeps=8 (tt, ht, tr, bt), "
                              "steps=1000 (adtn); repeatable. Unknown keys are refused with the allowed ones "
                              "(docs/cli.md lists them).")(command)
 

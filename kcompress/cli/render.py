@@ -4,24 +4,21 @@ warnings and errors, and result tables on stdout. Colours follow rich's rules (`
 from __future__ import annotations
 
 import contextlib
-import time
 import warnings
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
 from kcompress.errors import KCompressWarning, one_line
-from kcompress.progress import ProgressCallback, ProgressEvent, silent
+from kcompress.progress import PlainProgress, ProgressCallback, RichProgress, silent
+from kcompress.progress import number as _number
 from kcompress.report.text import keep_numbers_whole
 from kcompress.runs.sweep import trial_label
 
 PROG = "kcompress"
-#: plain mode: the longest a running fit stays silent before an iteration line is printed
-HEARTBEAT_SECONDS = 5.0
 #: width of tables written to a file or pipe (no terminal to measure)
 PIPE_WIDTH = 160
 
@@ -115,116 +112,8 @@ class Display:
             click.echo(text)
 
 
-class PlainProgress:
-    """Progress events as plain lines: one per fitted matrix (error, time), per fine-tuning epoch and per
-    trial; a long fit prints its current iteration at most every :data:`HEARTBEAT_SECONDS`."""
-
-    def __init__(self, emit: Callable[[str], None], clock: Callable[[], float] = time.monotonic) -> None:
-        self.emit, self.clock = emit, clock
-        self.started = self.last = clock()
-
-    def __call__(self, event: ProgressEvent) -> None:
-        handler = getattr(self, f"_on_{event.stage}", None)
-        if handler is not None:
-            handler(event)
-        elif event.message:
-            self._print(event.message)
-
-    def _print(self, text: str) -> None:
-        self.emit(text)
-        self.last = self.clock()
-
-    def _on_layer(self, event: ProgressEvent) -> None:
-        self.started = self.clock()
-
-    def _on_iteration(self, event: ProgressEvent) -> None:
-        if self.clock() - self.last >= HEARTBEAT_SECONDS:
-            gate = f" ({event.message})" if event.message else ""
-            where = f"{event.name}{gate}: iteration {event.index}/{event.total}"
-            self._print(f"      {where}, error {_number(event.error)}")
-
-    def _on_done(self, event: ProgressEvent) -> None:
-        seconds = self.clock() - self.started
-        self._print(f"[{event.index}/{event.total}] {event.name}: relative error {_number(event.error)} "
-                    f"({seconds:.2f} s)")
-
-    def _on_epoch(self, event: ProgressEvent) -> None:
-        self._print(f"fine-tune epoch {event.index}/{event.total}: {event.message}")
-
-    def _on_trial(self, event: ProgressEvent) -> None:
-        self._print(f"[{event.index}/{event.total}] {event.name}: {event.message}")
-
-
-class RichProgress:
-    """Progress events as rich bars: matrices (or epochs, or trials) overall, and the current fit's
-    iterations with its error; a line stays for every fitted matrix and every trial."""
-
-    def __init__(self, console: Console) -> None:
-        self.bars = Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=True,
-        )
-        self.overall: Optional[TaskID] = None
-        self.current: Optional[TaskID] = None
-        self.started = time.monotonic()
-
-    def __enter__(self) -> "RichProgress":
-        self.bars.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.bars.__exit__(*exc)
-
-    def __call__(self, event: ProgressEvent) -> None:
-        handler = getattr(self, f"_on_{event.stage}", None)
-        if handler is not None:
-            handler(event)
-        elif event.message:
-            self.bars.console.print(event.message, markup=False)
-
-    def _overall(self, description: str, completed: int, total: int, info: str = "") -> None:
-        if self.overall is None:
-            self.overall = self.bars.add_task(description, total=total or None, info=info)
-        fields = {"description": description} if description else {}
-        self.bars.update(self.overall, completed=completed, total=total or None, info=info, **fields)
-
-    def _on_layer(self, event: ProgressEvent) -> None:
-        self._overall("matrices", event.index - 1, event.total)
-        self.started = time.monotonic()
-        self.current = self.bars.add_task(f"  {event.name}", total=None, info="")
-
-    def _on_iteration(self, event: ProgressEvent) -> None:
-        if self.current is not None:
-            info = f"error {_number(event.error)}" + (f" ({event.message})" if event.message else "")
-            self.bars.update(self.current, completed=event.index, total=event.total or None, info=info)
-
-    def _on_done(self, event: ProgressEvent) -> None:
-        if self.current is not None:
-            self.bars.remove_task(self.current)
-            self.current = None
-        self._overall("matrices", event.index, event.total)
-        seconds = time.monotonic() - self.started
-        self.bars.console.print(f"[{event.index}/{event.total}] {event.name}: relative error "
-                                f"{_number(event.error)} ({seconds:.2f} s)", markup=False)
-
-    def _on_epoch(self, event: ProgressEvent) -> None:
-        self._overall("fine-tuning", event.index, event.total, event.message)
-
-    def _on_wait(self, event: ProgressEvent) -> None:
-        if self.overall is not None:
-            self.bars.update(self.overall, info=event.message)
-
-    def _on_trial(self, event: ProgressEvent) -> None:
-        self._overall("trials", event.index, event.total)
-        self.bars.console.print(f"[{event.index}/{event.total}] {event.name}: {event.message}", markup=False)
-
-
 def _rank(rank: Any) -> str:
     return ",".join(map(str, rank)) if isinstance(rank, list) else str(rank)
-
-
-def _number(value: Optional[float]) -> str:
-    return "—" if value is None else f"{value:.4g}"
 
 
 def times(value: Optional[float]) -> str:
@@ -232,14 +121,29 @@ def times(value: Optional[float]) -> str:
 
 
 # ---------------------------------------------------------------------- tables
-def layers_table(layers: Sequence[Mapping[str, Any]]) -> Table:
-    """``kcompress inspect``: the layers found."""
-    table = Table(title="layers found")
+def layers_table(layers: Sequence[Mapping[str, Any]], more: int = 0) -> Table:
+    """``kcompress inspect``: the layers found (``more``: how many further layers are not listed)."""
+    table = Table(title="layers found", caption=f"... and {more:,} more layers (--details lists all)" if more else None)
     for header in ("layer", "type", "matrices", "params", "compressed"):
         table.add_column(header, justify="right" if header == "params" else "left")
     for layer in layers:
         matrices = ", ".join(f"{name} {rows}x{cols}" for name, (rows, cols) in layer["matrices"].items())
         table.add_row(layer["name"] or "(model)", layer["type"], matrices, f"{layer['params']:,}", layer["default"])
+    return keep_numbers_whole(table)
+
+
+def summary_table(title: str, rows: Sequence[Mapping[str, Any]]) -> Table:
+    """``kcompress inspect``: per format and rank, the totals over a set of matrices against dense."""
+    table = Table(title=title)
+    for header in ("format", "rank", "params", "ratio", "MACs", "MACs ratio"):
+        table.add_column(header, justify="left" if header == "format" else "right")
+    previous = None
+    for row in rows:
+        if previous is not None and row["format"] != previous:
+            table.add_section()
+        previous = row["format"]
+        table.add_row(row["format"], _rank(row["rank"]), f"{row['params']:,}", times(row["ratio"]),
+                      f"{row['macs']:,}", times(row["macs_ratio"]))
     return keep_numbers_whole(table)
 
 

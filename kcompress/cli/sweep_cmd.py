@@ -6,19 +6,16 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import click
 
-from kcompress.runs.executors import SCHEDULER_ENV, scheduler_address
-from kcompress.io import check_input_file
-from kcompress.config import FinetuneOptions
-from kcompress.runs.sweep import SweepResult, expand_grid, run_sweep, trial_label
 from kcompress.cli.options import (
     COMPRESSION_FORMATS,
     EXIT_BUDGET,
     ORDER,
     SEED,
+    FiniteFloat,
     FormatListType,
     IntListType,
     budget,
@@ -35,6 +32,10 @@ from kcompress.cli.options import (
 )
 from kcompress.cli.plot import plot_pareto
 from kcompress.cli.render import Display, pareto_table
+from kcompress.config import FinetuneOptions
+from kcompress.io import check_input_file
+from kcompress.runs.executors import CONNECT_TIMEOUT, SCHEDULER_ENV, scheduler_address
+from kcompress.runs.sweep import SweepResult, expand_grid, run_sweep, trial_label
 
 PLOT_FILE = "pareto.png"
 
@@ -67,6 +68,9 @@ Rerunning the same command resumes: trials already in DIR/trials.jsonl are skipp
 @click.option("--scheduler", metavar="tcp://HOST:PORT",
               help=f"Run the trials on the Dask cluster of this scheduler instead (default: ${SCHEDULER_ENV} when "
                    "set; needs pip install 'kcompress[distributed]'). See docs/distributed.md.")
+@click.option("--scheduler-timeout", type=FiniteFloat(min=0, min_open=True), default=CONNECT_TIMEOUT,
+              show_default=True, metavar="SECONDS",
+              help="How long the Dask scheduler may take to answer before the sweep fails (one line naming it).")
 @click.option("--shared-files", is_flag=True,
               help="With --scheduler: every worker reads MODEL and the data/evaluator files at the same paths "
                    "(a shared file system), so their bytes are not sent to each worker.")
@@ -82,7 +86,7 @@ Rerunning the same command resumes: trials already in DIR/trials.jsonl are skipp
 @guarded
 def sweep_command(model: pathlib.Path, format_names: list[str], ranks: list[int], targets: str, gates: str,
                   order: Optional[int], seed: int, fit_option: tuple[tuple[str, Any], ...], jobs: Optional[int],
-                  scheduler: Optional[str],
+                  scheduler: Optional[str], scheduler_timeout: float,
                   shared_files: bool, out_dir: Optional[pathlib.Path],
                   eval_data: Optional[str], task: str, evaluator: Optional[str], lower_is_better: bool,
                   finetune_epochs: int, finetune_loss: str, finetune_lr: float, max_drop: Optional[float],
@@ -98,6 +102,7 @@ def sweep_command(model: pathlib.Path, format_names: list[str], ranks: list[int]
     if spec is None:
         raise click.UsageError("a sweep needs a metric: give --eval DATA or --evaluator MODULE:FUNCTION")
     spec = check_finetune(finetune_epochs, spec)
+    assert spec is not None  # check_finetune keeps a given spec
     limits = budget(max_drop, drop_type, spec)
     check_input_file(model)
     if scheduler and jobs:
@@ -111,7 +116,7 @@ def sweep_command(model: pathlib.Path, format_names: list[str], ranks: list[int]
     display = Display(quiet)
     with display.warnings_shown(), display.progress() as progress:
         result = run_sweep(model, trials, spec, out, jobs=jobs or os.cpu_count() or 1,
-                           scheduler=address, shared_files=shared_files,
+                           scheduler=address, scheduler_timeout=scheduler_timeout, shared_files=shared_files,
                            trust_checkpoint=trust_checkpoint, model_class=model_class, budget=limits,
                            progress=progress)
     _show(display, result, out)
@@ -141,7 +146,7 @@ def _show(display: Display, result: SweepResult, out: pathlib.Path) -> None:
                        f"reproduce it with: kcompress {_command(best)}")
 
 
-def _command(row: dict) -> str:
+def _command(row: Mapping[str, Any]) -> str:
     """The compress command line of one trial (without the evaluation options)."""
     trial = row["trial"]
     parts = [f"MODEL --format {trial['format']} --rank {trial['rank']} --targets {trial['targets']}",

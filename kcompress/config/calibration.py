@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union, cast
 
 from kcompress.errors import KCompressError
 from kcompress.formats.data_fit import DataFitSettings
@@ -128,7 +128,8 @@ class CalibrationOptions:
         if self.gate_weights != "auto" and not isinstance(self.gate_weights, bool):
             raise KCompressError(f"gate_weights must be True, False or 'auto', got {self.gate_weights!r}")
         ridges = RIDGE_CANDIDATES if self.ridge == "auto" else (self.ridge,)
-        weightings = GATE_WEIGHT_CANDIDATES if self.gate_weights == "auto" else (self.gate_weights,)
+        # cast: gate_weights is a bool here (checked above)
+        weightings = GATE_WEIGHT_CANDIDATES if self.gate_weights == "auto" else (cast(bool, self.gate_weights),)
         return [DataFitSettings(ridge=float(ridge), optimizer=self.optimizer, iterations=self.iterations, lr=self.lr,
                                 weighted_rows=weighted)
                 for weighted in weightings for ridge in ridges]

@@ -97,7 +97,7 @@ class BudgetOptions:
 
 @dataclass(frozen=True)
 class SelectionOptions:
-    """Which matrices: layers by ``include``/``exclude`` globs (Linear layers only when included), the
+    """Which matrices: layers by ``include``/``exclude`` globs, the
     recurrent ``targets`` (``"ih"``, ``"hh"``, ``"ih,hh"``) and ``gates`` (one fit per matrix, or per gate)."""
 
     include: Optional[Union[str, Sequence[str]]] = None
@@ -269,7 +269,7 @@ class CompressConfig:
     @cached_property
     def formats(self) -> tuple[str, ...]:
         """The format names (one, or the formats an allocation chooses between)."""
-        return check_formats(self.format)
+        return check_formats(self.format) if self.allocated else (check_format(self.format),)
 
     @cached_property
     def base(self) -> dict[str, Any]:

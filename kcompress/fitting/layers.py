@@ -4,15 +4,15 @@ data-aware refinement when calibrating), with progress events and one report row
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional, Protocol
+from typing import Any, Callable, Mapping, Optional, Protocol, cast
 
 from torch import Tensor, nn
 
 from kcompress import formats
 from kcompress.errors import KCompressError
-from kcompress.formats import DataFitInfo, Stack, relative_error
-from kcompress.nn import COMPRESSED_TYPES, MatrixBuilder
 from kcompress.fitting.planning import MatrixPlan
+from kcompress.formats import DataFitInfo, FitInfo, Stack, relative_error
+from kcompress.nn import COMPRESSED_TYPES, MatrixBuilder
 from kcompress.progress import ProgressCallback, ProgressEvent
 from kcompress.report.record import MatrixReport
 
@@ -86,7 +86,7 @@ class _Fitter:
         if plan.targeted and self.refiner is not None and self.model is not None:
             data_fit = self.refiner.refine(self.model, plan.layer, plan.matrix, module, weight, fitted or {},
                                                self.seed, self._iteration_callback(plan, 0, 1))
-        error = relative_error(weight, module.reconstruct())
+        error = relative_error(weight, module.reconstruct())  # type: ignore[operator]  # nn.Module attrs typed Tensor | Module
         if plan.targeted:
             self._emit(ProgressEvent("done", plan.name, self.index, self.total, error=error))
         self.rows.append(_matrix_report(plan, module, error, data_fit))
@@ -124,8 +124,8 @@ def _matrix_report(
     """The report row of a fitted matrix; counts from the module's closed forms, error recomputed;
     ``data_fit``: the data-aware fit's result and the calibration sample count."""
     rows, cols = plan.shape
-    info = module.fit_info
-    calibrated = {} if data_fit is None else {
+    info = cast(FitInfo, module.fit_info)  # nn.Module attributes are typed Tensor | Module
+    calibrated: dict[str, Any] = {} if data_fit is None else {
         "output_error_before": data_fit[0].before, "output_error_after": data_fit[0].after,
         "calibration_samples": data_fit[1], "data_fit_seconds": data_fit[0].seconds,
     }
@@ -139,9 +139,9 @@ def _matrix_report(
         rank_requested=plan.rank_requested,
         rank_used=plan.rank_used,
         params_before=rows * cols,
-        params_after=int(module.num_params()),
+        params_after=int(module.num_params()),  # type: ignore[operator]  # nn.Module attrs typed Tensor | Module
         macs_before=rows * cols,
-        macs_after=int(module.macs_per_vector()),
+        macs_after=int(module.macs_per_vector()),  # type: ignore[operator]  # nn.Module attrs typed Tensor | Module
         relative_error=error,
         fit_seconds=float(info.seconds),
         iterations=int(info.iterations),

@@ -15,9 +15,9 @@ from torch import nn
 from kcompress.config.compress import CompressConfig
 from kcompress.errors import KCompressError
 from kcompress.formats import Dense, Factorization, FormatOptions, get_format
+from kcompress.formats.tensorize import Tensorization
 from kcompress.nn import COMPRESSED_TYPES
 from kcompress.report.record import Report, SkippedLayer, qualified_name
-from kcompress.formats.tensorize import Tensorization
 
 NOTHING_MATCHED = "no LSTM/GRU/Linear/Embedding layer matched"
 
@@ -68,7 +68,7 @@ def _select_layers(
     skipped: list[SkippedLayer] = []
     matched_globs: set[str] = set()
     for name, module in model.named_modules():
-        if type(module) not in COMPRESSED_TYPES and not isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
+        if not _candidate(module, config):
             continue
         matched_globs.update(g for g in config.include_globs or () if fnmatch.fnmatchcase(name, g))
         reason = _exclusion_reason(name, module, config)
@@ -86,15 +86,24 @@ def _select_layers(
     return selected, skipped
 
 
+def _candidate(module: nn.Module, config: CompressConfig) -> bool:
+    """Whether ``module`` is considered at all: a supported type or another torch RNN; an Embedding only when
+    ``targets`` names ``"embedding"`` (or ``"all"``): a state dict holds its table as a plain tensor, so an
+    include glob alone must not make a module and its state dict compress differently."""
+    if isinstance(module, nn.Embedding) and "embedding" not in config.target_kinds:
+        return False
+    return type(module) in COMPRESSED_TYPES or isinstance(module, (nn.RNNBase, nn.RNNCellBase))
+
+
 def _exclusion_reason(name: str, module: nn.Module, config: CompressConfig) -> Optional[str]:
-    """Why ``targets``/``include``/``exclude`` leave this layer out, or None. Linear and Embedding layers are
-    selected when ``targets`` names their kind (``"linear"``, ``"embedding"``, ``"all"``) or an include
-    glob names them; a recurrent layer when ``targets`` names one of its matrices (``"ih"``, ``"hh"``)."""
+    """Why ``targets``/``include``/``exclude`` leave this layer out, or None. A Linear layer is selected when
+    ``targets`` names ``"linear"`` (or ``"all"``) or an include glob names it; a recurrent layer when
+    ``targets`` names one of its matrices (``"ih"``, ``"hh"``). Include and exclude globs then narrow the
+    selection (Embedding layers are candidates only when targeted, :func:`_candidate`)."""
     kinds = config.target_kinds
-    for kind, name_of in ((nn.Linear, "linear"), (nn.Embedding, "embedding")):
-        if config.include_globs is None and isinstance(module, kind) and name_of not in kinds:
-            return (f"{kind.__name__} layers are compressed only when targets include {name_of!r} (or 'all') "
-                    "or an include glob names them")
+    if isinstance(module, nn.Linear) and config.include_globs is None and "linear" not in kinds:
+        return ("Linear layers are compressed only when targets include 'linear' (or 'all') or an include glob "
+                "names them")
     if isinstance(module, (nn.RNNBase, nn.RNNCellBase)) and not {"ih", "hh"} & set(kinds):
         return "targets leave its matrices dense"
     if config.include_globs is not None and not any(fnmatch.fnmatchcase(name, g) for g in config.include_globs):

@@ -5,20 +5,22 @@ from __future__ import annotations
 from typing import Any
 
 from kcompress.errors import KCompressError
-from kcompress.formats.tensorize import Tensorization
 from kcompress.formats.adtn import ADTN, ADTNOptions
-from kcompress.formats.data_fit import DataFitInfo, DataFitSettings, output_error, refine_to_data, whitened_svd
 from kcompress.formats.base import Factorization, FitInfo, ProgressFn, Rank, relative_error
+from kcompress.formats.bt import BT, BTOptions
+from kcompress.formats.data_fit import DataFitInfo, DataFitSettings, output_error, refine_to_data, whitened_svd
 from kcompress.formats.dense import Dense
 from kcompress.formats.ht import HT
 from kcompress.formats.kcp import KCP, KCPOptions
 from kcompress.formats.options import FormatOptions
 from kcompress.formats.stack import Stack
 from kcompress.formats.svd import SVD
+from kcompress.formats.tensorize import Tensorization
+from kcompress.formats.tr import TR, TROptions
 from kcompress.formats.treenet import TreeOptions
 from kcompress.formats.tt import TT
 
-FORMATS: dict[str, type[Factorization]] = {cls.name: cls for cls in (ADTN, KCP, TT, HT, SVD, Dense)}
+FORMATS: dict[str, type[Factorization]] = {cls.name: cls for cls in (ADTN, KCP, TT, TR, HT, BT, SVD, Dense)}
 
 
 def get_format(name: str) -> type[Factorization]:
@@ -45,4 +47,5 @@ def compression_formats() -> list[str]:
 
 
 __all__ = ["DataFitInfo", "DataFitSettings", "output_error", "refine_to_data", "whitened_svd", "FORMATS", "Dense", "Factorization", "Stack", "FitInfo", "ProgressFn", "Rank", "build", "get_format", "relative_error",
-           "compression_formats", "FormatOptions", "KCPOptions", "TreeOptions", "ADTNOptions"]
+           "compression_formats", "FormatOptions", "KCPOptions", "TreeOptions", "ADTNOptions", "TROptions",
+           "BTOptions"]

@@ -17,17 +17,17 @@ the fit loop live in :mod:`kcompress.formats.adtn_fit`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kcompress.errors import KCompressError
-from kcompress.formats.tensorize import Tensorization
 from kcompress.formats import adtn_fit
 from kcompress.formats.base import Factorization, OptionsLike, ProgressFn, Rank, dense_macs
 from kcompress.formats.options import FormatOptions, option
+from kcompress.formats.tensorize import Tensorization
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -148,7 +148,7 @@ class ADTN(Factorization):
         tz = tensorization
         if cls.qubits_of(tz) < 2:
             raise KCompressError(f"adtn needs at least 4 padded entries, got {tz.padded_out}x{tz.padded_in}")
-        return rank, checked
+        return rank, cast(ADTNOptions, checked)  # the base check returns an options_type instance
 
     def _allocate(self) -> None:
         tz = self.tensorization
@@ -186,9 +186,9 @@ class ADTN(Factorization):
         return _exact_bits(tensorization.padded_out) + _exact_bits(tensorization.padded_in)
 
     @classmethod
-    def param_count(cls, tensorization: Tensorization, rank: int) -> int:
+    def param_count(cls, tensorization: Tensorization, rank: Rank) -> int:
         """``16 · depth · (Q − 1)`` gate entries plus the scale."""
-        return 16 * rank * (cls.qubits_of(tensorization) - 1) + 1
+        return 16 * cast(int, rank) * (cls.qubits_of(tensorization) - 1) + 1
 
     @classmethod
     def max_rank(cls, tensorization: Tensorization) -> int:

@@ -160,7 +160,8 @@ def descend(
     best_state = [p.detach().clone() for p in parameters]
     iteration = 0
     for iteration in range(1, steps + 1):
-        error = math.sqrt(max(float(stepper.step(closure).detach()), 0.0))  # the error before this iteration's update
+        # type ignore: torch stubs type the closure and step() as float; step returns the closure's tensor
+        error = math.sqrt(max(float(stepper.step(closure).detach()), 0.0))  # type: ignore[arg-type, attr-defined]  # the error before this iteration's update
         if schedule is not None:
             schedule.step()
         if math.isfinite(error) and (not bests or error < bests[-1]):

@@ -24,9 +24,9 @@ from torch import Tensor, nn
 
 from kcompress._threads import fit_threads
 from kcompress.errors import KCompressError
-from kcompress.formats.tensorize import Tensorization, choose_tensorization
 from kcompress.formats.data_fit import DataFitInfo, DataFitSettings, OutputErrors, refine_to_data, same_shapes
 from kcompress.formats.options import FormatOptions
+from kcompress.formats.tensorize import Tensorization, choose_tensorization
 
 Rank = Union[int, Sequence[int]]
 #: progress callback: ``(iteration, max_iterations, relative_error)``; called during fits
@@ -278,6 +278,19 @@ class Factorization(nn.Module):
         """Dense ``(M, N)`` matrix (tests and inspection; layers never call it to multiply)."""
         return self.tensorization.crop_weight(self._reconstruct())
 
+    def rows(self, index: Tensor) -> Tensor:
+        """Rows ``index`` (integers in ``[0, M)``, any shape) of ``W``: ``index.shape + (N,)``, gathered from
+        the factors where the format can (``_rows``) and from the reconstruction otherwise."""
+        tz = self.tensorization
+        flat = index.reshape(-1)
+        digits = mixed_radix(flat, tz.out_modes)
+        return self._rows(flat, digits)[:, : tz.in_features].reshape(index.shape + (tz.in_features,))
+
+    def _rows(self, index: Tensor, digits: Tensor) -> Tensor:
+        """Padded rows ``(B, N')`` of ``index (B,)``, whose digits on the output modes are ``digits (B, d)``.
+        The default builds ``W``; formats whose factors can be indexed override it."""
+        return self._reconstruct()[index]
+
     def num_params(self) -> int:
         return self.param_count(self.tensorization, self.rank)
 
@@ -315,6 +328,15 @@ def _merged(options: OptionsLike, keywords: Mapping[str, Any]) -> OptionsLike:
     if isinstance(options, FormatOptions):
         return {**options.to_dict(), **{options.renamed.get(key, key): value for key, value in keywords.items()}}
     return {**dict(options or {}), **keywords}
+
+
+def mixed_radix(index: Tensor, modes: Sequence[int]) -> Tensor:
+    """Digits ``(B, d)`` of ``index (B,)`` in the radices ``modes``, mode 1 the most significant."""
+    digits = []
+    for size in reversed(modes):
+        digits.append(index % size)
+        index = torch.div(index, size, rounding_mode="floor")
+    return torch.stack(digits[::-1], dim=1)
 
 
 def prod(values: Sequence[int]) -> int:

@@ -288,7 +288,7 @@ def refine_to_data(
     """
     dtype, device = next(module.parameters()).dtype, next(module.parameters()).device
     objective = OutputLoss(weight, moment, settings.ridge, device, row_weights)
-    parameters = [p for p in module.parameters()]
+    parameters: list[Tensor] = [p for p in module.parameters()]
     flags = [p.requires_grad for p in parameters]
     best = _Best(parameters)
     curve: list[float] = []
@@ -298,7 +298,7 @@ def refine_to_data(
             torch.manual_seed(seed)
             for p in parameters:
                 p.requires_grad_(True)
-            _optimize(parameters, lambda: objective(module.reconstruct()), budgeted(settings, weight.shape), best,
+            _optimize(parameters, lambda: objective(module.reconstruct()), budgeted(settings, weight.shape), best,  # type: ignore[operator]  # nn.Module attrs typed Tensor | Module
                       curve, progress)
     finally:
         module.to(dtype)
@@ -343,7 +343,7 @@ def _optimize(
         return value
 
     for step in range(1, settings.iterations + 1):
-        optimizer.step(closure)
+        optimizer.step(closure)  # type: ignore[arg-type]  # torch stubs type the closure as returning float
         if not math.isfinite(float(last["value"])):
             break
         curve.append(math.sqrt(max(best.value, 0.0)))

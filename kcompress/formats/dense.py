@@ -8,9 +8,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from kcompress.formats.tensorize import Tensorization
 from kcompress.formats.base import Factorization, ProgressFn, Rank
 from kcompress.formats.options import FormatOptions
+from kcompress.formats.tensorize import Tensorization
 
 
 class Dense(Factorization):
@@ -51,3 +51,6 @@ class Dense(Factorization):
 
     def _reconstruct(self) -> Tensor:
         return self.weight
+
+    def _rows(self, index: Tensor, digits: Tensor) -> Tensor:
+        return self.weight[index]

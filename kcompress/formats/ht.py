@@ -27,8 +27,8 @@ import numpy as np
 import tensorly as tl
 from tensorly.tenalg import mode_dot
 
-from kcompress.formats.tensorize import Tensorization
 from kcompress.formats.linalg import leading_vectors
+from kcompress.formats.tensorize import Tensorization
 from kcompress.formats.treenet import TreeFactorization, TreeLayout, take_letters
 
 

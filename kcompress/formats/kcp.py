@@ -14,18 +14,23 @@ both implemented (see ``docs/concepts.md``):
 * ``rank_batch`` (algorithm 2): the rank is a batch dimension; each mode is one batched contraction over
   all R terms (the first one a single GEMM producing every rank, the last one a GEMM that also sums over
   r). Faster, R times the intermediate memory.
+* ``chain``: algorithm 2 with the rank axis outermost and the modes contracted last to first, so that every
+  mode is one large (batched) GEMM and nothing is permuted in between (:class:`~.kcp_chain.GemmChain`,
+  :mod:`kcompress.formats.kcp_chain`); the fastest where it applies.
 
-Both run the same :class:`~.kcp_plan.ContractionPlan` (:mod:`kcompress.formats.kcp_plan`), chosen over all d! mode orders by a cost of MACs plus memory
-traffic. Large batches are cut into chunks whose intermediates fit in :data:`CHUNK_BYTES` (measured: the
-first step at batch 128 writes 47 MB and runs at a quarter of its in-cache speed). ``algorithm="auto"`` uses
-``rank_batch`` unless one vector's rank-batched intermediates exceed that budget.
+``rank_batch`` and ``per_rank`` run a :class:`~.kcp_plan.ContractionPlan` (:mod:`kcompress.formats.kcp_plan`),
+chosen over all d! mode orders by a cost of MACs plus memory traffic, or the chain where it suits
+(:func:`~.kcp_chain.chain_suits`). Large batches are cut into chunks whose intermediates fit in
+:data:`CHUNK_BYTES` (measured: the first step at batch 128 writes 47 MB and runs at a quarter of its in-cache
+speed). ``algorithm="auto"`` uses the chain where it suits, else ``rank_batch``, and ``per_rank`` (of
+whichever plan) when one vector's rank-batched intermediates exceed that budget.
 """
 
 from __future__ import annotations
 
 import string
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Optional, Sequence
+from typing import Any, ClassVar, Iterable, Mapping, Optional, Sequence, Union, cast
 
 import numpy as np
 import tensorly as tl
@@ -34,18 +39,21 @@ from tensorly.decomposition import parafac
 from torch import Tensor, nn
 
 from kcompress.errors import KCompressError
-from kcompress.formats.tensorize import Tensorization
 from kcompress.formats.base import Factorization, OptionsLike, ProgressFn, Rank
 from kcompress.formats.data_fit import DataFitSettings, refine_to_data
+from kcompress.formats.kcp_chain import GemmChain, chain_suits
 from kcompress.formats.kcp_plan import ContractionPlan, best_plan, kcp_step_costs
 from kcompress.formats.linalg import gram_svd
 from kcompress.formats.options import FormatOptions, option
 from kcompress.formats.rows import in_row_chunks
+from kcompress.formats.tensorize import Tensorization
 
 #: the batch is cut into chunks whose intermediates stay within this many bytes (cache-sized); ``"auto"``
 #: picks ``per_rank`` when a single vector's rank-batched intermediates exceed it
 CHUNK_BYTES = 8 * 2**20
-ALGORITHMS = ("auto", "rank_batch", "per_rank")
+ALGORITHMS = ("auto", "chain", "rank_batch", "per_rank")
+#: how ``multiply`` contracts the modes (both have ``order``, ``run``, ``cost`` and ``elements_per_vector``)
+Plan = Union[ContractionPlan, GemmChain]
 #: the data-aware refinement's preconditioner (:class:`GramPreconditioned`) adds this fraction of the mean
 #: diagonal of each Gram product to its diagonal (keeps it positive definite)
 PRECONDITIONER_DAMPING = 1e-3
@@ -57,10 +65,11 @@ class KCPOptions(FormatOptions):
 
     Attributes
     ----------
-    algorithm : {'auto', 'rank_batch', 'per_rank'}
-        Multiplication: ``rank_batch`` (all ranks at once, R times the intermediate memory), ``per_rank``
-        (one rank at a time) or ``auto`` (``rank_batch`` unless one vector's intermediates exceed
-        :data:`CHUNK_BYTES`).
+    algorithm : {'auto', 'chain', 'rank_batch', 'per_rank'}
+        Multiplication: ``chain`` (all ranks at once as a chain of large GEMMs, modes last to first),
+        ``rank_batch`` (all ranks at once, the cheapest mode order, R times the intermediate memory),
+        ``per_rank`` (one rank at a time) or ``auto`` (the chain where :func:`~.kcp_chain.chain_suits`, else
+        ``rank_batch``; ``per_rank`` when one vector's intermediates exceed :data:`CHUNK_BYTES`).
     mode_order : list of int, optional
         Order in which multiplication contracts the modes (a permutation of ``0..d-1``; default: the
         cheapest, :func:`best_plan`).
@@ -95,19 +104,30 @@ class KCP(Factorization):
     @classmethod
     def check(cls, tensorization: Tensorization, rank: Rank, options: OptionsLike = None) -> tuple[Any, KCPOptions]:
         """Also: at least 2 modes, and ``mode_order`` a permutation of them."""
-        rank, checked = super().check(tensorization, rank, options)
+        rank, base_checked = super().check(tensorization, rank, options)
+        checked = cast(KCPOptions, base_checked)  # the base check returns an options_type instance
         if tensorization.order < 2:
             raise KCompressError("kcp needs at least 2 modes per dimension; use svd for an unfactored matrix")
         order = checked.mode_order
         if order is not None and sorted(order) != list(range(tensorization.order)):
             raise KCompressError(f"mode_order {list(order)} is not a permutation of 0..{tensorization.order - 1}")
+        chain_order = GemmChain.for_tensorization(tensorization).order
+        if checked.algorithm == "chain" and order is not None and tuple(order) != chain_order:
+            raise KCompressError(f"algorithm 'chain' contracts the modes in the order {list(chain_order)}, "
+                                 f"not mode_order {list(order)}")
         return rank, checked
 
     @classmethod
-    def plan_for(cls, tensorization: Tensorization, options: KCPOptions) -> ContractionPlan:
-        """The contraction plan: ``options.mode_order`` when given, else :func:`best_plan`."""
+    def plan_for(cls, tensorization: Tensorization, options: KCPOptions) -> Plan:
+        """The chain for ``algorithm="chain"``, and for ``auto``/``per_rank`` where it suits
+        (:func:`~.kcp_chain.chain_suits`); else the plan of ``options.mode_order`` when given, or :func:`best_plan`."""
         tz, order = tensorization, options.mode_order
-        return ContractionPlan(tz.in_modes, tz.out_modes, order) if order else best_plan(tz)
+        plan = ContractionPlan(tz.in_modes, tz.out_modes, order) if order else best_plan(tz)
+        if options.algorithm == "chain" or (
+            options.algorithm != "rank_batch" and chain_suits(tz, order, kcp_step_costs(tz, plan.order)[0])
+        ):
+            return GemmChain.for_tensorization(tz)
+        return plan
 
     def _allocate(self) -> None:
         tz = self.tensorization
@@ -117,8 +137,8 @@ class KCP(Factorization):
         self.plan = self.plan_for(tz, self.options)
 
     @classmethod
-    def param_count(cls, tensorization: Tensorization, rank: int) -> int:
-        return rank * sum(tensorization.merged_modes)
+    def param_count(cls, tensorization: Tensorization, rank: Rank) -> int:
+        return cast(int, rank) * sum(tensorization.merged_modes)
 
     @classmethod
     def max_rank(cls, tensorization: Tensorization) -> int:
@@ -131,7 +151,7 @@ class KCP(Factorization):
         """``R`` times the MACs of one rank's mode products in the plan's order (:func:`kcp_step_costs`)."""
         rank, checked = cls.check(tensorization, rank, options)
         macs, _ = kcp_step_costs(tensorization, cls.plan_for(tensorization, checked).order)
-        return rank * macs
+        return cast(int, rank) * macs  # check normalized it to an int
 
     # ------------------------------------------------------------------ fitting
     def _fit(self, weight: Tensor, seed: int, progress: Optional[ProgressFn]) -> tuple[int, list[float]]:
@@ -164,19 +184,25 @@ class KCP(Factorization):
         if chosen != "auto":
             return chosen
         footprint = self.plan.elements_per_vector(self.rank) * self.factors[0].element_size()
-        return "rank_batch" if footprint <= CHUNK_BYTES else "per_rank"
+        if footprint > CHUNK_BYTES:
+            return "per_rank"
+        return "chain" if isinstance(self.plan, GemmChain) else "rank_batch"
+
+    def intermediates_per_vector(self) -> int:
+        """Largest intermediate (elements) one vector creates: ``multiply`` bounds its chunks by it."""
+        return self.plan.elements_per_vector(self.rank if self.algorithm_for(1) != "per_rank" else 1)
 
     def _multiply(self, x: Tensor) -> Tensor:
         factors = list(self.factors)
         algorithm = self.algorithm_for(x.shape[0])
-        run = self.plan.run if algorithm == "rank_batch" else self._multiply_per_rank
+        run = self._multiply_per_rank if algorithm == "per_rank" else self.plan.run
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             return run(x, factors)
         return in_row_chunks(lambda rows: run(rows, factors), x, self._chunk_rows(algorithm))
 
     def _chunk_rows(self, algorithm: str) -> int:
         """Rows per chunk so that one chunk's intermediates stay within :data:`CHUNK_BYTES`."""
-        ranks_at_once = self.rank if algorithm == "rank_batch" else 1
+        ranks_at_once = 1 if algorithm == "per_rank" else self.rank
         per_vector = self.plan.elements_per_vector(ranks_at_once) * self.factors[0].element_size()
         return max(1, CHUNK_BYTES // per_vector)
 
@@ -189,6 +215,16 @@ class KCP(Factorization):
 
     def _reconstruct(self) -> Tensor:
         return self.tensorization.unrearrange(_cp_to_tensor(cp_columns(self.factors)))
+
+    def _rows(self, index: Tensor, digits: Tensor) -> Tensor:
+        """Row ``i`` of ``Σ_r ⊗_k A_r^(k)`` is ``Σ_r ⊗_k A_r^(k)[i_k, :]``: one gathered row per factor
+        ``(R, B, n_k)``, their Kronecker product built mode by mode up to ``n_1·…·n_{d-1}``, and the last mode
+        and the sum over ``r`` in one batched GEMM."""
+        gathered = [factor[:, digits[:, k]] for k, factor in enumerate(self.factors)]
+        rows = gathered[0]
+        for part in gathered[1:-1]:
+            rows = (rows.unsqueeze(-1) * part.unsqueeze(-2)).flatten(-2)
+        return torch.bmm(rows.permute(1, 2, 0), gathered[-1].permute(1, 0, 2)).flatten(1)
 
     def _fit_to_data(
         self, weight: Tensor, moment: Tensor, settings: DataFitSettings, seed: int, progress: Optional[ProgressFn],
@@ -203,7 +239,7 @@ class KCP(Factorization):
         return settings.optimizer, iterations
 
 
-def cp_columns(factors: Sequence[Tensor]) -> list[Tensor]:
+def cp_columns(factors: Iterable[Tensor]) -> list[Tensor]:
     """KCP factors ``(R, m_k, n_k)`` as the CP factor matrices ``(m_k n_k, R)`` of the rearranged weight (views)."""
     return [factor.reshape(factor.shape[0], -1).T for factor in factors]
 
@@ -218,7 +254,7 @@ class GramPreconditioned(nn.Module):
     raw factors stopped at 0.77 after 68). ``reconstruct()`` is the matrix ``(M, N)``, differentiable in the
     variables; :meth:`store` writes them back as factors."""
 
-    def __init__(self, factors: Sequence[Tensor], tensorization: Tensorization) -> None:
+    def __init__(self, factors: Iterable[Tensor], tensorization: Tensorization) -> None:
         super().__init__()
         self.tensorization = tensorization
         columns = [column.detach() for column in cp_columns(factors)]
@@ -241,7 +277,7 @@ class GramPreconditioned(nn.Module):
         tz = self.tensorization
         return tz.crop_weight(tz.unrearrange(_cp_to_tensor(self.columns())))
 
-    def store(self, factors: Sequence[Tensor]) -> None:
+    def store(self, factors: Iterable[Tensor]) -> None:
         """Write the variables back into ``factors (R, m_k, n_k)`` (in place, their dtype)."""
         with torch.no_grad():
             for factor, column in zip(factors, self.columns()):
@@ -322,7 +358,7 @@ def kcp_als(
             progress(len(curve) - 1, max_iterations, float(error))
 
     with tl.backend_context("numpy"):
-        weights, factors = parafac(
+        (weights, factors), _ = parafac(
             tensor,
             rank,
             n_iter_max=max_iterations,
@@ -332,6 +368,7 @@ def kcp_als(
             random_state=np.random.RandomState(seed),
             linesearch=linesearch,
             callback=record,
+            return_errors=True,  # TensorLy computes the error for its callback only then when tol is 0
         )
     return weights, factors, curve[1:] or curve
 

@@ -7,7 +7,7 @@ were fitted together or apart.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -21,11 +21,13 @@ class Stack(nn.Module):
 
     name = "stack"
 
-    def __init__(self, parts: list[nn.Module]) -> None:
+    def __init__(self, parts: Sequence[nn.Module]) -> None:
         super().__init__()
-        self.parts = nn.ModuleList(parts)
-        self.in_features = parts[0].tensorization.in_features
-        self.out_features = sum(part.tensorization.out_features for part in parts)
+        # Any: the parts are Factorization-like, but nn.Module attributes are typed as Tensor | Module
+        self.parts: Any = nn.ModuleList(parts)
+        members: Sequence[Any] = parts
+        self.in_features = members[0].tensorization.in_features
+        self.out_features = sum(part.tensorization.out_features for part in members)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.multiply(x)

@@ -6,15 +6,15 @@ no modes (order 1, no padding).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch import Tensor, nn
 
-from kcompress.formats.tensorize import Tensorization
-from kcompress.formats.base import Factorization, ProgressFn
-from kcompress.formats.options import FormatOptions
+from kcompress.formats.base import Factorization, ProgressFn, Rank
 from kcompress.formats.data_fit import DataFitSettings, output_error, whitened_svd
+from kcompress.formats.options import FormatOptions
+from kcompress.formats.tensorize import Tensorization
 
 
 class SVD(Factorization):
@@ -31,15 +31,15 @@ class SVD(Factorization):
         self.right = nn.Parameter(torch.empty(self.rank, tz.in_features))
 
     @classmethod
-    def param_count(cls, tensorization: Tensorization, rank: int) -> int:
-        return rank * (tensorization.out_features + tensorization.in_features)
+    def param_count(cls, tensorization: Tensorization, rank: Rank) -> int:
+        return cast(int, rank) * (tensorization.out_features + tensorization.in_features)
 
     @classmethod
     def max_rank(cls, tensorization: Tensorization) -> int:
         return min(tensorization.out_features, tensorization.in_features)
 
     @classmethod
-    def macs(cls, tensorization: Tensorization, rank: int, options: Optional[FormatOptions] = None) -> int:
+    def macs(cls, tensorization: Tensorization, rank: Rank, options: Optional[FormatOptions] = None) -> int:
         return cls.param_count(tensorization, rank)
 
     def _fit(self, weight: Tensor, seed: int, progress: Optional[ProgressFn]) -> tuple[int, list[float]]:
@@ -71,3 +71,6 @@ class SVD(Factorization):
 
     def _reconstruct(self) -> Tensor:
         return self.left @ self.right
+
+    def _rows(self, index: Tensor, digits: Tensor) -> Tensor:
+        return self.left[index] @ self.right

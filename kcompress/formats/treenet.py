@@ -1,4 +1,4 @@
-"""Tree tensor networks, the machinery shared by the ``tt`` and ``ht`` formats.
+"""Tree tensor networks, the machinery shared by the ``tt`` and ``ht`` formats (and ``tr``, ``bt``).
 
 A tree format stores one node tensor per vertex of a tree. Each axis of a node carries an einsum label:
 
@@ -9,7 +9,9 @@ A tree format stores one node tensor per vertex of a tree. Each axis of a node c
 Contracting all nodes gives the rearranged weight (:meth:`Tensorization.rearrange`) viewed with axes
 ``(m_1, n_1, …, m_d, n_d)``. The formats differ only in the tree (:class:`TreeLayout`) and the SVD start;
 rank rules, parameter counts, the multiplication plan (:meth:`TreeLayout.plan`) and reconstruction are here;
-the ALS refinement is :func:`~.tree_als.tree_als`.
+the ALS refinement is :func:`~.tree_als.tree_als`. Counts, plans and reconstruction hold for any network of
+one layout, a cycle included: ``tr`` is a ring of this kind and each block of ``bt`` a Tucker star (their ALS
+is :func:`~.network_als.network_sum_als`).
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ import torch
 from torch import Tensor, nn
 
 from kcompress.errors import KCompressError
-from kcompress.formats.tensorize import Tensorization
 from kcompress.formats.base import Factorization, ProgressFn, Rank
 from kcompress.formats.options import FormatOptions, option
+from kcompress.formats.tensorize import Tensorization
 from kcompress.formats.tree_als import tree_als
 
 #: einsum labels (torch.einsum accepts letters only)
@@ -111,6 +113,11 @@ class MultiplyPlan:
     def macs(self) -> int:
         """Multiply-accumulates per input vector."""
         return sum(step.macs for step in self.steps)
+
+    @property
+    def elements_per_vector(self) -> int:
+        """Largest input + output of a step for one vector (sizes row chunks)."""
+        return max(step.pre * step.post * (step.contracted + step.new) for step in self.steps)
 
     def run(self, x: Tensor, nodes: list[Tensor]) -> Tensor:
         """``x (B, N')`` -> ``(B, M')``."""
@@ -286,7 +293,7 @@ class TreeOptions(FormatOptions):
 
 
 class TreeFactorization(Factorization):
-    """A format whose factors are the nodes of a tree network (``tt``, ``ht``); ranks are per bond.
+    """A format whose factors are the nodes of a tree network (``tt``, ``ht``; ``tr``'s ring); ranks are per bond.
 
     Subclasses give the tree (:meth:`layout`) and the SVD start (:meth:`_initial_nodes`). The nodes are
     stored in ``getattr(self, node_attribute)``; ``plan`` is the :class:`MultiplyPlan` (:meth:`TreeLayout.plan`).
@@ -379,3 +386,21 @@ class TreeFactorization(Factorization):
     def _reconstruct(self) -> Tensor:
         layout = self.layout(self.tensorization.order)
         return self.tensorization.unrearrange(torch.einsum(layout.equation, *self.node_params))
+
+    def _rows(self, index: Tensor, digits: Tensor) -> Tensor:
+        """The network with every output-mode axis indexed by the rows' digits (a batch axis in its place),
+        contracted to ``(B, n_1, …, n_d)``."""
+        layout = self.layout(self.tensorization.order)
+        batch = next(letter for letter in LETTERS if letter not in layout.equation)
+        outputs = {label: k for k, label in enumerate(layout.physical[0::2])}
+        terms, operands = [], []
+        for labels, node in zip(layout.nodes, self.node_params):
+            gathered = [labels.index(label) for label in labels if label in outputs]
+            if gathered:
+                node = node.movedim(gathered, list(range(len(gathered))))
+                node = node[tuple(digits[:, outputs[labels[axis]]] for axis in gathered)]
+                labels = batch + "".join(label for label in labels if label not in outputs)
+            terms.append(labels)
+            operands.append(node)
+        equation = ",".join(terms) + "->" + batch + layout.physical[1::2]
+        return torch.einsum(equation, *operands).reshape(index.shape[0], -1)

@@ -13,8 +13,15 @@ Imports go one way: files <- recognize <- standalone <- artifact <- checkpoint.
 
 from kcompress.io.artifact import ARTIFACT_SCHEMA_VERSION, METADATA_KEY, artifact_description, load, save_artifact
 from kcompress.io.checkpoint import KINDS, Checkpoint, load_checkpoint
-from kcompress.io.files import (PathLike, atomic_write, check_input_file, check_output_path, check_output_paths,
-                    default_output_path, file_sha256)
+from kcompress.io.files import (
+                    PathLike,
+                    atomic_write,
+                    check_input_file,
+                    check_output_path,
+                    check_output_paths,
+                    default_output_path,
+                    file_sha256,
+)
 from kcompress.io.recognize import LayerSpec, find_layers
 from kcompress.io.standalone import WEIGHTS_ONLY, StandaloneModel, model_from_checkpoint, model_from_state_dict
 

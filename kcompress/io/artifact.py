@@ -5,8 +5,10 @@ status); :func:`load` rebuilds a runnable model from one, checking the descripti
 
 from __future__ import annotations
 
+import base64
 import json
 import re
+import zlib
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -16,31 +18,48 @@ import torch
 from torch import Tensor, nn
 
 from kcompress.errors import KCompressError
+from kcompress.io.files import (
+    PathLike,
+    _read,
+    _reason,
+    _safetensors_tensors,
+    _source_digest,
+    atomic_write,
+    check_output_path,
+    safetensors_header_of,
+)
 from kcompress.io.models import SequenceClassifier
-from kcompress.nn import COMPRESSED_TYPES, CompressedLSTM, rebuild, replan
-from kcompress.report.record import Report
-from kcompress.io.files import (PathLike, _read, _reason, _safetensors_header, _safetensors_tensors, _source_digest, atomic_write,
-                    check_output_path)
+from kcompress.io.quantized import pack, unpack
 from kcompress.io.recognize import LayerSpec, _join
 from kcompress.io.standalone import StandaloneModel, _load_exact, _module_at, _place
 from kcompress.io.validate import check_architecture, check_layers, check_values, fit_to_model
+from kcompress.nn import COMPRESSED_TYPES, CompressedLSTM, rebuild, replan
+from kcompress.nn.quantize import quantization_plan
+from kcompress.report.record import Report
 
 #: key of the JSON description in an artifact's safetensors metadata
 METADATA_KEY = "kcompress"
-ARTIFACT_SCHEMA_VERSION = 1
+#: the version this kcompress writes for a quantized artifact (2: integer tensors, ``"quantization"``); an
+#: artifact without quantization is written as version 1, which earlier versions read
+ARTIFACT_SCHEMA_VERSION = 2
 _COMPRESSED_LAYERS = tuple(COMPRESSED_TYPES.values())
 #: report keys that time this run (fit seconds, measured speed and its spread): kept in the Report, left out
 #: of the artifact
 _TIMING_KEY = re.compile(r"(^|_)seconds$|^measured_speedup$|^speed_spread$")
 #: report warnings that state a measured time or speed
 _TIMING_WARNING = re.compile(r"\bmeasured\b.*\b(slower|faster)\b")
+#: a quantized artifact stores its description compressed (zlib, then base64) after this prefix: on a small
+#: model the JSON would otherwise outweigh the tensors
+_PACKED = "zlib:"
+#: the largest description a packed one may inflate to
+_MAX_DESCRIPTION = 64 * 2**20
 
 
 def _artifact_description(path: Path, metadata: Mapping[str, Any]) -> dict[str, Any]:
     """The JSON description stored under :data:`METADATA_KEY`, checked for its schema version."""
     try:
-        description = json.loads(metadata[METADATA_KEY])
-    except (TypeError, ValueError, RecursionError) as error:
+        description = json.loads(_unpacked(metadata[METADATA_KEY]))
+    except (TypeError, ValueError, RecursionError, zlib.error) as error:
         raise KCompressError(f"{path}: damaged kcompress metadata ({_reason(error)})") from None
     if not isinstance(description, dict):
         raise KCompressError(f"{path}: damaged kcompress metadata (not a JSON object)")
@@ -49,6 +68,21 @@ def _artifact_description(path: Path, metadata: Mapping[str, Any]) -> dict[str, 
         raise KCompressError(f"{path}: artifact schema version {version!r} is not supported by this kcompress "
                              f"(it reads version {ARTIFACT_SCHEMA_VERSION}); upgrade kcompress")
     return description
+
+
+def _packed(text: str) -> str:
+    return _PACKED + base64.b64encode(zlib.compress(text.encode("utf8"), 9)).decode("ascii")
+
+
+def _unpacked(text: Any) -> Any:
+    """The JSON of a description, inflated when it is packed (at most :data:`_MAX_DESCRIPTION` bytes)."""
+    if not isinstance(text, str) or not text.startswith(_PACKED):
+        return text
+    inflater = zlib.decompressobj()
+    raw = inflater.decompress(base64.b64decode(text[len(_PACKED):], validate=True), _MAX_DESCRIPTION)
+    if inflater.unconsumed_tail:
+        raise ValueError(f"the description inflates beyond {_MAX_DESCRIPTION} bytes")
+    return raw.decode("utf8")
 
 
 def save_artifact(
@@ -62,29 +96,36 @@ def save_artifact(
 ) -> Path:
     """Write ``model`` (compressed) and its ``report`` as one safetensors artifact, atomically.
 
-    Every tensor of ``model.state_dict()`` is stored (contiguous CPU copies); the header's ``"kcompress"``
-    metadata holds the JSON description (see :func:`artifact_description`). With ``source_path``, the
-    output may not be that file, and its path and sha256 are recorded (also in ``report.source`` when it
-    has none yet). ``options`` defaults to ``report.options``. Nothing is left behind on failure.
+    Every tensor of ``model.state_dict()`` is stored (contiguous CPU copies), those that ``report.quantize``
+    plans (:func:`kcompress.nn.quantize.quantization_plan`) as integers and scales (:mod:`.quantized`); the
+    header's ``"kcompress"`` metadata holds the JSON description (see :func:`artifact_description`). With
+    ``source_path``, the output may not be that file, and its path and sha256 are recorded (also in
+    ``report.source`` when it has none yet). ``options`` defaults to ``report.options``. Nothing is left behind on failure.
     """
     target = check_output_path(path, overwrite=overwrite, source=source_path)
     if source_path is not None and not report.source.get("sha256"):
         report.source = {**report.source, "path": str(source_path), "sha256": _source_digest(Path(source_path))}
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in model.state_dict().items()}
-    description = artifact_description(model, report, options)
-    metadata = {METADATA_KEY: json.dumps(description, sort_keys=True, default=str)}
+    tensors, quantized = pack(tensors, quantization_plan(model, report.quantize))
+    description = artifact_description(model, report, options, quantized)
+    text = json.dumps(description, sort_keys=True, default=str)
+    metadata = {METADATA_KEY: _packed(text) if quantized else text}
     atomic_write(target, safetensors.torch.save(tensors, metadata=metadata), overwrite)
     return target
 
 
 def artifact_description(
-    model: nn.Module, report: Report, options: Optional[Mapping[str, Any]] = None
+    model: nn.Module, report: Report, options: Optional[Mapping[str, Any]] = None,
+    quantized: Optional[Mapping[str, Any]] = None,
 ) -> dict[str, Any]:
     """The JSON-able description stored in an artifact: versions, format, options, seed, source, how to
-    rebuild the model (``architecture``), each compressed layer's configs (``layers``), report, status."""
+    rebuild the model (``architecture``), each compressed layer's configs (``layers``), report, status, and
+    with ``quantized`` (:func:`.quantized.pack`'s description) how its integer tensors are stored."""
     options = dict(report.options if options is None else options)
+    extra = {"quantization": dict(quantized)} if quantized else {}
     return {
-        "schema_version": ARTIFACT_SCHEMA_VERSION,
+        "schema_version": ARTIFACT_SCHEMA_VERSION if quantized else 1,
+        **extra,
         "versions": _versions(),
         "format": report.format,
         "options": options,
@@ -147,7 +188,7 @@ def _compressed_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     """``{path: {"layer": layer_config(), "matrices": {name: matrix config()}}}`` of every compressed layer."""
     return {
         name: {"layer": module.layer_config(),
-               "matrices": {key: matrix.config() for key, matrix in module.matrices.items()}}
+               "matrices": {key: matrix.config() for key, matrix in module.matrices.items()}}  # type: ignore[operator]  # nn.Module attrs typed Tensor | Module
         for name, module in model.named_modules(remove_duplicate=False)
         if isinstance(module, _COMPRESSED_LAYERS)
     }
@@ -165,18 +206,21 @@ def load(path: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
     comes back as a weights-only :class:`StandaloneModel` holding its compressed layers.
     """
     source = Path(path)
-    data = _read(source)
-    header = _safetensors_header(data)
+    header = safetensors_header_of(source)  # only the header is read before the file is known to be one
     metadata = header.get("__metadata__") if header is not None else None
     if not isinstance(metadata, dict) or METADATA_KEY not in metadata:
         raise KCompressError(f"{source}: not a kcompress artifact (no {METADATA_KEY!r} safetensors metadata)")
+    data = _read(source)
     return _restore(source, _artifact_description(source, metadata), _safetensors_tensors(source, data), model)
 
 
 def _restore(path: Path, description: Mapping[str, Any], tensors: Mapping[str, Tensor],
              model: Optional[nn.Module]) -> nn.Module:
-    """Check everything (:func:`_checked_layers`), then rebuild the compressed layers, place them and load."""
+    """Dequantize the integer tensors (:func:`.quantized.unpack`), check everything (:func:`_checked_layers`),
+    then rebuild the compressed layers, place them and load."""
     try:
+        if "quantization" in description:
+            tensors = unpack(tensors, description["quantization"])
         entries = _checked_layers(description, tensors, model)
         layers = _rebuild(entries)
         if model is None:

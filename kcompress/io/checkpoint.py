@@ -16,10 +16,9 @@ The state dict is the loaded dict of tensors, or one found under ``"state_dict"`
 
 from __future__ import annotations
 
-import hashlib
-import io
+import os
 import pickle
-import re
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,20 +29,34 @@ from torch import Tensor, nn
 
 from kcompress.errors import KCompressError
 from kcompress.io.artifact import METADATA_KEY, _artifact_description, _restore
-from kcompress.io.files import PathLike, _corrupt, _read, _reason, _safetensors_header, _safetensors_tensors
+from kcompress.io.files import (
+    PathLike,
+    _corrupt,
+    _read,
+    _reason,
+    _safetensors_tensors,
+    check_memory,
+    file_sha256,
+    read_head,
+    safetensors_header_of,
+)
+from kcompress.io.pickles import SCAN_BYTES, unsafe_globals
+from kcompress.io.usercode import searching
 
 #: checkpoint kinds :func:`load_checkpoint` returns
 KINDS = ("state_dict", "module", "torchscript", "safetensors", "artifact")
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+#: the most tensors a checkpoint may hold: a recurrent model has dozens, a large transformer a few thousand
+MAX_TENSORS = 20_000
 
 
 @dataclass
 class Checkpoint:
     """A loaded file: ``kind`` is one of :data:`KINDS`; ``state_dict`` maps names to tensors; ``module`` is
     the module for kinds ``module``, ``torchscript`` and ``artifact`` (None otherwise); ``sha256`` is the hex
-    digest of the file's bytes as they were loaded."""
+    digest of the file's bytes."""
 
     path: Path
     kind: str
@@ -55,27 +68,39 @@ class Checkpoint:
 def load_checkpoint(path: PathLike, trust_checkpoint: bool = False) -> Checkpoint:
     """The checkpoint in ``path``, its kind detected from its bytes (see the module docstring).
 
-    Every problem (missing, empty, truncated, not a checkpoint, needs untrusted code) is a one-line
-    :class:`KCompressError` naming the file; the file is only read.
+    Every problem (missing, empty, truncated, not a checkpoint, needs untrusted code, more than
+    :data:`MAX_TENSORS` tensors, larger than the memory left) is a one-line :class:`KCompressError` naming
+    the file; the file is only read. The format is told from the first bytes (and a safetensors file's
+    header) before anything else is read, so a file that is no checkpoint costs nothing whatever its size.
     """
     source = Path(path)
-    data = _read(source)
-    digest = hashlib.sha256(data).hexdigest()
-    if data[:4] == b"PK\x03\x04":
-        return _load_zip(source, data, digest, trust_checkpoint)
-    header = _safetensors_header(data)
+    head = read_head(source)
+    header = safetensors_header_of(source) if head[:4] != b"PK\x03\x04" else None
+    if head[:4] != b"PK\x03\x04" and header is None and head[:1] != b"\x80":  # \x80: pickle PROTO (legacy)
+        raise KCompressError(
+            f"{source}: not a checkpoint ({_looks_like(head)}); expected a torch.save file, a safetensors file, "
+            "a TorchScript archive or a kcompress artifact"
+        )
     if header is not None:
-        return _load_safetensors(source, data, header, digest)
-    if data[:1] == b"\x80":  # pickle PROTO opcode: a torch.save file in the legacy format
-        return _load_torch(source, data, digest, trust_checkpoint)
-    raise KCompressError(
-        f"{source}: not a checkpoint ({_looks_like(data)}); expected a torch.save file, a safetensors file, "
-        "a TorchScript archive or a kcompress artifact"
-    )
+        _check_count(source, len([key for key in header if key != "__metadata__"]))
+    check_memory(source, source.stat().st_size, "the checkpoint")
+    digest = file_sha256(source)
+    if header is not None:
+        return _load_safetensors(source, _read(source), header, digest)
+    if head[:4] == b"PK\x03\x04":
+        return _load_zip(source, digest, trust_checkpoint)
+    return _load_torch(source, digest, trust_checkpoint, _read_prefix(source))
+
+
+def _check_count(path: Path, count: int) -> None:
+    """At most :data:`MAX_TENSORS` tensors (or storage records), else a one-line refusal."""
+    if count > MAX_TENSORS:
+        raise KCompressError(f"{path}: holds {count} tensors, more than the {MAX_TENSORS} a checkpoint of "
+                             "kcompress may hold; save only the model's state dict")
 
 
 def _looks_like(data: bytes) -> str:
-    """A few words on what a file that is no checkpoint seems to be."""
+    """A few words on what a file that is no checkpoint seems to be (from its first bytes)."""
     if data.startswith(b"\x89PNG"):
         return "it looks like a PNG image"
     if data[:4] == b"PK\x05\x06":
@@ -86,54 +111,91 @@ def _looks_like(data: bytes) -> str:
     return "unrecognised content"
 
 
-def _load_zip(path: Path, data: bytes, digest: str, trust: bool) -> Checkpoint:
-    """A zip: TorchScript archive or ``torch.save`` file, told apart by the records it holds."""
+def _load_zip(path: Path, digest: str, trust: bool) -> Checkpoint:
+    """A zip: TorchScript archive or ``torch.save`` file, told apart by the records it holds (read from the
+    archive's directory at its end, before any record is read)."""
     try:
-        names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+            names = [record.filename for record in records]
+            _check_count(path, sum(1 for name in names if "/data/" in name))
+            pickled = next((r for r in records if r.filename.endswith("data.pkl")), None)
+            prefix = archive.read(pickled) if pickled is not None and pickled.file_size <= SCAN_BYTES else b""
+    except KCompressError:
+        raise
     except Exception as error:  # noqa: BLE001 - zipfile raises many types on damaged archives
         raise _corrupt(path, error) from None
     if any(name.endswith("/constants.pkl") or "/code/" in name for name in names):
-        return _load_torchscript(path, data, digest, trust)
-    if any(name.endswith("data.pkl") for name in names):
-        return _load_torch(path, data, digest, trust)
+        return _load_torchscript(path, digest, trust)
+    if pickled is not None:
+        return _load_torch(path, digest, trust, prefix)
     raise KCompressError(f"{path}: a zip archive that is not a torch checkpoint (no data.pkl record)")
 
 
-def _load_torch(path: Path, data: bytes, digest: str, trust: bool) -> Checkpoint:
-    """A ``torch.save`` file: weights-only, or fully unpickled when trusted and weights-only refuses it."""
+def _read_prefix(path: Path) -> bytes:
+    """The first :data:`SCAN_BYTES` of a legacy torch.save file: its pickles, where the globals are named."""
+    return read_head(path, SCAN_BYTES)
+
+
+def _load_torch(path: Path, digest: str, trust: bool, pickled: bytes) -> Checkpoint:
+    """A ``torch.save`` file (``pickled``: its pickle bytes): weights-only, or fully unpickled when trusted
+    and the weights-only loader refuses it."""
     try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the refusal below says it all
+            warnings.simplefilter("ignore")
+            obj = _torch_load(path, weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch.load raises many types on damaged input
-        needed = _unsafe_globals(data, error)
-        if not needed:
+        if not isinstance(error, pickle.UnpicklingError):
             raise _corrupt(path, error) from None
         if not trust:
-            raise KCompressError(
-                f"{path}: refusing to unpickle it: it needs the Python globals {', '.join(sorted(needed))} "
-                "(e.g. a whole pickled model), and unpickling them runs code from the file; re-save it as a "
-                "state dict or safetensors, or pass --trust-checkpoint (trust_checkpoint=True) if you trust it"
-            ) from None
-        obj = _unpickle_trusted(path, data)
+            raise _refusal(path, pickled, error) from None
+        obj = _unpickle_trusted(path)
     return _checkpoint_from_object(path, obj, digest)
 
 
-def _unsafe_globals(data: bytes, error: BaseException) -> list[str]:
-    """The globals a ``torch.save`` file needs beyond the weights-only allowlist (read without running).
+def _torch_load(path: Path, weights_only: bool) -> Any:
+    """``torch.load`` from an open file (given a path, torch guesses the format from its name)."""
+    with open(path, "rb") as handle:
+        return torch.load(handle, map_location="cpu", weights_only=weights_only)
 
-    Zip files are disassembled by ``get_unsafe_globals_in_checkpoint``; for the legacy pickle format the
-    first offending global is taken from the weights-only error.
-    """
-    if not isinstance(error, pickle.UnpicklingError):
-        return []
+
+def _refusal(path: Path, pickled: bytes, error: BaseException) -> KCompressError:
+    """Why the weights-only loader refused a file: the globals it needs (read statically), or the loader's
+    own reason when it needs none; a damaged pickle is called corrupt."""
     try:
-        return torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))
-    except Exception:  # noqa: BLE001 - legacy or damaged file: fall back to the error message
-        return re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        needed = unsafe_globals(pickled)
+    except ValueError:
+        return _corrupt(path, error)
+    advice = ("re-save it as a state dict or safetensors, or pass --trust-checkpoint (trust_checkpoint=True) if "
+              "you trust it")
+    if needed:
+        return KCompressError(f"{path}: refusing to unpickle it: it needs the Python globals "
+                              f"{', '.join(sorted(needed))} (e.g. a whole pickled model), and unpickling them "
+                              f"runs code from the file; {advice}")
+    return KCompressError(f"{path}: torch's weights-only loader cannot read it ({_weights_only_reason(error)}); "
+                          f"{advice}")
 
 
-def _unpickle_trusted(path: Path, data: bytes) -> Any:
+def _weights_only_reason(error: BaseException) -> str:
+    """What torch's weights-only error says it met (e.g. ``Unsupported operand 149``), on one line."""
+    text = str(error)
+    detail = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else ""
+    detail = " ".join(detail.split("Check the documentation", 1)[0].split())
+    if detail.startswith(f"Unsupported operand {pickle.FRAME[0]}"):
+        detail += " (pickle protocol 4 or later; that loader reads protocol 2, torch.save's default)"
+    return detail[:240] or _reason(error)
+
+
+def _unpickle_trusted(path: Path) -> Any:
+    """The fully unpickled file, with the working directory and the file's folder importable (a pickled
+    model's class lives in the user's module, e.g. ``mymodel.py`` beside it)."""
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        with searching(os.getcwd(), str(path.resolve().parent)):
+            return _torch_load(path, weights_only=False)
+    except ImportError as error:
+        raise KCompressError(f"{path}: could not unpickle it ({_reason(error)}): the module of a pickled class "
+                             "must be importable; run kcompress from the folder that holds it, or add that folder "
+                             "to PYTHONPATH") from None
     except Exception as error:  # noqa: BLE001 - arbitrary code ran; report whatever it raised
         raise KCompressError(f"{path}: could not unpickle it ({_reason(error)})") from None
 
@@ -142,11 +204,14 @@ def _checkpoint_from_object(path: Path, obj: Any, digest: str) -> Checkpoint:
     """A whole module (possibly under a nesting key), or the state dict found in ``obj``."""
     module = _find_nested(obj, lambda value: isinstance(value, nn.Module))
     if module is not None:
-        return Checkpoint(path, "module", dict(module.state_dict()), module, digest)
+        state = dict(module.state_dict())
+        _check_count(path, len(state))
+        return Checkpoint(path, "module", state, module, digest)
     state_dict = _find_nested(obj, _is_tensor_dict)
     if state_dict is None:
         raise KCompressError(f"{path}: no state dict found ({_describe_object(obj)}); expected a dict of "
                              f"tensors, or one under {', '.join(repr(k) for k in _NESTED_KEYS)}")
+    _check_count(path, len(state_dict))
     return Checkpoint(path, "state_dict", _strip_wrappers(dict(state_dict)), None, digest)
 
 
@@ -183,7 +248,7 @@ def _strip_wrappers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return state_dict
 
 
-def _load_torchscript(path: Path, data: bytes, digest: str, trust: bool) -> Checkpoint:
+def _load_torchscript(path: Path, digest: str, trust: bool) -> Checkpoint:
     """A TorchScript archive (only when trusted); its parameters and buffers are the state dict."""
     if not trust:
         raise KCompressError(
@@ -191,7 +256,8 @@ def _load_torchscript(path: Path, data: bytes, digest: str, trust: bool) -> Chec
             "--trust-checkpoint (trust_checkpoint=True) if you trust it, or save its state_dict() instead"
         )
     try:
-        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+        with open(path, "rb") as handle:
+            module = torch.jit.load(handle, map_location="cpu")
     except Exception as error:  # noqa: BLE001 - the TorchScript loader raises many types
         raise _corrupt(path, error) from None
     return Checkpoint(path, "torchscript", dict(module.state_dict()), module, digest)

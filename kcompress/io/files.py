@@ -21,8 +21,16 @@ from torch import Tensor
 
 from kcompress.errors import KCompressError
 
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None  # type: ignore[assignment]
+
 PathLike = Union[str, "os.PathLike[str]"]
 _MAX_HEADER = 100 * 1024 * 1024
+#: bytes read to tell a file's format
+HEAD_BYTES = 4096
+_CGROUP = Path("/sys/fs/cgroup")
 _TEMP_SUFFIX = ".kcompress-tmp"
 _SPECIAL_FILES = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
                   (stat.S_ISSOCK, "a socket"))
@@ -49,15 +57,87 @@ def check_input_file(path: PathLike) -> Path:
 
 
 def _read(path: Path) -> bytes:
-    """All bytes of a regular, non-empty file."""
+    """All bytes of a regular, non-empty file that fits in the memory this process has left."""
     check_input_file(path)
+    check_memory(path, path.stat().st_size, "the file")
     try:
         data = path.read_bytes()
+    except MemoryError:
+        raise KCompressError(f"{path}: too large to read into memory ({_size(path.stat().st_size)})") from None
     except OSError as error:
         raise KCompressError(f"{path}: cannot read it ({error.strerror or error})") from None
     if not data:
         raise KCompressError(f"{path}: the file is empty")
     return data
+
+
+def read_head(path: Path, size: int = HEAD_BYTES) -> bytes:
+    """The first ``size`` bytes of a regular, non-empty file (to tell its format before reading the rest)."""
+    check_input_file(path)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(size)
+    except OSError as error:
+        raise KCompressError(f"{path}: cannot read it ({error.strerror or error})") from None
+    if not head:
+        raise KCompressError(f"{path}: the file is empty")
+    return head
+
+
+def available_memory() -> Optional[int]:
+    """Bytes this process may still allocate, as far as the system says: the least of the address-space
+    limit (``RLIMIT_AS``) less what is mapped, the cgroup's memory limit less its usage, and the kernel's
+    ``MemAvailable``; None where none of them is known (not Linux)."""
+    bounds = []
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS) if resource is not None else (-1, -1)
+    mapped = _proc_kib("/proc/self/status", "VmSize")
+    if soft not in (-1, getattr(resource, "RLIM_INFINITY", -1)) and mapped is not None:
+        bounds.append(soft - mapped)
+    limit, usage = (_first_int(_CGROUP / name) for name in ("memory.max", "memory.current"))
+    if limit is not None and usage is not None:
+        bounds.append(limit - usage)
+    free = _proc_kib("/proc/meminfo", "MemAvailable")
+    if free is not None:
+        bounds.append(free)
+    return max(0, min(bounds)) if bounds else None
+
+
+def check_memory(path: PathLike, nbytes: int, what: str, copies: float = 1.0) -> None:
+    """A one-line :class:`KCompressError` when ``copies`` times ``nbytes`` (the size of ``what`` in ``path``,
+    as declared) exceed :func:`available_memory`, before anything of that size is allocated."""
+    free = available_memory()
+    if free is None or nbytes * copies <= free:
+        return
+    working = f", and loading, checking and converting it needs {_size(int(nbytes * copies))}" if copies != 1 else ""
+    raise KCompressError(f"{path}: {what} takes {_size(nbytes)}{working}: more than the {_size(free)} of memory "
+                         "available")
+
+
+def _size(nbytes: int) -> str:
+    """``"1.5 GB"``, ``"12.0 MB"``, ``"300 bytes"``."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def _proc_kib(path: str, key: str) -> Optional[int]:
+    """``key``'s value in bytes from a ``/proc`` file that lists ``key: N kB`` (None where there is none)."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    found = re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE)
+    return int(found.group(1)) * 1024 if found else None
+
+
+def _first_int(path: Path) -> Optional[int]:
+    """The integer a one-value file holds (None: missing, unreadable, or ``max``)."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def _reason(error: BaseException) -> str:
@@ -69,6 +149,18 @@ def _reason(error: BaseException) -> str:
 
 def _corrupt(path: Path, error: BaseException) -> KCompressError:
     return KCompressError(f"{path}: truncated or corrupt checkpoint ({_reason(error)})")
+
+
+def safetensors_header_of(path: Path) -> Optional[dict[str, Any]]:
+    """The JSON header of the safetensors file at ``path`` (only the header is read), or None when the file
+    does not start like one."""
+    head = read_head(path, 8)
+    if len(head) < 8:
+        return None
+    (size,) = struct.unpack("<Q", head)
+    if not 2 <= size <= min(path.stat().st_size - 8, _MAX_HEADER):
+        return None
+    return _safetensors_header(read_head(path, 8 + size))
 
 
 def _safetensors_header(data: bytes) -> Optional[dict[str, Any]]:
@@ -113,6 +205,7 @@ def check_output_path(path: PathLike, *, overwrite: bool = False, source: Option
         raise KCompressError(f"{target} is the input file; choose another output path")
     if target.is_dir():
         raise KCompressError(f"{target} is a directory; give a file path")
+    _refuse_special(target)
     if (target.exists() or target.is_symlink()) and not overwrite:
         raise KCompressError(f"{target} exists; pass --overwrite (overwrite=True) to replace it, "
                              "or choose another path")
@@ -125,6 +218,19 @@ def check_output_path(path: PathLike, *, overwrite: bool = False, source: Option
     if not os.access(folder, os.W_OK | os.X_OK):
         raise KCompressError(f"cannot write {target}: directory {folder} is not writable")
     return target
+
+
+def _refuse_special(target: Path) -> None:
+    """A :class:`KCompressError` when ``target`` exists (behind any symlink) and is not a regular file: a FIFO,
+    device or socket is never replaced, whatever ``overwrite`` says."""
+    try:
+        mode = target.stat().st_mode
+    except OSError:  # missing, or a dangling symlink
+        return
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _SPECIAL_FILES if test(mode)), "a special file")
+        raise KCompressError(f"{target} is {kind}, not a regular file; kcompress writes only regular files, "
+                             "choose another path")
 
 
 def check_output_paths(paths: Mapping[str, Optional[PathLike]], *, overwrite: bool = False,
@@ -173,6 +279,7 @@ def atomic_write(path: Path, data: bytes, overwrite: bool) -> None:
     fsync of the directory); the temporary file is removed on any failure (and on SIGINT/SIGTERM under the
     CLI), and temporary files for ``path`` left by a killed process are removed first. Without ``overwrite``
     the rename is a hard link, which fails instead of replacing a file that appeared meanwhile."""
+    _refuse_special(path)
     _remove_stale_temporaries(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{_TEMP_SUFFIX}")
     try:

@@ -5,9 +5,9 @@ Torch's RNN names (``weight_ih_l{k}[_reverse]``, ``weight_hh_l{k}...``, ``bias_.
 GRUCell; ``X.weight`` (2-D, floating) with an optional ``X.bias`` gives Linear. A layer is recognised only
 when its module holds exactly the tensors torch's layer has (so a projected LSTM, or a module with extra
 tensors, stays plain tensors), and never for a path segment starting with ``emb``/``_emb`` (embeddings),
-1-D or 3-D+ weights (norms, convs) or vanilla RNNs (``H`` rows: not compressible). Once a layer is
-recognised, every missing tensor, wrong shape (``weight_hh`` not ``(G·H, H)``, a bias of the wrong length,
-layer ``l``'s input not matching layer ``l-1``'s output) and NaN/Inf value is a one-line
+1-D, 3-D+ or empty weights (norms, convs) or vanilla RNNs (``H`` rows: not compressible). Once a layer is
+recognised, every missing tensor, wrong shape (``weight_hh`` not ``(G·H, H)``, an empty matrix, a bias of
+the wrong length, layer ``l``'s input not matching layer ``l-1``'s output) and NaN/Inf value is a one-line
 :class:`KCompressError` naming the tensor.
 """
 
@@ -106,6 +106,9 @@ def _matrix(prefix: str, leaves: Mapping[str, Tensor], name: str) -> Tensor:
         raise KCompressError(f"{_join(prefix, name)} is missing (found {', '.join(sorted(leaves))})")
     if tensor.dim() != 2:
         raise KCompressError(f"{_join(prefix, name)} has shape {tuple(tensor.shape)}; expected a matrix")
+    if 0 in tensor.shape:
+        raise KCompressError(f"{_join(prefix, name)} has shape {tuple(tensor.shape)}; a recurrent layer's matrix "
+                             "cannot be empty (input and hidden sizes must be at least 1)")
     return tensor
 
 
@@ -155,9 +158,10 @@ def _cell_spec(prefix: str, leaves: Mapping[str, Tensor]) -> Optional[LayerSpec]
 
 
 def _linear_spec(prefix: str, leaves: Mapping[str, Tensor]) -> Optional[LayerSpec]:
-    """A Linear: a 2-D floating ``weight`` and optionally a 1-D ``bias``, outside embedding-named paths."""
+    """A Linear: a 2-D floating non-empty ``weight`` and optionally a 1-D ``bias``, outside embedding-named
+    paths."""
     weight, bias = leaves.get("weight"), leaves.get("bias")
-    if (weight is None or not set(leaves) <= {"weight", "bias"} or weight.dim() != 2
+    if (weight is None or not set(leaves) <= {"weight", "bias"} or weight.dim() != 2 or 0 in weight.shape
             or not weight.is_floating_point() or (bias is not None and bias.dim() != 1)
             or _EMBEDDING.search(prefix)):
         return None

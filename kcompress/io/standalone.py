@@ -4,15 +4,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from kcompress.errors import KCompressError
-from kcompress.io.models import SequenceClassifier
-from kcompress.nn import COMPRESSED_TYPES
 from kcompress.io.files import _reason
+from kcompress.io.models import SequenceClassifier
 from kcompress.io.recognize import INTEGER_HINT, LayerSpec, _check_finite, find_layers
+from kcompress.nn import COMPRESSED_TYPES
 
 if TYPE_CHECKING:
     from kcompress.io.checkpoint import Checkpoint
@@ -50,8 +51,10 @@ def model_from_checkpoint(checkpoint: Checkpoint) -> nn.Module:
     """The model to compress: the module itself (kinds ``module`` and ``artifact``), else built from the
     state dict by :func:`model_from_state_dict` (a TorchScript archive through its state dict)."""
     if checkpoint.kind == "artifact":
+        assert checkpoint.module is not None  # set for kinds artifact and module
         return checkpoint.module
     if checkpoint.kind == "module":
+        assert checkpoint.module is not None  # set for kinds artifact and module
         _check_module_finite(checkpoint.module, checkpoint.path)
         return checkpoint.module
     return model_from_state_dict(checkpoint.state_dict, str(checkpoint.path))
@@ -87,8 +90,8 @@ def _classifier(specs: Sequence[LayerSpec], state_dict: Mapping[str, Tensor]) ->
 
 
 def _standalone(specs: Sequence[LayerSpec], state_dict: Mapping[str, Tensor]) -> StandaloneModel:
-    layer_keys = {key for key in state_dict if key.rpartition(".")[0] in {s.name for s in specs}}
-    return StandaloneModel(specs, {k: v for k, v in state_dict.items() if k not in layer_keys})
+    layers = {spec.name for spec in specs}
+    return StandaloneModel(specs, {k: v for k, v in state_dict.items() if k.rpartition(".")[0] not in layers})
 
 
 def _check_module_finite(model: nn.Module, path: Path) -> None:
@@ -103,11 +106,36 @@ def _check_module_finite(model: nn.Module, path: Path) -> None:
 
 def _load_exact(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
     """Load ``tensors`` (strict) after giving each parameter/buffer the dtype it has in ``tensors``, so the
-    model holds exactly those values."""
-    for name, value in model.state_dict(keep_vars=True).items():
+    model holds exactly those values. Without load hooks in the model, each value is copied in place
+    directly: torch's ``load_state_dict`` takes time quadratic in the number of a module's children."""
+    state = model.state_dict(keep_vars=True)
+    for name, value in state.items():
         if name in tensors and value.dtype != tensors[name].dtype:
             value.data = value.data.to(tensors[name].dtype)
-    model.load_state_dict(dict(tensors), strict=True)
+    if any(_loads_specially(module) for module in model.modules()):
+        model.load_state_dict(dict(tensors), strict=True)
+        return
+    problems = [f"missing {k}" for k in state if k not in tensors]
+    problems += [f"unexpected {k}" for k in tensors if k not in state]
+    problems += [f"{k} is {tuple(tensors[k].shape)}, the model's {tuple(v.shape)}" for k, v in state.items()
+                 if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)]
+    if problems:
+        raise KCompressError(f"the tensors do not fit the model: {_few(problems)}")
+    with torch.no_grad():
+        for name, value in state.items():
+            value.copy_(tensors[name])
+
+
+def _loads_specially(module: nn.Module) -> bool:
+    """Whether ``module`` changes how ``load_state_dict`` loads it (its own ``_load_from_state_dict``, hooks)."""
+    custom = type(module)._load_from_state_dict is not nn.Module._load_from_state_dict
+    return custom or bool(module._load_state_dict_pre_hooks) or bool(module._load_state_dict_post_hooks)
+
+
+def _few(names: Sequence[str]) -> str:
+    """At most three names, then how many more."""
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return ", ".join(names[:3]) + more
 
 
 def _module_at(root: nn.Module, path: str) -> Optional[nn.Module]:

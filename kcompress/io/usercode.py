@@ -42,7 +42,7 @@ def import_module(name: str, what: str) -> ModuleType:
         return _from_file(pathlib.Path(name), what)
     folder = os.getcwd()
     try:
-        with _searching(folder):
+        with searching(folder):
             return importlib.import_module(name)
     except ImportError as error:
         raise KCompressError(f"cannot import {what} module {name!r} ({error}); searched {folder} first, "
@@ -60,7 +60,7 @@ def _from_file(path: pathlib.Path, what: str) -> ModuleType:
         raise KCompressError(f"{what} file {path} cannot be imported as Python code")
     module = importlib.util.module_from_spec(spec)
     try:
-        with _searching(str(path.resolve().parent)):
+        with searching(str(path.resolve().parent)):
             spec.loader.exec_module(module)
     except Exception as error:  # noqa: BLE001 - the user's file: one line (traceback with --debug)
         raise KCompressError(f"{what} file {path} raised {type(error).__name__} on import: {error}") from error
@@ -68,14 +68,14 @@ def _from_file(path: pathlib.Path, what: str) -> ModuleType:
 
 
 @contextlib.contextmanager
-def _searching(folder: str) -> Iterator[None]:
-    """``folder`` first on ``sys.path`` inside the block; ``sys.path`` as it was after it."""
+def searching(*folders: str) -> Iterator[None]:
+    """``folders`` first on ``sys.path`` (in that order) inside the block; ``sys.path`` as it was after it."""
     saved = list(sys.path)
-    sys.path.insert(0, folder)
+    sys.path[:0] = list(folders)
     try:
         yield
     finally:
         sys.path[:] = saved
 
 
-__all__ = ["import_module", "import_reference", "split_reference"]
+__all__ = ["import_module", "import_reference", "searching", "split_reference"]

@@ -10,7 +10,8 @@ tensors first, so a refusal costs milliseconds whatever is declared:
 - :func:`check_architecture`: the same bounds for the model the artifact rebuilds without a user's model;
 - :func:`fit_to_model`: a layer's kwargs against the user's model: only what the weights determine (sizes,
   layers, directions, bias) must agree; ``batch_first`` and ``dropout`` are taken from the user's layer;
-- :func:`check_values`: each compressed layer's tensors are floating point, of one dtype, and finite.
+- :func:`check_values`: each compressed layer's tensors are floating point and of one dtype, and every
+  floating point tensor of the file is finite.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from torch import Tensor, nn
 
 from kcompress import formats
 from kcompress.errors import KCompressError
-from kcompress.nn import COMPRESSED_TYPES
 from kcompress.io.recognize import _check_finite, _join
-from kcompress.io.standalone import _module_at
+from kcompress.io.standalone import _few, _module_at
+from kcompress.nn import COMPRESSED_TYPES
 
 #: layer kwargs that no weight determines: a state dict cannot know them, the user's model says them
 INTERFACE_KEYS = ("batch_first", "dropout")
@@ -119,7 +120,7 @@ def fit_to_model(model: nn.Module, name: str, entry: Mapping[str, Any], whose: s
         raise KCompressError(f"{owner} has {found} at {where}; the artifact has a compressed "
                              f"{cls.dense_type.__name__} there")
     stored = entry["layer"]["kwargs"]
-    given = cls.dense_config(current) if isinstance(current, cls.dense_type) else current.layer_config()["kwargs"]
+    given = cls.dense_config(current) if isinstance(current, cls.dense_type) else current.layer_config()["kwargs"]  # type: ignore[operator]  # nn.Module attrs typed Tensor | Module
     differ = [key for key in stored if key not in INTERFACE_KEYS and given.get(key) != stored[key]]
     if differ:
         mine = ", ".join(f"{key}={given.get(key)!r}" for key in differ)
@@ -130,18 +131,20 @@ def fit_to_model(model: nn.Module, name: str, entry: Mapping[str, Any], whose: s
 
 
 def check_values(layers: Mapping[str, nn.Module], tensors: Mapping[str, Tensor]) -> None:
-    """Each compressed layer's tensors in the file: floating point, all of one dtype, finite."""
+    """Each compressed layer's tensors in the file: floating point, all of one dtype; and every floating
+    point tensor of the file (the untouched ones too, e.g. a classifier head's): finite."""
     for name, layer in layers.items():
         values = {key: tensors[_join(name, key)] for key in layer.state_dict()}
         dtypes = {key: value.dtype for key, value in values.items()}
         first = next(iter(dtypes), None)
         for key, dtype in dtypes.items():
+            assert first is not None  # dtypes is not empty here
             if not dtype.is_floating_point:
                 raise KCompressError(f"{_join(name, key)} is {dtype}; a compressed layer holds floating point")
             if dtype != dtypes[first]:
                 raise KCompressError(f"{_join(name, key)} is {dtype}, {_join(name, first)} is {dtypes[first]}; "
                                      "one layer's tensors share one dtype")
-        _check_finite(name, values)
+    _check_finite("", tensors)
 
 
 def _matrix_shape(module: nn.Module) -> tuple[int, int]:
@@ -149,16 +152,10 @@ def _matrix_shape(module: nn.Module) -> tuple[int, int]:
     tensorization = getattr(module, "tensorization", None)
     if tensorization is not None:
         return tensorization.out_features, tensorization.in_features
-    return module.out_features, module.in_features
+    return module.out_features, module.in_features  # type: ignore[return-value]  # nn.Module attrs typed Tensor | Module
 
 
 def _expect(value: Any, kind: type, where: str) -> None:
     if not isinstance(value, kind):
         expected = "JSON object" if kind is dict else kind.__name__
         raise KCompressError(f"{where} is {type(value).__name__}; expected a {expected}")
-
-
-def _few(names: list[str]) -> str:
-    """At most three names, then how many more."""
-    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-    return ", ".join(names[:3]) + more

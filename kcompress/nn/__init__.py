@@ -1,5 +1,6 @@
-"""Drop-in compressed layers: ``CompressedLinear``, ``CompressedLSTM``, ``CompressedGRU``,
-``CompressedLSTMCell`` and ``CompressedGRUCell`` (same attributes and forward signatures as torch's).
+"""Drop-in compressed layers: ``CompressedLinear``, ``CompressedEmbedding``, ``CompressedLSTM``,
+``CompressedGRU``, ``CompressedLSTMCell`` and ``CompressedGRUCell`` (same attributes and forward signatures as
+torch's).
 
 Each holds its matrices in ``self.matrices`` (keyed by torch's parameter names) and torch's biases as
 parameters. ``Cls.from_dense(dense, build)`` builds one from the dense module; :func:`rebuild` recreates
@@ -18,8 +19,9 @@ from kcompress import formats
 from kcompress.errors import KCompressError
 from kcompress.nn.base import CompressedLayer, MatrixBuilder
 from kcompress.nn.cells import CompressedGRUCell, CompressedLSTMCell
-from kcompress.nn.linear import CompressedLinear
+from kcompress.nn.embedding import CompressedEmbedding
 from kcompress.nn.execution import FACTORIZED, MATERIALIZED, MODES
+from kcompress.nn.linear import CompressedLinear
 from kcompress.nn.plan import auto_plan, closed_form, executed, execution_of, replan, set_execution, trained
 from kcompress.nn.recurrent import CompressedGRU, CompressedLSTM
 
@@ -30,6 +32,7 @@ COMPRESSED_TYPES: dict[type[nn.Module], type[CompressedLayer]] = {
     nn.LSTMCell: CompressedLSTMCell,
     nn.GRUCell: CompressedGRUCell,
     nn.Linear: CompressedLinear,
+    nn.Embedding: CompressedEmbedding,
 }
 
 
@@ -65,6 +68,7 @@ def rebuild(layer_config: Mapping[str, Any], matrix_configs: Mapping[str, Mappin
 
 __all__ = [
     "COMPRESSED_TYPES",
+    "CompressedEmbedding",
     "CompressedGRU",
     "CompressedGRUCell",
     "CompressedLSTM",

@@ -13,7 +13,7 @@ LSTM folds both biases into ``input_bias`` (one add per sequence instead of one 
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Mapping, Optional, Union
+from typing import Any, Callable, ClassVar, Mapping, Optional, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -58,10 +58,10 @@ class CellMath:
         return self.gate(gi, gh, state)
 
     def to_public(self, state: State) -> PublicState:
-        return state if self.state_count > 1 else state[0]
+        return cast(PublicState, state) if self.state_count > 1 else state[0]  # (h, c) when two
 
     def from_public(self, hx: PublicState) -> State:
-        return tuple(hx) if self.state_count > 1 else (hx,)
+        return tuple(hx) if self.state_count > 1 else (cast(Tensor, hx),)  # a single tensor when one
 
 
 class LSTMMath(CellMath):

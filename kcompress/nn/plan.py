@@ -1,7 +1,8 @@
 """Choosing each compressed matrix's execution path: :func:`set_execution` and the ``"auto"`` planner.
 
 ``"auto"`` decides per matrix (Linear, cells) or per layer of an LSTM/GRU (a factorized ``W_hh`` forces the
-per-step Python loop for its whole layer, so the matrices of a layer are decided together):
+per-step Python loop for its whole layer, so the matrices of a layer are decided together); an embedding's
+table is materialized (a cached table) unless its factorized lookups measure faster (step 2 only):
 
 1. Closed form where the answer is clear: a factorized product needing at least the dense product's MACs
    is materialized; one needing at most :data:`CLEAR_FRACTION` of them on a matrix of at least
@@ -21,16 +22,17 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import itertools
-from typing import Callable, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from kcompress.errors import KCompressError
-from kcompress.nn.speed import CHECK_BATCH, paired, time_interleaved
 from kcompress.nn.base import CompressedLayer
+from kcompress.nn.embedding import CompressedEmbedding
 from kcompress.nn.execution import FACTORIZED, MATERIALIZED, MODES, check_mode, is_dense
 from kcompress.nn.recurrent import CompressedRNN
+from kcompress.nn.speed import CHECK_BATCH, paired, time_interleaved
 
 #: ``"auto"``, one mode for every matrix, or ``{glob over "layer.matrix" names: mode}`` (later globs win)
 Plan = Union[str, Mapping[str, str]]
@@ -162,6 +164,8 @@ def _set_by_globs(layers: Mapping[str, CompressedLayer], plan: Mapping[str, str]
 # ---------------------------------------------------------------------- the auto planner
 def auto_plan(layer: CompressedLayer, measure: bool = True) -> dict[str, str]:
     """``{matrix: path}`` for one layer (see the module docs)."""
+    if isinstance(layer, CompressedEmbedding):
+        return {"weight": _auto_lookup(layer, measure)}
     if isinstance(layer, CompressedRNN):
         plan: dict[str, str] = {}
         for index in range(layer.num_layers):
@@ -175,7 +179,7 @@ def closed_form(matrix: nn.Module) -> Optional[str]:
     if is_dense(matrix):
         return MATERIALIZED
     dense = _dense_macs(matrix)
-    factorized = int(matrix.macs_per_vector())
+    factorized = int(matrix.macs_per_vector())  # type: ignore[operator]  # nn.Module attrs typed Tensor | Module
     if factorized >= dense:
         return MATERIALIZED
     if factorized <= CLEAR_FRACTION * dense and dense >= CLEAR_MACS:
@@ -185,13 +189,15 @@ def closed_form(matrix: nn.Module) -> Optional[str]:
 
 def _dense_macs(matrix: nn.Module) -> int:
     """``M·N`` of the matrix (``Stack`` and ``Factorization`` alike)."""
+    module: Any = matrix  # Any: nn.Module attributes are typed Tensor | Module
     if hasattr(matrix, "tensorization"):
-        return matrix.tensorization.out_features * matrix.tensorization.in_features
-    return int(matrix.out_features * matrix.in_features)
+        return module.tensorization.out_features * module.tensorization.in_features
+    return int(module.out_features * module.in_features)
 
 
 def _in_features(matrix: nn.Module) -> int:
-    return int(matrix.tensorization.in_features if hasattr(matrix, "tensorization") else matrix.in_features)
+    module: Any = matrix  # Any: nn.Module attributes are typed Tensor | Module
+    return int(module.tensorization.in_features if hasattr(matrix, "tensorization") else module.in_features)
 
 
 def _auto_matrix(layer: CompressedLayer, name: str, measure: bool) -> str:
@@ -204,6 +210,19 @@ def _auto_matrix(layer: CompressedLayer, name: str, measure: bool) -> str:
     inputs = [_random(matrix, batch, _in_features(matrix)) for batch in MEASURE_BATCHES]
     runs = [lambda x=x: layer.product(name, x) for x in inputs]
     return _fastest(layer, _candidates({name: None}), runs)[name]
+
+
+def _auto_lookup(layer: CompressedEmbedding, measure: bool) -> str:
+    """An embedding's table: a lookup gathers ``D`` numbers per row from the cached table, or computes them
+    from the factors, so no MAC count makes the factorized path clear; it is chosen only when its lookups of
+    :data:`MEASURE_STEPS` tokens at each of :data:`MEASURE_BATCHES` sequences measure faster."""
+    if is_dense(layer.matrices["weight"]) or not measure:
+        return MATERIALIZED
+    generator = torch.Generator().manual_seed(0)
+    device = next(layer.parameters()).device
+    runs = [lambda index=torch.randint(layer.num_embeddings, (batch, MEASURE_STEPS), generator=generator).to(device):
+            layer(index) for batch in MEASURE_BATCHES]
+    return _fastest(layer, _candidates({"weight": None}), runs)["weight"]
 
 
 def _auto_rnn_layer(layer: CompressedRNN, index: int, measure: bool) -> dict[str, str]:
@@ -241,7 +260,7 @@ def _candidates(clear: Mapping[str, Optional[str]]) -> list[dict[str, str]]:
 
 
 def _fastest(
-    layer: CompressedLayer, candidates: list[dict[str, str]], runs: list[Callable[[], object]]
+    layer: CompressedLayer, candidates: list[dict[str, str]], runs: Sequence[Callable[[], object]]
 ) -> dict[str, str]:
     """The candidate plan that is fastest at every one of ``runs`` (one per batch size): the first (most
     materialized) candidate wins unless another takes at most :data:`MARGIN` of its time in every run, in

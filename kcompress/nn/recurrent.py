@@ -57,7 +57,8 @@ def _directions(num_layers: int, bidirectional: bool) -> list[list[_Direction]]:
     kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
     suffixes = ("", "_reverse") if bidirectional else ("",)
     return [
-        [_Direction(*(f"{kind}_l{layer}{suffix}" for kind in kinds), bool(suffix)) for suffix in suffixes]
+        [_Direction(*(f"{kind}_l{layer}{suffix}" for kind in kinds), bool(suffix))  # type: ignore[call-arg, arg-type]  # mypy cannot count a generator's items
+         for suffix in suffixes]
         for layer in range(num_layers)
     ]
 
@@ -120,8 +121,9 @@ class CompressedRNN(CompressedLayer):
     """Shared machinery of :class:`CompressedLSTM` and :class:`CompressedGRU` (they differ in ``cell``)."""
 
     cell: ClassVar[CellMath]
-    attributes = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
-    config_keys = attributes
+    attributes: ClassVar[tuple[str, ...]] = (
+        "input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
+    config_keys: ClassVar[tuple[str, ...]] = attributes
 
     input_size: int
     hidden_size: int
@@ -350,7 +352,7 @@ class CompressedLSTM(CompressedRNN):
 
     @classmethod
     def dense_config(cls, dense: nn.Module) -> dict[str, Any]:
-        if dense.proj_size > 0:
+        if dense.proj_size > 0:  # type: ignore[operator]  # nn.Module attrs typed Tensor | Module
             raise KCompressError(
                 f"LSTM with proj_size={dense.proj_size} is not supported; only proj_size=0 can be compressed"
             )

@@ -14,13 +14,15 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Hashable, Mapping, TypeVar
 
 import torch
 from torch import nn
 
 #: the batch (rows of x) used by :func:`measured_speedup`
 CHECK_BATCH = 16
+
+_Key = TypeVar("_Key", bound=Hashable)
 
 
 @dataclass(frozen=True)
@@ -43,13 +45,13 @@ class Speed:
 
 
 def time_interleaved(
-    candidates: Mapping[str, Callable[[], object]], budget: float = 0.05, min_runs: int = 5, max_runs: int = 200
-) -> dict[str, Timing]:
+    candidates: Mapping[_Key, Callable[[], object]], budget: float = 0.05, min_runs: int = 5, max_runs: int = 200
+) -> dict[_Key, Timing]:
     """Each candidate timed in turn (one warm-up call each, then rounds) until every one has ``min_runs``
     samples and ``budget`` seconds have passed, or ``max_runs`` rounds."""
     for fn in candidates.values():
         fn()
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    samples: dict[_Key, list[float]] = {name: [] for name in candidates}
     start = time.perf_counter()
     rounds = 0
     while rounds < max_runs and (rounds < min_runs or time.perf_counter() - start < budget):
@@ -88,9 +90,9 @@ def measured_speedup(
     ``W`` is the matrix's own reconstruction, so both sides compute the same product.
     """
     with torch.no_grad():
-        weight = matrix.reconstruct().detach().contiguous()
+        weight = matrix.reconstruct().detach().contiguous()  # type: ignore[operator]  # nn.Module attrs typed Tensor | Module
         x = torch.randn(batch, weight.shape[1], dtype=weight.dtype, device=weight.device)
         cached = weight.clone()
-        path = (lambda: x @ cached.T) if materialized else (lambda: matrix.multiply(x))
+        path = (lambda: x @ cached.T) if materialized else (lambda: matrix.multiply(x))  # type: ignore[operator]  # nn.Module attrs typed Tensor | Module
         times = time_interleaved({"dense": lambda: x @ weight.T, "path": path}, budget=budget)
     return paired(times["dense"], times["path"])

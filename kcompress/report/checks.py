@@ -4,6 +4,8 @@ its matrix, compressed matrices that hold more values than the dense ones, and r
 
 from __future__ import annotations
 
+from typing import cast
+
 from kcompress.report.record import Report
 
 #: a fit whose relative error is at least this explains almost nothing of its matrix
@@ -15,7 +17,7 @@ def result_warnings(report: Report) -> list[str]:
     messages = []
     compressed = [row for row in report.matrices if row.compressed]
     for row in compressed:
-        if row.relative_error >= UNEXPLAINED_ERROR:
+        if cast(float, row.relative_error) >= UNEXPLAINED_ERROR:  # a finished compression's rows carry a float
             messages.append(f"{row.name}: the fit explains almost nothing (relative error {row.relative_error:.3f}); "
                             f"use a larger rank or another format")
     grown = [row.name for row in compressed if row.params_after > row.params_before]

@@ -5,6 +5,8 @@ Counts are per matrix of every compressed layer, including matrices kept dense (
 ``rank_used is None``, e.g. hidden-to-hidden matrices with ``targets="ih"``), so the layer totals are
 honest. Biases are left out of the per-matrix counts (they are never compressed) but are part of
 ``model_params_before/after``, which count every ``nn.Parameter`` of the model (buffers excluded).
+``model_bytes_before/after`` count bytes: the dense model's state-dict tensors, and the tensors its artifact
+stores (integers and scales where ``quantize`` is set), headers excluded.
 """
 
 from __future__ import annotations
@@ -12,14 +14,22 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, cast
 
 from rich.table import Table
 
-from kcompress.report.allocation_table import markdown as allocation_markdown
-from kcompress.report.text import ReportRank, calibration_lines, escape, keep_numbers_whole, metrics_line, row_cells, times
 from kcompress.errors import KCompressError
 from kcompress.formats import get_format
+from kcompress.report.allocation_table import markdown as allocation_markdown
+from kcompress.report.text import (
+    ReportRank,
+    calibration_lines,
+    escape,
+    keep_numbers_whole,
+    metrics_line,
+    row_cells,
+    times,
+)
 
 SCHEMA_VERSION = 1
 
@@ -126,20 +136,27 @@ class Report:
     #: with calibration data: samples, holdout_samples, options, statistics_seconds, the whole model's
     #: agreement with dense on the held-out calibration inputs (``agreement_after_fit``) and ``distill``
     calibration: dict[str, Any] = field(default_factory=dict)
+    #: ``"int8"``/``"int4"``: the artifact stores the factors and untouched tensors as integers (None: as they are)
+    quantize: Optional[str] = None
+    #: tensor bytes of the dense model's state dict, and of the tensors the artifact stores
+    model_bytes_before: int = 0
+    model_bytes_after: int = 0
 
     # ------------------------------------------------------------------ totals
     def __repr__(self) -> str:
         """One line: format, matrices, ratios, worst fit error, metric and status (``rich_table()``,
         ``to_markdown()`` and ``to_dict()`` give everything)."""
-        errors = [m.relative_error for m in self.matrices if m.compressed]
+        # cast: compressed rows of a report made here carry a float error (None only in some JSON read-backs)
+        errors = cast("list[float]", [m.relative_error for m in self.matrices if m.compressed])
         worst = f", max relative error {max(errors):.3g}" if errors else ""
         metric = ""
         if self.metrics:
             values = [self.metrics.get(key) for key in ("baseline", "compressed", "finetuned")]
             shown = " -> ".join(f"{value:.4g}" for value in values if isinstance(value, (int, float)))
             metric = f", {self.metrics.get('name')} {shown}"
+        size = f", bytes {self.model_bytes_ratio:.2f}x" if self.model_bytes_after else ""
         return (f"Report(format={self.format!r}, {len(self.matrices)} matrices, ratio {self.compression_ratio:.2f}x "
-                f"(model {self.model_compression_ratio:.2f}x){worst}{metric}, {len(self.warnings)} warnings, "
+                f"(model {self.model_compression_ratio:.2f}x{size}){worst}{metric}, {len(self.warnings)} warnings, "
                 f"status={self.status!r})")
 
     @property
@@ -162,6 +179,11 @@ class Report:
         return _ratio(self.model_params_before, self.model_params_after)
 
     @property
+    def model_bytes_ratio(self) -> float:
+        """Dense tensor bytes over the artifact's: the size a user compares."""
+        return _ratio(self.model_bytes_before, self.model_bytes_after)
+
+    @property
     def predicted_speedup(self) -> float:
         """Dense over compressed matrix-vector MACs of the compressed layers (a prediction, not a timing)."""
         return _ratio(sum(m.macs_before for m in self.matrices), sum(m.macs_after for m in self.matrices))
@@ -173,6 +195,7 @@ class Report:
             "compressed_params_after": self.compressed_params_after,
             "compression_ratio": self.compression_ratio,
             "model_compression_ratio": self.model_compression_ratio,
+            "model_bytes_ratio": self.model_bytes_ratio,
             "predicted_speedup": self.predicted_speedup,
         }
 
@@ -230,13 +253,28 @@ class Report:
         return ["total", "", "", "", "", "", f"{before:,}→{after:,}", times(self.compression_ratio),
                 times(self.predicted_speedup), "", "", f"{seconds:.2f} s"]
 
+    def _speed_summary(self) -> str:
+        """The predicted MACs speed-up and what actually runs: it holds only for matrices run factorized."""
+        predicted = f"predicted MACs speed-up {times(self.predicted_speedup)}"
+        materialized = sum(m.execution == "materialized" for m in self.matrices)
+        if not materialized:
+            return predicted
+        if materialized == len(self.matrices):
+            return (f"MACs {times(self.predicted_speedup)} fewer if run factorized, but every matrix runs "
+                    "materialized ('= dense': dense speed)")
+        return (f"{predicted} for the {len(self.matrices) - materialized} matrices run factorized; the other "
+                f"{materialized} run materialized ('= dense')")
+
     def _caption_lines(self) -> list[str]:
         lines = [
             f"compressed layers: {self.compressed_params_before:,}→{self.compressed_params_after:,} params "
             f"({times(self.compression_ratio)}); whole model: {self.model_params_before:,}→"
-            f"{self.model_params_after:,} params ({times(self.model_compression_ratio)}); "
-            f"predicted MACs speed-up {times(self.predicted_speedup)}"
+            f"{self.model_params_after:,} params ({times(self.model_compression_ratio)}); {self._speed_summary()}"
         ]
+        if self.model_bytes_after:
+            stored = f", {self.quantize} storage" if self.quantize else ""
+            lines.append(f"whole model in bytes: {self.model_bytes_before:,}→{self.model_bytes_after:,} tensor bytes "
+                         f"({times(self.model_bytes_ratio)}{stored})")
         if any(m.execution for m in self.matrices):
             lines.append("speed: dense/compressed time of the matrix product at batch 16, measured (median of "
                          "interleaved runs ± interquartile spread) for factorized matrices; '= dense': materialized "
@@ -316,7 +354,8 @@ SKIPPED_SCHEMA: dict[str, Any] = {
     "properties": {"name": {"type": "string"}, "layer_type": {"type": "string"}, "reason": {"type": "string"}},
 }
 #: Report fields that reports written before they existed lack
-OPTIONAL_REPORT_FIELDS = ("allocation", "search", "calibration")
+OPTIONAL_REPORT_FIELDS = ("allocation", "search", "calibration", "quantize", "model_bytes_before",
+                          "model_bytes_after")
 #: JSON-schema subset (type, required, properties, items, const) describing :meth:`Report.to_dict`
 REPORT_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -337,6 +376,9 @@ REPORT_SCHEMA: dict[str, Any] = {
         "allocation": {"type": "object"},
         "search": {"type": "object"},
         "calibration": {"type": "object"},
+        "quantize": {"type": ["string", "null"]},
+        "model_bytes_before": {"type": "integer"},
+        "model_bytes_after": {"type": "integer"},
         "summary": {"type": "object"},
     },
 }

@@ -3,7 +3,7 @@ its JSON are :mod:`kcompress.report.record`; these only turn them into strings f
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union, cast
 
 from rich.table import Table
 
@@ -73,7 +73,8 @@ def calibration_lines(calibration: Mapping[str, Any], matrices: Sequence[MatrixR
     ``rel. error`` is the weight error, which may exceed 1) and the whole model's agreement with dense."""
     errors = ", ".join(f"{m.name} {m.output_error_before:.3g}→{m.output_error_after:.3g}" for m in matrices
                        if m.output_error_before is not None and m.output_error_after is not None)
-    chosen = {"ridge": calibration.get("ridge"), "gate-row weights": {True: "on", False: "off"}.get(
+    labels = cast("dict[Any, str]", {True: "on", False: "off"})  # looked up with any stored value
+    chosen = {"ridge": calibration.get("ridge"), "gate-row weights": labels.get(
         calibration.get("gate_weights"))}
     settings = ", ".join(f"{label} {value}" for label, value in chosen.items() if value is not None)
     weighted = " (rows weighted by gate)" if calibration.get("gate_weights") else ""

@@ -29,11 +29,8 @@ from torch import nn
 
 from kcompress.allocation.auto import Prepared
 from kcompress.config import CompressConfig, FinetuneOptions
-from kcompress.runs.convert import compress_model
-from kcompress.fitting.planning import NOTHING_MATCHED
 from kcompress.errors import KCompressError, KCompressWarning
-from kcompress.tuning.evaluate import Budget, EvalSpec, Evaluation, load_evaluation, metrics_record
-from kcompress.tuning.finetune import FinetuneResult, finetune
+from kcompress.fitting.planning import NOTHING_MATCHED
 from kcompress.io import (
     Checkpoint,
     PathLike,
@@ -44,9 +41,13 @@ from kcompress.io import (
     model_from_checkpoint,
     save_artifact,
 )
+from kcompress.io.usercode import import_reference, searching
 from kcompress.progress import ProgressCallback, ProgressEvent
 from kcompress.report.record import Report
-from kcompress.io.usercode import import_reference
+from kcompress.runs.convert import compress_model
+from kcompress.tuning.evaluate import Budget, EvalSpec, Evaluation, load_evaluation, metrics_record
+from kcompress.tuning.finetune import FinetuneResult, finetune
+
 
 @dataclass
 class CompressionRun:
@@ -171,9 +172,12 @@ def load_input(
     progress: Optional[ProgressCallback] = None,
 ) -> CompressionRun:
     """Load: the model in a checkpoint or artifact (see :mod:`kcompress.io`), or the user's
-    ``model_class`` built and given the checkpoint's weights, and its source record."""
+    ``model_class`` built and given the checkpoint's weights, and its source record. A trusted pickled
+    model's class may live in the ``model_class`` file: its folder is importable while the file loads."""
     _step(progress, "load", f"loading {path}")
-    checkpoint = load_checkpoint(path, trust_checkpoint=trust_checkpoint)
+    module = (model_class or "").rpartition(":")[0]
+    with searching(*([str(Path(module).resolve().parent)] if module.endswith(".py") else [])):
+        checkpoint = load_checkpoint(path, trust_checkpoint=trust_checkpoint)
     source = {"path": str(path), "kind": checkpoint.kind, "sha256": checkpoint.sha256}
     model = model_from_checkpoint(checkpoint) if model_class is None else build_user_model(model_class, checkpoint)
     return CompressionRun(dense=model, source=source)
@@ -242,8 +246,13 @@ def compress_checked(model: nn.Module, config: CompressConfig, *, calibration: A
 
 
 def nothing_to_compress(report: Report, where: Optional[str] = None) -> str:
-    """The message for a report without a compressed matrix: why each layer was left."""
-    reasons = "; ".join(f"{s.name or '(model)'} ({s.layer_type}): {s.reason}" for s in report.skipped)
+    """The message for a report without a compressed matrix: why each layer was left (layers left for the
+    same reason named together, at most three of them, so that thousands of layers still make one line)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for skipped in report.skipped:
+        groups.setdefault((skipped.layer_type, skipped.reason), []).append(skipped.name or "(model)")
+    reasons = "; ".join(f"{', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''} ({kind}): "
+                        f"{reason}" for (kind, reason), names in groups.items())
     detail = f" ({reasons})" if reasons else " (it has no LSTM, GRU, LSTMCell, GRUCell or Linear layer)"
     return f"{where + ': ' if where else ''}nothing to compress: {NOTHING_MATCHED}{detail}"
 

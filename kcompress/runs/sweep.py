@@ -17,15 +17,22 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
-from kcompress.errors import KCompressError, error_line
-from kcompress.tuning.evaluate import Budget, EvalSpec, metric_drop
-from kcompress.runs.executors import TrialExecutor, open_executor
-from kcompress.io import PathLike, file_sha256
 from kcompress.config import FinetuneOptions
-from kcompress.progress import ProgressCallback, ProgressEvent
-from kcompress.runs.trials import (BASELINE_FORMAT, TrialJob, TrialSpec, append_record, is_baseline, read_records,
-                     worker_trial)
+from kcompress.errors import KCompressError, error_line
+from kcompress.io import PathLike, file_sha256
 from kcompress.io.usercode import split_reference
+from kcompress.progress import ProgressCallback, ProgressEvent
+from kcompress.runs.executors import CONNECT_TIMEOUT, TrialExecutor, open_executor
+from kcompress.runs.trials import (
+    BASELINE_FORMAT,
+    TrialJob,
+    TrialSpec,
+    append_record,
+    is_baseline,
+    read_records,
+    worker_trial,
+)
+from kcompress.tuning.evaluate import Budget, EvalSpec, metric_drop
 
 TRIALS_FILE = "trials.jsonl"
 #: seconds a sweep waits for a trial to finish before it reports that it is still running
@@ -50,7 +57,7 @@ def expand_grid(
         raise KCompressError("a sweep needs at least one format and one rank")
     if any(is_baseline({"format": name}) for name in formats):
         raise KCompressError(f"{BASELINE_FORMAT!r} is not a sweep format: the dense baseline is always measured")
-    common = dict(targets=targets, gates=gates, order=order, seed=seed, finetune=finetune,
+    common: dict[str, Any] = dict(targets=targets, gates=gates, order=order, seed=seed, finetune=finetune,
                   fit_options=tuple(sorted((fit_options or {}).items())))
     trials = [TrialSpec(BASELINE_FORMAT)]
     trials += [TrialSpec(fmt, rank, **common) for fmt in dict.fromkeys(formats) for rank in dict.fromkeys(ranks)]
@@ -111,6 +118,7 @@ def run_sweep(
     *,
     jobs: int = 1,
     scheduler: Optional[str] = None,
+    scheduler_timeout: float = CONNECT_TIMEOUT,
     shared_files: bool = False,
     trust_checkpoint: bool = False,
     model_class: Optional[str] = None,
@@ -121,9 +129,10 @@ def run_sweep(
     trial's record.
 
     Trials run in ``jobs`` spawned local processes, or on the Dask cluster whose scheduler is at
-    ``scheduler`` (``tcp://host:port``); there the input files are sent to each worker once unless
-    ``shared_files`` declares that every worker reads them at the same paths. Nothing is written before
-    the executor is up (an unreachable scheduler is an error that leaves no trace).
+    ``scheduler`` (``tcp://host:port``; it must answer within ``scheduler_timeout`` seconds); there the
+    input files are sent to each worker once unless ``shared_files`` declares that every worker reads them
+    at the same paths. Nothing is written before the dense baseline has been measured (an unreachable
+    scheduler, a refused checkpoint or broken data is an error that leaves no trace).
     """
     if jobs < 1:
         raise KCompressError(f"jobs must be at least 1, got {jobs}")
@@ -149,7 +158,7 @@ def run_sweep(
     _emit(progress, ProgressEvent("resume", "sweep", len(done), len(jobs_by_key),
                                   message=f"{len(done)} of {len(jobs_by_key)} trials already in {log}"))
     if pending:
-        with open_executor(min(jobs, len(pending)), scheduler) as executor:
+        with open_executor(min(jobs, len(pending)), scheduler, scheduler_timeout) as executor:
             _emit(progress, ProgressEvent("step", "sweep", message=f"running {len(pending)} trials on "
                                                                    f"{executor.description}"))
             shipped = executor.distributed and not shared_files

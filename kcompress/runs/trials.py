@@ -26,11 +26,11 @@ from typing import Any, Mapping, Optional
 from kcompress._threads import threads
 from kcompress.config import CompressConfig, FinetuneOptions, RecoveryOptions
 from kcompress.errors import error_line
-from kcompress.tuning.evaluate import EvalSpec, Evaluation, load_evaluation
-from kcompress.runs.executors import worker_name
 from kcompress.formats import FORMATS, get_format
 from kcompress.io import PathLike, atomic_write
+from kcompress.runs.executors import worker_name
 from kcompress.runs.pipeline import CompressionRun, compress_stages, load_input, measure
+from kcompress.tuning.evaluate import EvalSpec, Evaluation, load_evaluation
 
 #: the trial format of the uncompressed baseline: the registered format that keeps a matrix as it is
 BASELINE_FORMAT = next(name for name, cls in FORMATS.items() if not cls.compresses)

@@ -8,7 +8,9 @@ A :class:`SequenceData` holds ``inputs``, either float features ``(B, T, F)`` or
 from __future__ import annotations
 
 import gzip
+import math
 import pathlib
+import zipfile
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
@@ -16,7 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kcompress.errors import KCompressError
+from kcompress.errors import KCompressError, error_line
+from kcompress.io.files import check_memory
 
 #: A batch as models take it: ``((inputs, lengths), targets)``, or ``(inputs, targets)`` without lengths.
 Batch = tuple[Union[Tensor, tuple[Tensor, Tensor]], Tensor]
@@ -209,10 +212,8 @@ def load_data_file(path: Union[str, pathlib.Path]) -> SequenceData:
         raise KCompressError(f"data file {path} lacks {' and '.join(map(repr, missing))} (found: {sorted(tensors)})")
     targets = tensors["targets"]
     targets = targets.long() if not (targets.is_floating_point() or targets.is_complex()) else targets.float()
-    lengths = tensors.get("lengths")
     try:
-        inputs = _as_inputs(tensors["inputs"])
-        return SequenceData(inputs, targets, None if lengths is None else lengths.long())
+        return SequenceData(_as_inputs(tensors["inputs"]), targets, _as_lengths(tensors.get("lengths")))
     except KCompressError as error:
         raise KCompressError(f"data file {path}: {error}") from None
 
@@ -226,13 +227,14 @@ def load_inputs_file(path: Union[str, pathlib.Path]) -> tuple[Tensor, Optional[T
     tensors = _read_tensors(path)
     if "inputs" not in tensors:
         raise KCompressError(f"data file {path} lacks 'inputs' (found: {sorted(tensors)})")
-    inputs, lengths = _as_inputs(tensors["inputs"]), tensors.get("lengths")
+    inputs = _as_inputs(tensors["inputs"])
     placeholder = torch.zeros(inputs.shape[0]) if inputs.dim() > 0 else torch.zeros(0)
     try:
-        _check_shapes(inputs, placeholder, None if lengths is None else lengths.long())
+        lengths = _as_lengths(tensors.get("lengths"))
+        _check_shapes(inputs, placeholder, lengths)
     except KCompressError as error:
         raise KCompressError(f"data file {path}: {error}") from None
-    return inputs, None if lengths is None else lengths.long()
+    return inputs, lengths
 
 
 def _as_inputs(inputs: Tensor) -> Tensor:
@@ -243,11 +245,29 @@ def _as_inputs(inputs: Tensor) -> Tensor:
     return inputs.long() if _accepted_inputs(inputs) else inputs
 
 
+def _as_lengths(lengths: Optional[Tensor]) -> Optional[Tensor]:
+    """Sequence lengths as long integers; floating point lengths must be whole numbers (7.0, never 7.5)."""
+    if lengths is None:
+        return None
+    if lengths.is_complex():
+        raise KCompressError("lengths must be whole numbers of time steps, got complex values")
+    if lengths.is_floating_point():
+        flat = lengths.reshape(-1)
+        fractional = ~(torch.isfinite(flat) & (flat == torch.round(flat)))
+        if bool(fractional.any()):
+            sample = int(fractional.nonzero()[0, 0])
+            raise KCompressError(f"lengths must be whole numbers of time steps, got {float(flat[sample]):g} "
+                                 f"(sample {sample})")
+    return lengths.long()
+
+
 def _read_tensors(path: pathlib.Path) -> dict[str, Tensor]:
-    """The named tensors stored in ``path`` (format chosen by suffix)."""
+    """The named tensors stored in ``path`` (format chosen by suffix), after checking that what the file
+    declares fits in memory (an ``.npz`` inflates: its arrays' declared sizes are checked before that)."""
     suffix = path.suffix.lower()
     if suffix not in (".pt", ".pth", ".npz", ".safetensors"):
         raise KCompressError(f"unsupported data file {path}: use .pt, .pth, .npz or .safetensors")
+    check_memory(path, _npz_bytes(path) if suffix == ".npz" else path.stat().st_size, "the data", _WORKING_COPIES)
     try:
         tensors = _READERS[suffix](path)
     except Exception as error:  # any reader failure is the file's fault: report it in one line
@@ -256,6 +276,29 @@ def _read_tensors(path: pathlib.Path) -> dict[str, Tensor]:
     if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
         raise KCompressError(f"data file {path} must hold a dict of tensors (inputs, targets, lengths)")
     return tensors
+
+
+def _npz_bytes(path: pathlib.Path) -> int:
+    """The bytes an ``.npz``'s arrays declare (read from the zip directory and each ``.npy`` header, nothing
+    inflated beyond the headers); a KCompressError when a header claims more than its member holds."""
+    total = 0
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                with archive.open(member) as handle:
+                    version = np.lib.format.read_magic(handle)
+                    if version not in _NPY_HEADERS:
+                        raise KCompressError(f"data file {path}: {member.filename} is .npy version {version}")
+                    shape, _, dtype = _NPY_HEADERS[version](handle)
+                if math.prod(shape) * dtype.itemsize > member.file_size:
+                    raise KCompressError(f"data file {path}: {member.filename} declares {shape} {dtype} values, more "
+                                         f"than its {member.file_size} bytes hold")
+                total += member.file_size
+    except KCompressError:
+        raise
+    except Exception as error:  # noqa: BLE001 - not a zip, a damaged member, an unknown .npy version
+        raise KCompressError(f"cannot read data file {path}: {error_line(error)[:200]}") from None
+    return total
 
 
 def _read_pt(path: pathlib.Path) -> object:
@@ -276,3 +319,6 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, Tensor]:
 _LOADERS = {"japanese-vowels": _japanese_vowels}
 
 _READERS = {".pt": _read_pt, ".pth": _read_pt, ".npz": _read_npz, ".safetensors": _read_safetensors}
+#: the memory a data file's arrays take while loaded, checked (NaN test) and converted, in multiples of their size
+_WORKING_COPIES = 3
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}

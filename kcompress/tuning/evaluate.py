@@ -8,16 +8,16 @@ import contextlib
 import math
 import pathlib
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from kcompress.tuning.data import BUILTIN_DATASETS, Batch, SequenceData, load_builtin, load_data_file
 from kcompress.config.calibration import TASKS
-from kcompress.errors import KCompressError
+from kcompress.errors import KCompressError, error_line
 from kcompress.io import file_sha256
 from kcompress.io.usercode import import_reference, split_reference
+from kcompress.tuning.data import BUILTIN_DATASETS, Batch, SequenceData, load_builtin, load_data_file
 
 DROP_TYPES = ("absolute", "relative")
 _TASK_METRICS = {"classification": "accuracy", "regression": "mse"}
@@ -47,6 +47,8 @@ def evaluate(
     tuple of positional arguments. Runs without gradients in eval mode; the model's modes are restored.
     """
     check_task(task)
+    if isinstance(data, SequenceData):
+        check_fits(model, data)
     batches = data.batches(batch_size) if isinstance(data, SequenceData) else data
     total, count = 0.0, 0
     with torch.no_grad(), eval_mode(model):
@@ -59,6 +61,36 @@ def evaluate(
     if count == 0:
         raise KCompressError("cannot evaluate on empty data")
     return total / count
+
+
+def check_fits(model: nn.Module, data: SequenceData, name: str = "the data") -> None:
+    """A one-line KCompressError naming ``name`` when ``data``'s inputs cannot go into ``model``: token ids
+    beyond the size of its (first) Embedding, or inputs its forward refuses on a probe of two samples (token
+    ids into a model without an Embedding, float features into one, features of another width), with what
+    the model takes instead of torch's error alone."""
+    embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if data.is_tokens and embedding is not None and data.inputs.numel():
+        top = int(data.inputs.max())
+        if top >= embedding.num_embeddings:
+            raise KCompressError(f"{name}: token ids go up to {top}, but the model's Embedding has "
+                                 f"{embedding.num_embeddings} entries (ids 0..{embedding.num_embeddings - 1})")
+    if not len(data):
+        return
+    inputs, _ = split_batch(next(data.subset(torch.arange(min(2, len(data)))).batches(2)))
+    try:
+        with torch.no_grad(), eval_mode(model):
+            run_model(model, inputs)
+    except (IndexError, RuntimeError, TypeError, ValueError) as error:
+        given = "integer token ids (batch, time)" if data.is_tokens else f"float features (batch, time, {data.num_features})"
+        raise KCompressError(f"{name} holds {given}, but {_takes(model, embedding)} ({error_line(error)[:200]})") from None
+
+
+def _takes(model: nn.Module, embedding: Optional[nn.Module]) -> str:
+    """What ``model`` takes, as far as its layers say."""
+    if embedding is not None:
+        return f"the model starts with an Embedding ({embedding.num_embeddings} entries): it takes integer token ids"
+    width = next((m.input_size for m in model.modules() if isinstance(getattr(m, "input_size", None), int)), None)
+    return f"the model takes float features (batch, time, {width if width is not None else 'F'})"
 
 
 def split_batch(batch: object) -> Batch:
@@ -111,7 +143,7 @@ def run_model(model: nn.Module, inputs: Union[Tensor, tuple[Tensor, ...], list[T
 
 def _device(model: nn.Module) -> torch.device:
     """Where the model's first parameter or buffer lives (CPU for a model without any)."""
-    tensor = next(iter(model.parameters()), None)
+    tensor: Optional[Tensor] = next(iter(model.parameters()), None)
     if tensor is None:
         tensor = next(iter(model.buffers()), None)
     return torch.device("cpu") if tensor is None else tensor.device
@@ -215,12 +247,27 @@ def load_evaluation(spec: EvalSpec) -> Evaluation:
     spec.check()
     test, train, where, trained_on = _load_data(spec) if spec.data is not None else (None, None, "", "")
     if spec.evaluator is not None:
-        return Evaluation(spec, _import_evaluator(spec.evaluator), train, f"evaluator {spec.evaluator}",
-                          spec.data or "")
+        return Evaluation(spec, _fitted(_import_evaluator(spec.evaluator), {trained_on: train}), train,
+                          f"evaluator {spec.evaluator}", spec.data or "")
     assert test is not None
     task = spec.task
-    return Evaluation(spec, lambda model: evaluate(model, test, task), train, f"{spec.metric_name} on {where}",
-                      trained_on)
+    measure = _fitted(lambda model: evaluate(model, test, task), {where: test, trained_on: train})
+    return Evaluation(spec, measure, train, f"{spec.metric_name} on {where}", trained_on)
+
+
+def _fitted(measure: Callable[[nn.Module], float],
+            datasets: Mapping[str, Optional[SequenceData]]) -> Callable[[nn.Module], float]:
+    """``measure``, first checking (:func:`check_fits`) that every dataset of the evaluation, the fine-tuning
+    data included, fits the model: the dense baseline is measured before any fit, so data that cannot go
+    into the model is refused then, naming the file."""
+
+    def checked(model: nn.Module) -> float:
+        for name, data in datasets.items():
+            if data is not None:
+                check_fits(model, data, name)
+        return measure(model)
+
+    return checked
 
 
 def _load_data(spec: EvalSpec) -> tuple[SequenceData, SequenceData, str, str]:
@@ -228,6 +275,9 @@ def _load_data(spec: EvalSpec) -> tuple[SequenceData, SequenceData, str, str]:
     data = spec.data
     assert data is not None
     if data in BUILTIN_DATASETS:
+        if spec.finetune_data is not None and spec.evaluator is None:
+            test = load_builtin(data, "test")
+            return test, load_data_file(spec.finetune_data), f"{data} (test split)", spec.finetune_data
         return load_builtin(data, "test"), load_builtin(data, "train"), f"{data} (test split)", f"{data} (train split)"
     loaded = load_data_file(data)
     if spec.finetune_data is not None and spec.evaluator is None:

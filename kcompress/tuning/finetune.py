@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kcompress.tuning.data import Batch, SequenceData
 from kcompress.errors import KCompressError
-from kcompress.tuning.layer_match import captured, matching_loss
 from kcompress.nn.plan import trained
+from kcompress.progress import ProgressCallback, ProgressEvent, ProgressLike, progress_callback, silent
+from kcompress.tuning.data import Batch, SequenceData
 from kcompress.tuning.evaluate import (
+    check_fits,
     check_task,
     eval_mode,
     evaluate,
@@ -30,7 +31,7 @@ from kcompress.tuning.evaluate import (
     run_model,
     split_batch,
 )
-from kcompress.progress import ProgressCallback, ProgressEvent, ProgressLike, progress_callback, silent
+from kcompress.tuning.layer_match import captured, matching_loss
 
 LOSSES = ("task", "distill", "both")
 
@@ -149,6 +150,8 @@ def finetune(
     loss = loss if loss is not None else ("distill" if teacher is not None else "task")
     objective = _objective(loss, task, teacher, temperature, model, tuple(match_layers), match_weight)
     _check_numbers(epochs, lr, batch_size, val_fraction, patience)
+    if isinstance(data, SequenceData):
+        check_fits(model, data, "the fine-tuning data")
     train_data, val_data = _split(data, val_data, val_fraction, seed)
     monitor = _monitor(objective, train_data, val_data, batch_size)
     teacher_mode = eval_mode(teacher) if teacher is not None else contextlib.nullcontext()
@@ -179,7 +182,7 @@ def _run(
     best_val = monitor.measure(model)
     history = [EpochRecord(0, None, best_val)]
     best_epoch, best_state = 0, _snapshot(model)
-    start = f"before fine-tuning: {monitor.metric} {best_val:.4g}"
+    start = f"before training: {monitor.metric} {best_val:.4g}"
     report(ProgressEvent("epoch", "finetune", 0, epochs, best_val, start))
     for epoch in range(1, epochs + 1):
         train_loss = _train_epoch(model, _epoch_batches(data, batch_size, seed + epoch), objective, optimizer)

@@ -1,0 +1,117 @@
+"""Which tensors of a compressed model are stored as integers, and how (:func:`quantization_plan`), the model
+run on exactly the values its artifact stores (:func:`quantize_model`), and the artifact's tensor bytes
+(:func:`tensor_bytes`).
+
+With ``quantize="int8"`` (or ``"int4"``) every floating tensor of ``model.state_dict()`` with at least two
+dimensions is stored with that many bits (:mod:`kcompress.formats.quantize`):
+
+* the factors of compressed matrices with one scale per slice along their smallest axis longer than 1 (the
+  rank axis of an SVD factor, a bond of a TT core);
+* every other matrix (untouched weights, matrices kept dense, embeddings not compressed) with one scale
+  per row (per output channel), or one for the whole tensor when rows hold fewer than
+  :data:`MIN_PER_SCALE` values each.
+
+Biases (1-D tensors named ``bias*``) are stored as int8 with one scale (int4 biases cost more accuracy than
+they save bytes); every other tensor (norms, running statistics, scalars, integers) stays as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+from kcompress.errors import KCompressError
+from kcompress.formats.quantize import check_bits, quantize, stored_bytes
+from kcompress.nn.base import CompressedLayer
+from kcompress.nn.execution import is_dense
+
+#: ``quantize`` setting -> bits of the matrices and factors
+QUANTIZE_BITS = {"int8": 8, "int4": 4}
+#: a per-row scale is used only when each row holds at least this many values
+MIN_PER_SCALE = 8
+BIAS_BITS = 8
+
+
+@dataclass(frozen=True)
+class TensorQuantization:
+    """How one state-dict tensor is stored: ``bits`` and the ``axis`` of its scales (None: one scale)."""
+
+    bits: int
+    axis: Optional[int]
+
+    def to_dict(self) -> dict[str, Optional[int]]:
+        return {"bits": self.bits, "axis": self.axis}
+
+
+def check_quantize(mode: object) -> Optional[str]:
+    """``None``, ``"int8"`` or ``"int4"``; anything else is a one-line error."""
+    if mode is not None and mode not in QUANTIZE_BITS:
+        raise KCompressError(f"quantize must be one of {', '.join(QUANTIZE_BITS)} (or none), got {mode!r}")
+    return mode
+
+
+def quantization_plan(model: nn.Module, mode: Optional[str]) -> dict[str, TensorQuantization]:
+    """``{state-dict key: TensorQuantization}`` of the tensors stored as integers (see the module docs)."""
+    if check_quantize(mode) is None:
+        return {}
+    assert mode is not None  # check_quantize returns mode itself
+    bits = QUANTIZE_BITS[mode]
+    factors = _factor_keys(model)
+    plan = {}
+    for key, tensor in model.state_dict().items():
+        if not tensor.is_floating_point():
+            continue
+        if key in factors:
+            plan[key] = TensorQuantization(bits, _slice_axis(tensor))
+        elif tensor.dim() >= 2:
+            per_row = tensor.shape[0] * MIN_PER_SCALE <= tensor.numel()
+            plan[key] = TensorQuantization(bits, 0 if per_row else None)
+        elif tensor.dim() == 1 and key.rpartition(".")[2].startswith("bias"):
+            plan[key] = TensorQuantization(BIAS_BITS, None)
+    return plan
+
+
+def _factor_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the factors of every compressed (not dense) matrix."""
+    keys: set[str] = set()
+    for path, module in model.named_modules():
+        if isinstance(module, CompressedLayer):
+            for name, matrix in module.matrices.items():
+                if not is_dense(matrix):
+                    prefix = ".".join(part for part in (path, "matrices", name) if part)
+                    keys.update(f"{prefix}.{key}" for key in matrix.state_dict())
+    return keys
+
+
+def _slice_axis(tensor: Tensor) -> Optional[int]:
+    """The smallest axis longer than 1 (the first of equals), None when there is none."""
+    axes = [axis for axis in range(tensor.dim()) if tensor.shape[axis] > 1]
+    return min(axes, key=lambda axis: tensor.shape[axis]) if axes else None
+
+
+def quantize_model(model: nn.Module, plan: Mapping[str, TensorQuantization]) -> None:
+    """Replace, in place, each planned tensor's values by their dequantized integers: the model then computes
+    exactly what the artifact will store (quantizing again changes nothing)."""
+    state = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for key, spec in plan.items():
+            tensor = state[key]
+            tensor.copy_(quantize(tensor, spec.bits, spec.axis).dequantize().to(tensor.dtype))
+
+
+def tensor_bytes(model: nn.Module, plan: Optional[Mapping[str, TensorQuantization]] = None) -> int:
+    """Bytes of the tensors an artifact of ``model`` stores: each state-dict tensor's, the planned ones as
+    integers and scales (:func:`kcompress.formats.quantize.stored_bytes`)."""
+    plan = plan or {}
+    total = 0
+    for key, tensor in model.state_dict().items():
+        spec = plan.get(key)
+        if spec is None:
+            total += tensor.numel() * tensor.element_size()
+        else:
+            scales = 1 if spec.axis is None else tensor.shape[spec.axis]
+            total += stored_bytes(tensor.numel(), scales, check_bits(spec.bits))
+    return total
