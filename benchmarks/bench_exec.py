@@ -177,7 +177,7 @@ def paper_models(shape: Any) -> dict[str, Any]:
 
 
 def bench_paper(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
-    from bench_speed import shapes
+    from bench_speed import shapes, timed
 
     shape = shapes()[0]
     models = paper_models(shape)
@@ -188,10 +188,12 @@ def bench_paper(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
         x = torch.randn(16, batch, shape.input_size)
         inputs = x.reshape(-1, shape.input_size)
         for part, data in (("matrix", inputs), ("lstm", x)):
+            clock = args.clock if threads == 1 else "wall"
             with torch.no_grad():
-                times = time_interleaved({k: lambda f=f: f(data) for k, f in models[part].items()},
-                                         budget=args.budget, min_runs=3 if batch >= 128 else 5)
-            rows.append(_paper_row(part, batch, threads, times, limits[part], plan_text(models["lstm"]["kcp"], batch)))
+                times = timed({k: lambda f=f: f(data) for k, f in models[part].items()}, args.budget,
+                              3 if batch >= 128 else 5, clock)
+            rows.append({**_paper_row(part, batch, threads, times, limits[part], plan_text(models["lstm"]["kcp"], batch)),
+                         "clock": clock})
             print(rows[-1], flush=True)
     return rows
 
@@ -302,7 +304,9 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
                  "matrix = `x @ W_ih.T` on the 16·batch input rows; lstm = the whole forward. kcp = KCP on the kernel "
                  "auto picks (the GEMM chain), previous = the same factors on `algorithm=\"rank_batch\"`; ratios are "
                  "medians of per-round ratios of the four interleaved; MAC limit = dense MACs / KCP MACs; of limit = "
-                 "kcp vs dense / MAC limit (the KCP product's MAC rate as a fraction of dense fp32's).\n\n")
+                 "kcp vs dense / MAC limit (the KCP product's MAC rate as a fraction of dense fp32's). Clock: "
+                 f"{', '.join(sorted({str(r.get('clock', 'wall')) for r in paper}))} (cpu = the benchmark thread's CPU "
+                 "time, 1 thread only).\n\n")
         table = [[r["what"], r["batch"], r["rows"], r["threads"], r["dense_ms"], r["int8_ms"], r["kcp_ms"],
                   r["previous_ms"], f"{r['kcp_vs_dense']}x", f"{r['mac_limit']}x", f"{r['of_limit']:.0%}",
                   f"{r['kcp_vs_int8']}x", f"{r['kcp_vs_previous']}x", f"{r['spread']:.0%}", r["auto"]] for r in paper]
@@ -339,6 +343,8 @@ def main() -> None:
     parser.add_argument("--train-formats", nargs="+", default=["kcp", "tt", "ht", "svd", "adtn"],
                         help="formats whose training step is measured (an ADTN step decodes W: seconds at H=512)")
     parser.add_argument("--budget", type=float, default=0.3, help="seconds of interleaved timing per comparison")
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="paper part: cpu = the benchmark thread's CPU time (1 thread only; a shared machine)")
     parser.add_argument("--quick", action="store_true",
                         help="H 128/256, batch 1/16, ratio 4, 1 thread, paper at batch 16 (minutes, not hours)")
     parser.add_argument("--name", default=None, help="results file name (default: exec, or exec_quick)")

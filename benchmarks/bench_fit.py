@@ -8,7 +8,7 @@ Matrices:
 * the KCP paper's shape, 1024x57600 with modes (16,4,4,4)x(8,20,20,18) (4 ALS sweeps for tt, tr, ht, bt; 20
   CP-ALS iterations for kcp and bt's KCP start; tr at ranks 4 and 8 only). No trained weights of that size
   ship with any package here, so this row uses a synthetic matrix: a sum of 16 Kronecker products with
-  decaying weights plus 30 % Gaussian noise (the structure anchors.md measured peers on). It shows fit
+  decaying weights plus 30 % Gaussian noise (a known low-rank structure under noise). It shows fit
   *time* at scale; its errors favour KCP by construction and say nothing about real data.
 
 The rank of bt is its number of blocks N_b (Tucker ranks 2). Errors are ``‖W − Ŵ‖_F / ‖W‖_F`` computed
@@ -52,7 +52,7 @@ def real_matrices() -> Iterator[tuple[str, torch.Tensor, int]]:
 
 
 def paper_matrix(seed: int = 0) -> torch.Tensor:
-    """1024x57600: Σ_{r<16} 0.8^r ⊗_k A_r^k + Gaussian noise with ‖N‖/‖S‖ = 0.3 (anchors.md §2.1)."""
+    """1024x57600: Σ_{r<16} 0.8^r ⊗_k A_r^k + Gaussian noise with ‖N‖/‖S‖ = 0.3."""
     generator = torch.Generator().manual_seed(seed)
     tz = Tensorization(1024, 57600, (16, 4, 4, 4), (8, 20, 20, 18))
     columns = [torch.randn(m * n, 16, generator=generator) for m, n in zip(tz.out_modes, tz.in_modes)]

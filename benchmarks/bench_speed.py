@@ -9,7 +9,7 @@ kcompress format runs at the rank whose parameter count is closest to (not above
 compare equal storage (bt: its number of blocks at Tucker ranks 2). Factor values are random: speed does not
 depend on them (fit quality is measured in bench_fit.py). Peers: tensorly-torch FactorizedLinear (factorized
 forward) and tednet TT/TR-LSTM, when installed. All candidates of one shape and batch are timed interleaved,
-round by round (:func:`kcompress.nn.speed.time_interleaved`), and each ratio to dense fp32 is the median of the
+round by round in a rotating order (:func:`timed`), and each ratio to dense fp32 is the median of the
 per-round ratios; "MAC limit" is dense MACs / the method's MACs per row (for an LSTM: input and hidden
 products together), the ratio a method running at the dense GEMM's MAC rate would reach. Results:
 benchmarks/results/speed.{json,md}.
@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import statistics
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -30,7 +32,7 @@ from torch import nn
 
 from kcompress.formats import FORMATS, Dense, Factorization
 from kcompress.formats.tensorize import Tensorization, choose_tensorization
-from kcompress.nn.speed import paired, time_interleaved
+from kcompress.nn.speed import Timing, paired
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", message=".*quantiz.*")
@@ -121,6 +123,37 @@ def peer_matrices(shape: Shape, budget: int) -> list[tuple[str, int, nn.Module]]
     return rows
 
 
+#: ``--clock``: ``wall`` (perf_counter) or ``cpu``, the benchmark thread's CPU time (1 thread only: on a shared
+#: machine it leaves out the time spent waiting for a core, which wall time charges to whichever candidate ran)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def timed(candidates: dict[str, Callable[[], Any]], budget: float, min_runs: int, clock: str = "wall") -> dict[str, Timing]:
+    """As :func:`kcompress.nn.speed.time_interleaved` (one warm-up call each, then rounds of every candidate in turn
+    until ``min_runs`` rounds and ``budget`` seconds), on ``clock``, and with the order rotated by one each round:
+    a candidate that runs right after another reading the same input finds it in cache (16 rows of the paper's
+    input are 3.7 MB), so a fixed order favours the later ones."""
+    now = CLOCKS[clock]
+    for fn in candidates.values():
+        fn()
+    names = list(candidates)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    start, rounds = time.perf_counter(), 0
+    while rounds < min_runs or time.perf_counter() - start < budget:
+        for name in names[rounds % len(names):] + names[: rounds % len(names)]:
+            begin = now()
+            candidates[name]()
+            samples[name].append(now() - begin)
+        rounds += 1
+    return {name: _timing(values) for name, values in samples.items()}
+
+
+def _timing(values: list[float]) -> Timing:
+    median = statistics.median(values)
+    quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [median] * 3
+    return Timing(median, (quartiles[2] - quartiles[0]) / median, len(values), tuple(values))
+
+
 def mac_limit(dense_macs: int, module: Any, extra_macs: int = 0) -> Optional[float]:
     """``(dense_macs + extra) / (module's MACs per row + extra)`` for a kcompress matrix, else None."""
     if not isinstance(module, Factorization):
@@ -128,7 +161,7 @@ def mac_limit(dense_macs: int, module: Any, extra_macs: int = 0) -> Optional[flo
     return round((dense_macs + extra_macs) / (module.macs_per_vector() + extra_macs), 2)
 
 
-def bench_matrix(shape: Shape, batches: list[int], threads: int) -> list[dict[str, Any]]:
+def bench_matrix(shape: Shape, batches: list[int], threads: int, clock: str = "wall") -> list[dict[str, Any]]:
     tz = shape.tensorization
     dense = nn.Linear(tz.in_features, tz.out_features, bias=False).eval()
     int8 = torch.ao.quantization.quantize_dynamic(nn.Sequential(dense), {nn.Linear}, dtype=torch.qint8)
@@ -141,8 +174,7 @@ def bench_matrix(shape: Shape, batches: list[int], threads: int) -> list[dict[st
     for batch in batches:
         x = torch.randn(batch, tz.in_features)
         with torch.no_grad():
-            times = time_interleaved({label: lambda m=module: m(x) for label, _, module in candidates},
-                                     budget=0.5, min_runs=3)
+            times = timed({label: lambda m=module: m(x) for label, _, module in candidates}, 0.5, 3, clock)
         for label, params, _ in candidates:
             rows.append(_row("matrix", shape, label, params, batch, threads, times, limits[label]))
     return rows
@@ -214,7 +246,7 @@ def tednet_lstms(shape: Shape) -> list[tuple[str, nn.Module, Callable]]:
     return rows
 
 
-def bench_lstm(shape: Shape, batches: list[int], seqs: list[int], threads: int) -> list[dict[str, Any]]:
+def bench_lstm(shape: Shape, batches: list[int], seqs: list[int], threads: int, clock: str = "wall") -> list[dict[str, Any]]:
     dense = nn.LSTM(shape.input_size, shape.hidden).eval()
     int8 = torch.ao.quantization.quantize_dynamic(_Wrapped(dense), {nn.LSTM}, dtype=torch.qint8)
     params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
@@ -237,8 +269,7 @@ def bench_lstm(shape: Shape, batches: list[int], seqs: list[int], threads: int) 
         for batch in batches:
             x = torch.randn(seq, batch, shape.input_size)
             with torch.no_grad():
-                times = time_interleaved({label: lambda f=fn: f(x) for label, _, fn in candidates}, budget=0.5,
-                                         min_runs=3)
+                times = timed({label: lambda f=fn: f(x) for label, _, fn in candidates}, 0.5, 3, clock)
             for label, count, _ in candidates:
                 rows.append(_row("lstm", shape, label, count, batch, threads, times, limits.get(label), seq))
     return rows
@@ -250,8 +281,10 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
         selected = [r for r in rows if r["part"] == part]
         if not selected:
             continue
-        text += (f"\n### {title}\n\nms = median milliseconds; x = speed-up against dense fp32 in the same run (median "
-                 "of per-round ratios of interleaved runs); MAC limit = dense MACs / the method's MACs.\n\n")
+        clocks = ", ".join(sorted({str(r.get("clock", "wall")) for r in selected}))
+        text += (f"\n### {title}\n\nms = median milliseconds ({clocks} clock); x = speed-up against dense fp32 in the "
+                 "same run (median of per-round ratios of interleaved runs); MAC limit = dense MACs / the method's MACs."
+                 "\n\n")
         table = [
             [r["shape"], r["threads"], r["seq"], r["batch"], r["method"], f"{r['params']:,}", r["ms"],
              f"{r['speedup_vs_dense']}x", "-" if r.get("mac_limit") is None else f"{r['mac_limit']}x"]
@@ -271,6 +304,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["paper", "mid", "small"], choices=["paper", "mid", "small"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 128])
     parser.add_argument("--seqs", type=int, nargs="+", default=[16, 32])
+    parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS), help="cpu: thread CPU time (1 thread only)")
     args = parser.parse_args()
     selected = [shape for shape in shapes() if shape.name.split()[0] in args.shapes]
     selected = selected if not args.quick else [shape for shape in selected if not shape.name.startswith("paper")]
@@ -280,10 +314,10 @@ def main() -> None:
     for threads in args.threads:
         torch.set_num_threads(threads)
         for shape in selected:
-            if "matrix" in args.part:
-                rows += bench_matrix(shape, batches, threads)
-            if "lstm" in args.part:
-                rows += bench_lstm(shape, batches, seqs, threads)
+            clock = args.clock if threads == 1 else "wall"
+            new = bench_matrix(shape, batches, threads, clock) if "matrix" in args.part else []
+            new += bench_lstm(shape, batches, seqs, threads, clock) if "lstm" in args.part else []
+            rows += [{**row, "clock": clock} for row in new]
             print(f"done: {shape.name}, {threads} thread(s)", flush=True)
     name = args.name or ("speed_quick" if args.quick else "speed")
     path = write_results(name, rows, to_markdown(rows))

@@ -36,18 +36,31 @@ to stdout. Exit codes: **0** ok, **1** error (one line `kcompress: error: ...`, 
 file gets its own one-line error). Numeric options must be finite and in range (`--max-drop nan`,
 `--ratio inf`, `--seed -1`, `--order 100` are usage errors; `--seed` lies in 0..2^32-1, `--order` in 1..8).
 Every output (`-o`, `--report`, `--markdown`) is checked before any work: its directory must exist (no
-path under a file), it may not be the input or another output, and an existing file needs `--overwrite`.
-Outputs are written atomically and all or none: when a report cannot be written, the artifact is removed.
+path under a file), it may not be the input or another output, an existing file needs `--overwrite`, and
+a FIFO, device or socket is never replaced, `--overwrite` or not. Outputs are written atomically and all
+or none: when a report cannot be written, the artifact is removed.
+
+**Checkpoints and data.** A file's format is told from its first bytes (and a safetensors header) before
+the rest is read, so a large file that is no checkpoint costs nothing; a checkpoint or data file whose
+declared size exceeds the memory left (address-space limit, cgroup, available RAM) is refused before it is
+read, an `.npz` from its arrays' declared sizes before they are inflated; a checkpoint of more than 20,000
+tensors is refused. A pickle that needs Python globals beyond weights (a whole pickled model, in the zip or
+the legacy format) is refused with their names unless `--trust-checkpoint`; then the working directory,
+the checkpoint's folder and `--model`'s file's folder are importable while it loads. Data that does not fit
+the model (token ids beyond its Embedding, token ids into a model of float features, features of another
+width) is one line naming the file and what the model takes, before any fit.
 
 **Signals.** SIGINT, SIGTERM (CI cancellation, `timeout`, container stops) and SIGHUP stop a command
 cleanly: temporary files are removed, one line `kcompress: error: interrupted by SIGTERM` is printed, and
-the exit code is 128 + the signal's number (130 for SIGINT, 143 for SIGTERM). A temporary file
+the exit code is 128 + the signal's number (130 for SIGINT, 143 for SIGTERM); a sweep terminates its local
+workers on the way out, and a worker whose driver was killed exits by itself. A temporary file
 (`.NAME.PID-TOKEN.kcompress-tmp`) left by a killed run (SIGKILL, power loss) is removed by the next write
 to the same output.
 
 **Seeds and reproducible artifacts.** The same input, options and seed give a byte-identical artifact:
 timings (fit seconds, measured speed and its spread, speed warnings) stay in the report and never enter the
-artifact. With `--execution auto` (the default) each matrix's path is chosen by measuring it, so the stored
+artifact, and neither do machine settings (the thread counts are in the report's `options.threads`). With
+`--execution auto` (the default) each matrix's path is chosen by measuring it, so the stored
 plan can differ between runs; pass `--execution factorized` or `materialized` where hashes are compared.
 What `--seed` drives: KCP's CP-ALS start only with the fit option `init=random` (the default `init=svd` is
 deterministic); ADTN's gate initialisation noise; data-aware refinement (`--calibrate`); fine-tuning
