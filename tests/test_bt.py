@@ -5,11 +5,14 @@ import pytest
 import torch
 from tensorly.tucker_tensor import tucker_to_tensor
 
+from kcompress import compress
 from kcompress.errors import KCompressError
 from kcompress.formats import BT, KCP, DataFitSettings, output_error
 from kcompress.formats.bt import DEFAULT_TUCKER_RANK
 from kcompress.formats.network_refine import EnvironmentPreconditioned
 from kcompress.formats.tensorize import Tensorization, choose_tensorization
+from kcompress.io.artifact import load, save_artifact
+from kcompress.io.models import SequenceClassifier
 
 from .conftest import trained_like
 from .test_tr import correlated_moment, relative
@@ -170,3 +173,12 @@ def test_data_aware_refinement_in_preconditioned_variables() -> None:
     info = module.fit_to_data(weight, moment, moment, DataFitSettings(iterations=40))
     assert info.kept and info.after < 0.9 * info.before and info.method == "auto"
     assert output_error(weight, module.reconstruct(), moment) == pytest.approx(info.after, rel=1e-5)
+
+
+def test_compressed_model_round_trips_through_an_artifact(tmp_path) -> None:
+    model = SequenceClassifier(12, 16, 4)
+    compressed, report = compress(model, format="bt", rank=[3, 2], check_speed=False, execution="factorized")
+    loaded = load(save_artifact(compressed, report, tmp_path / "model.safetensors"))
+    x = torch.randn(3, 7, 12)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), compressed.eval()(x))

@@ -7,10 +7,13 @@ import pytest
 import torch
 from tensorly.tr_tensor import tr_to_tensor
 
+from kcompress import compress
 from kcompress.errors import KCompressError
 from kcompress.formats import TR, TT, DataFitSettings, output_error
 from kcompress.formats.network_refine import EnvironmentPreconditioned
 from kcompress.formats.tensorize import Tensorization, choose_tensorization
+from kcompress.io.artifact import load, save_artifact
+from kcompress.io.models import SequenceClassifier
 
 from .conftest import trained_like
 
@@ -111,8 +114,8 @@ def test_parameter_and_mac_counts() -> None:
         assert module.num_params() == TR.param_count(tz, rank) == formula == sum(p.numel() for p in module.parameters())
     folded = Tensorization(1024, 57600, (16, 4, 4, 4), (8, 20, 20, 18))  # the KCP paper's shape, gates folded
     assert TR.param_count(folded, 4) == 16 * (16 * 8 + 4 * 20 + 4 * 20 + 4 * 18) == 5760
-    m, n = folded.out_modes, folded.in_modes  # core k absorbed after cores < k: the first adds 2 bonds, the last drops 2
-    bonds = [4 * 4, 4 * 4 * 4, 4 * 4 * 4, 4 * 4]
+    m, n = folded.out_modes, folded.in_modes
+    bonds = [4 * 4, 4 * 4 * 4, 4 * 4 * 4, 4 * 4]  # bond sizes a core's step multiplies: 2 at the ends, 3 between
     left_to_right = sum(math.prod(m[:k]) * n[k] * m[k] * bonds[k] * math.prod(n[k + 1 :]) for k in range(4))
     assert TR.macs(folded, 4) <= left_to_right  # the planned order is at least as cheap as the natural one
 
@@ -160,3 +163,12 @@ def test_data_aware_refinement_in_preconditioned_variables() -> None:
     info = module.fit_to_data(weight, moment, moment, DataFitSettings(iterations=40))
     assert info.kept and info.after < 0.9 * info.before and info.method == "auto"
     assert output_error(weight, module.reconstruct(), moment) == pytest.approx(info.after, rel=1e-5)
+
+
+def test_compressed_model_round_trips_through_an_artifact(tmp_path) -> None:
+    model = SequenceClassifier(12, 16, 4)
+    compressed, report = compress(model, format="tr", rank=[1, 2, 3], check_speed=False, execution="factorized")
+    loaded = load(save_artifact(compressed, report, tmp_path / "model.safetensors"))
+    x = torch.randn(3, 7, 12)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), compressed.eval()(x))

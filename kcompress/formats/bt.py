@@ -10,12 +10,13 @@ cores are then the scalar 1 and not stored, so the parameters are KCP's too.
 The rank is ``N_b`` (an int; every Tucker rank :data:`DEFAULT_TUCKER_RANK`), ``[N_b, r]`` (one Tucker rank for
 every mode) or ``[N_b, r_1, …, r_d]``; it is stored as the last form.
 
-Fit (block-wise ALS, :func:`~.network_als.network_sum_als`): the start is the KCP fit at ``R = N_b`` (CP-ALS
-through TensorLy, :func:`~.kcp.kcp_als`) whose terms become each block's first Tucker directions, the others
-the leading singular vectors of each unfolding; or those singular vectors alone (``init="svd"``). Sweeps then
-solve every block's core, then every block's factor of each mode, jointly from their normal equations; from
-the KCP start a fit is never worse than KCP at ``R = N_b``. Multiplication runs each block's Tucker star in the
-absorption order that needs the fewest MACs (:meth:`~.treenet.TreeLayout.plan`), in row chunks.
+Fit (block-wise ALS, :func:`~.network_als.network_sum_als`) from two starts, the better result kept
+(``init="auto"``): the KCP fit at ``R = N_b`` (CP-ALS through TensorLy, :func:`~.kcp.kcp_als`) whose terms become
+each block's first Tucker directions, the others the leading singular vectors of each unfolding; and those
+singular vectors alone. Sweeps solve every block's core, then every block's factor of each mode, jointly from
+their normal equations; from the KCP start a fit is never worse than KCP at ``R = N_b``. Multiplication runs
+each block's Tucker star in the absorption order that needs the fewest MACs (:meth:`~.treenet.TreeLayout.plan`)
+and adds the blocks, in row chunks.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class BTOptions(FormatOptions):
     start_iterations : int
         CP-ALS iterations of the ``kcp`` start (:func:`~.kcp.kcp_als`; KCP's default).
     max_sweeps : int
-        Most ALS sweeps (0: the start, its cores solved).
+        Most ALS sweeps (0: the start as it is; with ``init="kcp"`` the KCP fit).
     min_sweep_gain : float
         Sweeps stop when one lowers the relative error by no more than this.
     """

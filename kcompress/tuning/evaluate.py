@@ -47,8 +47,6 @@ def evaluate(
     tuple of positional arguments. Runs without gradients in eval mode; the model's modes are restored.
     """
     check_task(task)
-    if isinstance(data, SequenceData):
-        check_fits(model, data)
     batches = data.batches(batch_size) if isinstance(data, SequenceData) else data
     total, count = 0.0, 0
     with torch.no_grad(), eval_mode(model):
