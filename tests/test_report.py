@@ -12,7 +12,8 @@ from rich.console import Console
 from torch import nn
 
 from kcompress import KCompressError, KCompressWarning, Report, compress
-from kcompress.report.record import REPORT_SCHEMA, MatrixReport, SkippedLayer, validate_report_dict
+from kcompress.report.record import REPORT_SCHEMA, validate_report_dict
+from kcompress.report.rows import MatrixReport, SkippedLayer
 
 
 def matrix(

@@ -24,7 +24,7 @@ from kcompress.calibration.hooks import inner_layer, matrix_inputs
 from kcompress.config.calibration import DEFAULT_HOLDOUT, DEFAULT_SAMPLES, SOURCES
 from kcompress.errors import KCompressError
 from kcompress.nn import COMPRESSED_TYPES
-from kcompress.report.record import qualified_name
+from kcompress.report.rows import qualified_name
 from kcompress.tuning.data import BUILTIN_DATASETS, SequenceData, load_builtin, load_inputs_file
 from kcompress.tuning.evaluate import eval_mode, run_model
 

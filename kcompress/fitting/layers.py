@@ -14,7 +14,7 @@ from kcompress.fitting.planning import MatrixPlan
 from kcompress.formats import DataFitInfo, FitInfo, Stack, relative_error
 from kcompress.nn import COMPRESSED_TYPES, MatrixBuilder
 from kcompress.progress import ProgressCallback, ProgressEvent
-from kcompress.report.record import MatrixReport
+from kcompress.report.rows import MatrixReport
 
 
 class Refiner(Protocol):

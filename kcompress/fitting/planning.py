@@ -17,7 +17,8 @@ from kcompress.errors import KCompressError
 from kcompress.formats import Dense, Factorization, FormatOptions, get_format
 from kcompress.formats.tensorize import Tensorization
 from kcompress.nn import COMPRESSED_TYPES
-from kcompress.report.record import Report, SkippedLayer, qualified_name
+from kcompress.report.record import Report
+from kcompress.report.rows import SkippedLayer, qualified_name
 
 NOTHING_MATCHED = "no LSTM/GRU/Linear/Embedding layer matched"
 
@@ -98,12 +99,15 @@ def _candidate(module: nn.Module, config: CompressConfig) -> bool:
 def _exclusion_reason(name: str, module: nn.Module, config: CompressConfig) -> Optional[str]:
     """Why ``targets``/``include``/``exclude`` leave this layer out, or None. A Linear layer is selected when
     ``targets`` names ``"linear"`` (or ``"all"``) or an include glob names it; a recurrent layer when
-    ``targets`` names one of its matrices (``"ih"``, ``"hh"``). Include and exclude globs then narrow the
+    ``targets`` names one of its matrices (``"ih"``, ``"hh"``); a Conv1d/Conv2d only when an include glob names
+    it (its kernel is the matrix ``(out_channels, in_channels·k)``). Include and exclude globs then narrow the
     selection (Embedding layers are candidates only when targeted, :func:`_candidate`)."""
     kinds = config.target_kinds
     if isinstance(module, nn.Linear) and config.include_globs is None and "linear" not in kinds:
         return ("Linear layers are compressed only when targets include 'linear' (or 'all') or an include glob "
                 "names them")
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and config.include_globs is None:
+        return "convolutions are compressed only when an include glob names them"
     if isinstance(module, (nn.RNNBase, nn.RNNCellBase)) and not {"ih", "hh"} & set(kinds):
         return "targets leave its matrices dense"
     if config.include_globs is not None and not any(fnmatch.fnmatchcase(name, g) for g in config.include_globs):
@@ -156,7 +160,7 @@ def _plan_layer(name: str, module: nn.Module, config: CompressConfig, report: Re
     matrix_names, _ = layer_cls.parameter_names(layer_cls.dense_config(module))
     plans = {}
     for matrix in matrix_names:
-        rows, cols = getattr(module, matrix).shape
+        rows, cols = layer_cls.dense_matrix(module, matrix).shape
         try:
             plans[matrix] = _plan_matrix(name, type(module).__name__, matrix, (rows, cols), layer_cls.gates, config,
                                          choices)

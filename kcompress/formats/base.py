@@ -17,20 +17,25 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, Union
+from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from kcompress._threads import fit_threads
 from kcompress.errors import KCompressError
-from kcompress.formats.data_fit import DataFitInfo, DataFitSettings, OutputErrors, refine_to_data, same_shapes
+from kcompress.formats.data_fit import (
+    DataFitInfo,
+    DataFitSettings,
+    OutputErrors,
+    ProgressFn,
+    refine_to_data,
+    same_shapes,
+)
 from kcompress.formats.options import FormatOptions
 from kcompress.formats.tensorize import Tensorization, choose_tensorization
 
 Rank = Union[int, Sequence[int]]
-#: progress callback: ``(iteration, max_iterations, relative_error)``; called during fits
-ProgressFn = Callable[[int, int, float], None]
 #: format options as given: the format's options object, a dict of key -> value, or None (defaults)
 OptionsLike = Union[FormatOptions, Mapping[str, Any], None]
 
@@ -290,6 +295,11 @@ class Factorization(nn.Module):
         """Padded rows ``(B, N')`` of ``index (B,)``, whose digits on the output modes are ``digits (B, d)``.
         The default builds ``W``; formats whose factors can be indexed override it."""
         return self._reconstruct()[index]
+
+    def low_rank_factors(self) -> Optional[tuple[Tensor, Tensor]]:
+        """``(U (M, r), V (r, N))`` with ``W = U V`` when the format is exactly such a product (a layer may then
+        run it as two products, e.g. two convolutions); None for the others."""
+        return None
 
     def num_params(self) -> int:
         return self.param_count(self.tensorization, self.rank)

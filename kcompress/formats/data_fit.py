@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
 
 from kcompress.errors import KCompressError
 
-if TYPE_CHECKING:
-    from kcompress.formats.base import ProgressFn
-
+#: progress callback: ``(iteration, max_iterations, relative_error)``; called during fits
+ProgressFn = Callable[[int, int, float], None]
 OPTIMIZERS = ("auto", "lbfgs", "adam")
 #: eigenvalues of the (ridged) second moment below this fraction of the largest are dropped from the
 #: whitening of :func:`whitened_svd` (their directions carry no output energy)

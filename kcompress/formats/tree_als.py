@@ -1,4 +1,5 @@
-"""ALS sweeps for tree tensor networks (the ``tt`` and ``ht`` fits), over numpy nodes of a :class:`TreeLayout`.
+"""ALS sweeps for tree tensor networks (the ``tt`` and ``ht`` fits), over numpy nodes of a tree layout
+(:class:`~kcompress.formats.treenet.TreeLayout`, seen here through the :class:`Layout` protocol).
 
 With every node but one (the *centre*) an isometry towards the centre, the centre's environment is an
 isometry, so the least-squares optimal centre is the projection of the tensor onto it, and
@@ -10,20 +11,38 @@ the best nodes are kept regardless of rounding.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import numpy as np
 import opt_einsum
 
 from kcompress.formats.base import ProgressFn
 
-if TYPE_CHECKING:  # treenet imports this module
-    from kcompress.formats.treenet import TreeLayout
+
+class Layout(Protocol):
+    """What the sweeps read of a tree layout: the labels of the physical axes and of each node's axes, and
+    the tree's walks (``TreeLayout`` in :mod:`kcompress.formats.treenet` implements it)."""
+
+    @property
+    def physical(self) -> str: ...
+
+    @property
+    def nodes(self) -> tuple[str, ...]: ...
+
+    def holder(self, label: str) -> int: ...
+
+    def connected(self, node: int) -> str: ...
+
+    def neighbours(self, node: int) -> list[tuple[int, str]]: ...
+
+    def tour(self, start: int) -> list[int]: ...
+
+    def edges_towards(self, center: int) -> list[tuple[int, int]]: ...
 
 
 def tree_als(
     tensor: np.ndarray,
-    layout: TreeLayout,
+    layout: Layout,
     nodes: list[np.ndarray],
     center: int,
     *,
@@ -37,7 +56,7 @@ def tree_als(
     ----------
     tensor : np.ndarray
         The target, shape ``(m_1, n_1, …, m_d, n_d)`` (the rearranged weight with its mode pairs split).
-    layout : TreeLayout
+    layout : Layout
         The tree: which labels each node carries.
     nodes : list of np.ndarray
         Starting nodes in layout order, at feasible ranks (:meth:`TreeLayout.feasible`).
@@ -85,7 +104,7 @@ def tree_als(
 class TreeNetwork:
     """numpy nodes of a :class:`TreeLayout` during a fit, with the gauge moves and projections of ALS."""
 
-    def __init__(self, layout: TreeLayout, nodes: list[np.ndarray]) -> None:
+    def __init__(self, layout: Layout, nodes: list[np.ndarray]) -> None:
         self.layout = layout
         self.nodes = [np.asarray(node, dtype=np.float64) for node in nodes]
         self._projections: dict[int, Callable[..., np.ndarray]] = {}

@@ -4,7 +4,7 @@ One module per job; import the names below from ``kcompress.io``:
 
 - :mod:`.checkpoint`: detect a file's kind from its bytes and load it safely (:func:`load_checkpoint`);
 - :mod:`.recognize`: LSTM/GRU/LSTMCell/GRUCell/Linear layers in a state dict (:func:`find_layers`);
-- :mod:`.standalone`: the model to compress (:func:`model_from_checkpoint`, :class:`StandaloneModel`);
+- :mod:`.standalone`: the model to compress from a state dict (:class:`StandaloneModel`; :func:`model_from_checkpoint` is in :mod:`.checkpoint`);
 - :mod:`.artifact`: write an artifact (:func:`save_artifact`) and rebuild a model from one (:func:`load`);
 - :mod:`.files`: output paths, atomic writes, sha256.
 
@@ -12,7 +12,7 @@ Imports go one way: files <- recognize <- standalone <- artifact <- checkpoint.
 """
 
 from kcompress.io.artifact import ARTIFACT_SCHEMA_VERSION, METADATA_KEY, artifact_description, load, save_artifact
-from kcompress.io.checkpoint import KINDS, Checkpoint, load_checkpoint
+from kcompress.io.checkpoint import KINDS, Checkpoint, load_checkpoint, model_from_checkpoint
 from kcompress.io.files import (
                     PathLike,
                     atomic_write,
@@ -23,7 +23,7 @@ from kcompress.io.files import (
                     file_sha256,
 )
 from kcompress.io.recognize import LayerSpec, find_layers
-from kcompress.io.standalone import WEIGHTS_ONLY, StandaloneModel, model_from_checkpoint, model_from_state_dict
+from kcompress.io.standalone import WEIGHTS_ONLY, StandaloneModel, model_from_state_dict
 
 __all__ = [
     "ARTIFACT_SCHEMA_VERSION",

@@ -41,6 +41,7 @@ from kcompress.io.files import (
     safetensors_header_of,
 )
 from kcompress.io.pickles import SCAN_BYTES, unsafe_globals
+from kcompress.io.standalone import _check_module_finite, model_from_state_dict
 from kcompress.io.usercode import searching
 
 #: checkpoint kinds :func:`load_checkpoint` returns
@@ -89,7 +90,7 @@ def load_checkpoint(path: PathLike, trust_checkpoint: bool = False) -> Checkpoin
         return _load_safetensors(source, _read(source), header, digest)
     if head[:4] == b"PK\x03\x04":
         return _load_zip(source, digest, trust_checkpoint)
-    return _load_torch(source, digest, trust_checkpoint, _read_prefix(source))
+    return _load_torch(source, digest, trust_checkpoint)
 
 
 def _check_count(path: Path, count: int) -> None:
@@ -119,27 +120,30 @@ def _load_zip(path: Path, digest: str, trust: bool) -> Checkpoint:
             records = archive.infolist()
             names = [record.filename for record in records]
             _check_count(path, sum(1 for name in names if "/data/" in name))
-            pickled = next((r for r in records if r.filename.endswith("data.pkl")), None)
-            prefix = archive.read(pickled) if pickled is not None and pickled.file_size <= SCAN_BYTES else b""
     except KCompressError:
         raise
     except Exception as error:  # noqa: BLE001 - zipfile raises many types on damaged archives
         raise _corrupt(path, error) from None
     if any(name.endswith("/constants.pkl") or "/code/" in name for name in names):
         return _load_torchscript(path, digest, trust)
-    if pickled is not None:
-        return _load_torch(path, digest, trust, prefix)
+    if any(name.endswith("data.pkl") for name in names):
+        return _load_torch(path, digest, trust)
     raise KCompressError(f"{path}: a zip archive that is not a torch checkpoint (no data.pkl record)")
 
 
-def _read_prefix(path: Path) -> bytes:
-    """The first :data:`SCAN_BYTES` of a legacy torch.save file: its pickles, where the globals are named."""
-    return read_head(path, SCAN_BYTES)
+def _pickle_bytes(path: Path) -> bytes:
+    """The pickles of a torch.save file, where the globals it needs are named: a zip's ``data.pkl`` record, or
+    the start of a legacy file (at most :data:`SCAN_BYTES` either way)."""
+    if read_head(path, 4) != b"PK\x03\x04":
+        return read_head(path, SCAN_BYTES)
+    with zipfile.ZipFile(path) as archive:
+        record = next(r for r in archive.infolist() if r.filename.endswith("data.pkl"))
+        return archive.read(record) if record.file_size <= SCAN_BYTES else b""
 
 
-def _load_torch(path: Path, digest: str, trust: bool, pickled: bytes) -> Checkpoint:
-    """A ``torch.save`` file (``pickled``: its pickle bytes): weights-only, or fully unpickled when trusted
-    and the weights-only loader refuses it."""
+def _load_torch(path: Path, digest: str, trust: bool) -> Checkpoint:
+    """A ``torch.save`` file: weights-only, or fully unpickled when trusted and the weights-only loader
+    refuses it."""
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the refusal below says it all
             warnings.simplefilter("ignore")
@@ -148,7 +152,7 @@ def _load_torch(path: Path, digest: str, trust: bool, pickled: bytes) -> Checkpo
         if not isinstance(error, pickle.UnpicklingError):
             raise _corrupt(path, error) from None
         if not trust:
-            raise _refusal(path, pickled, error) from None
+            raise _refusal(path, error) from None
         obj = _unpickle_trusted(path)
     return _checkpoint_from_object(path, obj, digest)
 
@@ -159,12 +163,12 @@ def _torch_load(path: Path, weights_only: bool) -> Any:
         return torch.load(handle, map_location="cpu", weights_only=weights_only)
 
 
-def _refusal(path: Path, pickled: bytes, error: BaseException) -> KCompressError:
+def _refusal(path: Path, error: BaseException) -> KCompressError:
     """Why the weights-only loader refused a file: the globals it needs (read statically), or the loader's
     own reason when it needs none; a damaged pickle is called corrupt."""
     try:
-        needed = unsafe_globals(pickled)
-    except ValueError:
+        needed = unsafe_globals(_pickle_bytes(path))
+    except Exception:  # noqa: BLE001 - no complete pickle (ValueError), a damaged zip record: corrupt
         return _corrupt(path, error)
     advice = ("re-save it as a state dict or safetensors, or pass --trust-checkpoint (trust_checkpoint=True) if "
               "you trust it")
@@ -273,3 +277,16 @@ def _load_safetensors(path: Path, data: bytes, header: Mapping[str, Any], digest
     if not tensors:
         raise KCompressError(f"{path}: the safetensors file holds no tensors")
     return Checkpoint(path, "safetensors", _strip_wrappers(tensors), None, digest)
+
+
+def model_from_checkpoint(checkpoint: Checkpoint) -> nn.Module:
+    """The model to compress: the module itself (kinds ``module`` and ``artifact``), else built from the
+    state dict by :func:`model_from_state_dict` (a TorchScript archive through its state dict)."""
+    if checkpoint.kind == "artifact":
+        assert checkpoint.module is not None  # set for kinds artifact and module
+        return checkpoint.module
+    if checkpoint.kind == "module":
+        assert checkpoint.module is not None  # set for kinds artifact and module
+        _check_module_finite(checkpoint.module, checkpoint.path)
+        return checkpoint.module
+    return model_from_state_dict(checkpoint.state_dict, str(checkpoint.path))

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -14,9 +14,6 @@ from kcompress.io.files import _reason
 from kcompress.io.models import SequenceClassifier
 from kcompress.io.recognize import INTEGER_HINT, LayerSpec, _check_finite, find_layers
 from kcompress.nn import COMPRESSED_TYPES
-
-if TYPE_CHECKING:
-    from kcompress.io.checkpoint import Checkpoint
 
 #: forward of a model rebuilt from weights alone
 WEIGHTS_ONLY = "this checkpoint holds weights only; pass a model or an --evaluator to run it"
@@ -45,19 +42,6 @@ class StandaloneModel(nn.Module):
         """How to rebuild it: the layer specs and buffer names (the artifact's ``architecture``)."""
         return {"kind": "standalone", "layers": [s.to_dict() for s in self.layer_specs],
                 "buffers": list(self.buffer_names)}
-
-
-def model_from_checkpoint(checkpoint: Checkpoint) -> nn.Module:
-    """The model to compress: the module itself (kinds ``module`` and ``artifact``), else built from the
-    state dict by :func:`model_from_state_dict` (a TorchScript archive through its state dict)."""
-    if checkpoint.kind == "artifact":
-        assert checkpoint.module is not None  # set for kinds artifact and module
-        return checkpoint.module
-    if checkpoint.kind == "module":
-        assert checkpoint.module is not None  # set for kinds artifact and module
-        _check_module_finite(checkpoint.module, checkpoint.path)
-        return checkpoint.module
-    return model_from_state_dict(checkpoint.state_dict, str(checkpoint.path))
 
 
 def model_from_state_dict(state_dict: Mapping[str, Tensor], source: str = "state dict") -> nn.Module:

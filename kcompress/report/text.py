@@ -3,15 +3,11 @@ its JSON are :mod:`kcompress.report.record`; these only turn them into strings f
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union, cast
+from typing import Any, Mapping, Sequence, cast
 
 from rich.table import Table
 
-if TYPE_CHECKING:
-    from kcompress.report.record import MatrixReport
-
-#: rank as stored: one int, a list of per-bond ints, or None for matrices kept dense
-ReportRank = Union[int, list, None]
+from kcompress.report.rows import MatrixReport, ReportRank
 
 
 def times(ratio: float) -> str:
