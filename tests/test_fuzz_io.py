@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from kcompress import KCompressError, compress, compress_file, evaluate, load_data_file
+from kcompress import KCompressError, compress, compress_file, evaluate, finetune, load_data_file
 from kcompress.io import (
     Checkpoint,
     atomic_write,
@@ -495,12 +495,14 @@ def test_data_that_does_not_fit_the_model_is_one_line(tmp_path: pathlib.Path, mo
                                                       needle: str) -> None:
     path = tmp_path / "data.npz"
     np.savez(path, inputs=inputs, targets=np.zeros(10, np.int64))
-    data = load_data_file(path)
     with pytest.raises(KCompressError, match=needle):
-        evaluate(model, data)
+        finetune(model, load_data_file(path), epochs=1)
     evaluation = load_evaluation(EvalSpec(data=str(path)))
     with pytest.raises(KCompressError, match=f"^{re.escape(str(path))}: |^{re.escape(str(path))} holds"):
         evaluation.measure(model)
+    with pytest.raises(KCompressError, match=needle) as error:  # kcompress.evaluate called directly
+        evaluate(model, load_data_file(path))
+    assert "\n" not in str(error.value)
 
 
 def test_kcp_never_stopping_early_runs_every_iteration() -> None:

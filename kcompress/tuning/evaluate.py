@@ -52,7 +52,12 @@ def evaluate(
     with torch.no_grad(), eval_mode(model):
         for batch in batches:
             inputs, targets = split_batch(batch)
-            outputs = run_model(model, inputs)
+            try:
+                outputs = run_model(model, inputs)
+            except (IndexError, RuntimeError, TypeError, ValueError):
+                if isinstance(data, SequenceData):  # data that does not fit the model: say why, in one line
+                    check_fits(model, data)
+                raise
             targets = targets.to(outputs.device)
             total += float(batch_metric_sum(outputs, targets, task))
             count += targets.numel()
