@@ -4,7 +4,7 @@ data-aware refinement when calibrating), with progress events and one report row
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Protocol, cast
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence, cast
 
 from torch import Tensor, nn
 
@@ -38,13 +38,22 @@ def fit_layers(
     returns the model (the drop-in itself when the model is the layer) and the report rows in plan order.
     With a ``refiner`` each targeted matrix is then fitted to its data."""
     fitter = _Fitter(seed, progress, sum(p.targeted for layer in plans.values() for p in layer.values()), refiner)
+    paths = module_paths(model)  # once: the planned layers hold no planned layer, so replacing keeps the rest
     for name, layer_plans in plans.items():
         fitter.model = model
         dense = model.get_submodule(name)
         compressed = COMPRESSED_TYPES[type(dense)].from_dense(dense, fitter.builder(layer_plans))
         compressed.train(dense.training)
-        model = replace_module(model, dense, compressed)
+        model = replace_module(model, dense, compressed, paths.get(id(dense), []))
     return model, fitter.rows
+
+
+def module_paths(model: nn.Module) -> dict[int, list[str]]:
+    """Every path of every submodule, by the module's ``id`` (a shared module has several paths)."""
+    paths: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(name)
+    return paths
 
 
 class _Fitter:
@@ -150,12 +159,11 @@ def _matrix_report(
     )
 
 
-def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> nn.Module:
-    """Put ``new`` at every path where ``model`` holds ``old`` (``setattr`` on the parents); returns the
+def replace_module(model: nn.Module, old: nn.Module, new: nn.Module, paths: Sequence[str]) -> nn.Module:
+    """Put ``new`` at each of ``old``'s ``paths`` in ``model`` (``setattr`` on the parents); returns the
     model, which is ``new`` itself when ``old`` is the model."""
     if model is old:
         return new
-    paths = [name for name, module in model.named_modules(remove_duplicate=False) if module is old]
     for path in paths:
         parent, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
