@@ -15,7 +15,7 @@ The MACs are those of :func:`~kcompress.formats.kcp_plan.kcp_step_costs` in the 
 the cheapest order or close to it when the large output mode (the gates) is mode 1, as kcompress tensorizes
 recurrent matrices. Where the step-by-step plan of :mod:`kcompress.formats.kcp_plan` runs many small batched
 GEMMs (a ``(R·m, n)`` block per group of rows), this runs a few large ones: at the KCP paper's shape (57,600
-inputs, 4x256 gates, rank 8) it is about 1.5x faster at 256 rows and 2x at 16 (benchmarks.md). Every
+inputs, 4x256 gates, rank 8) it is 1.4x faster at 256 and 2,048 rows and 1.1-1.7x at 16 (benchmarks.md). Every
 operation is a differentiable torch op, so autograd, tracing and ONNX export work as for any torch code.
 """
 
