@@ -107,7 +107,7 @@ def _set(path: list[Any], value: Any) -> Callable[[dict], None]:
     (_set(["layers", "head", "layer", "kwargs", "in_features"], 7), ["layers['head'].matrices.weight"]),
     (_set(["layers", "head", "layer", "kwargs", "out_features"], -3), ["out_features is -3"]),
     (_set(["layers", "head", "matrices", "weight", "rank"], 10**9), ["head.matrices.weight"]),
-    (_set(["layers", "rnn", "layer", "type"], "Conv1d"), ["layers['rnn'].layer.type"]),
+    (_set(["layers", "rnn", "layer", "type"], "Conv3d"), ["layers['rnn'].layer.type"]),
     (_set(["layers", "rnn", "matrices"], []), ["layers['rnn'].matrices is list"]),
     (_set(["layers"], "x"), ["layers is str"]),
 ], ids=["num_layers", "arch-num_layers", "hidden", "arch-hidden", "in_features", "negative", "rank", "type",

@@ -15,6 +15,8 @@ from kcompress.errors import KCompressError
 from kcompress.formats import KCP, SVD, Dense, Stack
 from kcompress.nn import (
     COMPRESSED_TYPES,
+    CompressedConv1d,
+    CompressedConv2d,
     CompressedEmbedding,
     CompressedGRU,
     CompressedGRUCell,
@@ -156,6 +158,8 @@ def test_compressed_types() -> None:
         nn.GRUCell: CompressedGRUCell,
         nn.Linear: CompressedLinear,
         nn.Embedding: CompressedEmbedding,
+        nn.Conv1d: CompressedConv1d,
+        nn.Conv2d: CompressedConv2d,
     }
 
 
@@ -330,6 +334,6 @@ def test_rebuild_reports_bad_configs() -> None:
     layer = compress(nn.GRUCell(INPUT, HIDDEN))
     configs = {name: m.config() for name, m in layer.matrices.items()}
     with pytest.raises(KCompressError, match="unknown layer type"):
-        rebuild({"type": "Conv1d", "kwargs": {}}, configs)
+        rebuild({"type": "Conv3d", "kwargs": {}}, configs)
     with pytest.raises(KCompressError, match="weight_hh"):
         rebuild(layer.layer_config(), {"weight_ih": configs["weight_ih"]})

@@ -9,8 +9,10 @@ lengths; a padded tensor counts every step as real).
 
 :func:`matrix_inputs` yields ``(torch parameter name, rows (n, N), sensitivities (n, M) or None)``:
 ``weight_ih*`` gets the layer's inputs ``x_t``, ``weight_hh*`` the previous hidden state ``h_{t-1}`` (``h_0``
-included), ``weight`` (Linear) its input; the sensitivities of an LSTM's/GRU's matrices are the squared state
-sensitivities of their gate rows at the same steps (:mod:`kcompress.calibration.gate_sensitivity`), None for Linear.
+included), ``weight`` (Linear) its input, a convolution's ``weight`` the patches of its input in chunks of
+samples (:mod:`kcompress.calibration.conv_inputs`: several rows for one name); the sensitivities of an
+LSTM's/GRU's matrices are the squared state sensitivities of their gate rows at the same steps
+(:mod:`kcompress.calibration.gate_sensitivity`), None for Linear and convolutions.
 ``weights`` replaces matrices by other dense values (e.g. the reconstruction of an inner layer already
 compressed); ``layers`` restricts the output to some inner layers.
 """
@@ -26,6 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from kcompress.calibration.conv_inputs import patch_rows
 from kcompress.calibration.gate_sensitivity import gru_sensitivities, lstm_sensitivities
 
 #: (matrix name, rows (n, N), squared gate-row sensitivities (n, M) or None)
@@ -58,6 +61,9 @@ def matrix_inputs(
     elif isinstance(module, nn.Linear):
         value = args[0] if args else kwargs["input"]
         yield "weight", value.reshape(-1, value.shape[-1]), None
+    elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        for rows in patch_rows(module, args[0] if args else kwargs["input"]):
+            yield "weight", rows, None
 
 
 def _cell_inputs(module: nn.RNNCellBase, input: Tensor, hx: Any) -> Iterator[Rows]:

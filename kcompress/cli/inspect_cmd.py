@@ -38,6 +38,8 @@ Examples:
   kcompress inspect model.pt --json > layers.json"""
 #: layers listed in the summary's table (--details lists all)
 SUMMARY_LAYERS = 12
+#: layer types compressed only when an include glob names them (a convolution's MACs: per output position)
+INCLUDE_ONLY = ("Linear", "Conv1d", "Conv2d")
 
 
 @click.command("inspect", epilog=EPILOG)
@@ -92,7 +94,7 @@ def _summary(matrices: list[dict[str, Any]]) -> dict[str, Any]:
     """Per format and rank, the totals over the matrices compressed by default (over all when none is:
     a model of Linear layers, which need --include)."""
     chosen = [m for m in matrices if m["default"]] or matrices
-    which = "compressed by default" if chosen[0]["default"] else "all of them Linear, compressed with --include"
+    which = "compressed by default" if chosen[0]["default"] else "all of them compressed with --include"
     dense = sum(m["shape"][0] * m["shape"][1] for m in chosen)
     totals: dict[tuple[str, Any], dict[str, Any]] = {}
     for matrix in chosen:
@@ -121,8 +123,8 @@ def _describe_layer(name: str, module: nn.Module) -> dict[str, Any]:
         matrix_names, _ = layer_cls.parameter_names(layer_cls.dense_config(module))
     except KCompressError as error:
         return {**row, "supported": False, "default": f"unsupported: {error}"}
-    row["matrices"] = {m: tuple(getattr(module, m).shape) for m in matrix_names}
-    default = "with --include" if isinstance(module, nn.Linear) else "by default"
+    row["matrices"] = {m: tuple(layer_cls.dense_matrix(module, m).shape) for m in matrix_names}
+    default = "with --include" if row["type"] in INCLUDE_ONLY else "by default"
     return {**row, "supported": True, "default": default}
 
 
@@ -130,11 +132,13 @@ def _matrix_options(layer: dict[str, Any], matrix: str, shape: tuple[int, int], 
                     ranks: list[int], order: Optional[int], gates: str) -> dict[str, Any]:
     """One matrix: a title and a row per (format, rank)."""
     name = f"{layer['name']}.{matrix}" if layer["name"] else matrix
-    hint = "" if layer["type"] == "Linear" else _target_hint(matrix)
+    hint = "" if layer["type"] in INCLUDE_ONLY else _target_hint(matrix)
+    if layer["type"].startswith("Conv"):
+        hint = ", the kernel as a matrix; MACs per output position"
     title = f"{name} ({shape[0]}x{shape[1]}{hint})"
     options = [(rank, _option(fmt, rank, tuple(shape), layer["gates"], order, gates))
                for fmt in format_names for rank in ranks]
-    return {"name": name, "shape": list(shape), "title": title, "default": layer["type"] != "Linear",
+    return {"name": name, "shape": list(shape), "title": title, "default": layer["type"] not in INCLUDE_ONLY,
             "options": [{**option, "rank_asked": rank} for rank, option in options if option is not None]}
 
 

@@ -72,5 +72,8 @@ class SVD(Factorization):
     def _reconstruct(self) -> Tensor:
         return self.left @ self.right
 
+    def low_rank_factors(self) -> tuple[Tensor, Tensor]:
+        return self.left, self.right
+
     def _rows(self, index: Tensor, digits: Tensor) -> Tensor:
         return self.left[index] @ self.right

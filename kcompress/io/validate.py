@@ -65,7 +65,7 @@ def _check_layer(name: str, entry: Any, tensors: Mapping[str, Tensor]) -> None:
     for matrix in matrix_names:
         with torch.device("meta"):
             shape = _matrix_shape(formats.build(dict(matrices[matrix])))
-        expected = tuple(getattr(dense, matrix).shape)
+        expected = tuple(cls.dense_matrix(dense, matrix).shape)
         if shape != expected:
             raise KCompressError(f"{where}.matrices.{matrix} describes a {shape[0]}x{shape[1]} matrix; the "
                                  f"layer's kwargs make it {expected[0]}x{expected[1]}")

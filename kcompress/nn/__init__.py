@@ -1,5 +1,5 @@
-"""Drop-in compressed layers: ``CompressedLinear``, ``CompressedEmbedding``, ``CompressedLSTM``,
-``CompressedGRU``, ``CompressedLSTMCell`` and ``CompressedGRUCell`` (same attributes and forward signatures as
+"""Drop-in compressed layers: ``CompressedLinear``, ``CompressedEmbedding``, ``CompressedConv1d``,
+``CompressedConv2d``, ``CompressedLSTM``, ``CompressedGRU``, ``CompressedLSTMCell`` and ``CompressedGRUCell`` (same attributes and forward signatures as
 torch's).
 
 Each holds its matrices in ``self.matrices`` (keyed by torch's parameter names) and torch's biases as
@@ -19,6 +19,7 @@ from kcompress import formats
 from kcompress.errors import KCompressError
 from kcompress.nn.base import CompressedLayer, MatrixBuilder
 from kcompress.nn.cells import CompressedGRUCell, CompressedLSTMCell
+from kcompress.nn.conv import CompressedConv1d, CompressedConv2d
 from kcompress.nn.embedding import CompressedEmbedding
 from kcompress.nn.execution import FACTORIZED, MATERIALIZED, MODES
 from kcompress.nn.linear import CompressedLinear
@@ -33,6 +34,8 @@ COMPRESSED_TYPES: dict[type[nn.Module], type[CompressedLayer]] = {
     nn.GRUCell: CompressedGRUCell,
     nn.Linear: CompressedLinear,
     nn.Embedding: CompressedEmbedding,
+    nn.Conv1d: CompressedConv1d,
+    nn.Conv2d: CompressedConv2d,
 }
 
 
@@ -68,6 +71,8 @@ def rebuild(layer_config: Mapping[str, Any], matrix_configs: Mapping[str, Mappin
 
 __all__ = [
     "COMPRESSED_TYPES",
+    "CompressedConv1d",
+    "CompressedConv2d",
     "CompressedEmbedding",
     "CompressedGRU",
     "CompressedGRUCell",

@@ -101,6 +101,13 @@ class CompressedLayer(nn.Module):
         return {key: getattr(dense, key) for key in cls.config_keys}
 
     @classmethod
+    def dense_matrix(cls, dense: nn.Module, name: str) -> Tensor:
+        """Matrix ``name`` of the dense module as the ``(M, N)`` matrix the format compresses (a convolution's
+        kernel flattened, :mod:`kcompress.nn.conv`)."""
+        weight: Tensor = getattr(dense, name)
+        return weight
+
+    @classmethod
     def from_dense(cls, dense: nn.Module, build: MatrixBuilder) -> "CompressedLayer":
         """The compressed layer whose matrices are ``build(name, weight, gates)``; biases are copied."""
         if not isinstance(dense, cls.dense_type):
@@ -109,7 +116,7 @@ class CompressedLayer(nn.Module):
             )
         config = cls.dense_config(dense)
         matrix_names, bias_names = cls.parameter_names(config)
-        matrices = {name: build(name, getattr(dense, name).detach(), cls.gates) for name in matrix_names}
+        matrices = {name: build(name, cls.dense_matrix(dense, name).detach(), cls.gates) for name in matrix_names}
         biases = {name: _copy(getattr(dense, name, None)) for name in bias_names}
         return cls(config, matrices, biases)
 

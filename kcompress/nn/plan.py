@@ -1,8 +1,9 @@
 """Choosing each compressed matrix's execution path: :func:`set_execution` and the ``"auto"`` planner.
 
-``"auto"`` decides per matrix (Linear, cells) or per layer of an LSTM/GRU (a factorized ``W_hh`` forces the
-per-step Python loop for its whole layer, so the matrices of a layer are decided together); an embedding's
-table is materialized (a cached table) unless its factorized lookups measure faster (step 2 only):
+``"auto"`` decides per matrix (Linear, convolutions, cells) or per layer of an LSTM/GRU (a factorized
+``W_hh`` forces the per-step Python loop for its whole layer, so the matrices of a layer are decided
+together); an embedding's table is materialized (a cached table) unless its factorized lookups measure
+faster (step 2 only):
 
 1. Closed form where the answer is clear: a factorized product needing at least the dense product's MACs
    is materialized; one needing at most :data:`CLEAR_FRACTION` of them on a matrix of at least
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import itertools
+import time
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
@@ -29,10 +31,12 @@ from torch import Tensor, nn
 
 from kcompress.errors import KCompressError
 from kcompress.nn.base import CompressedLayer
+from kcompress.nn.conv import CompressedConv
 from kcompress.nn.embedding import CompressedEmbedding
 from kcompress.nn.execution import FACTORIZED, MATERIALIZED, MODES, check_mode, is_dense
 from kcompress.nn.recurrent import CompressedRNN
 from kcompress.nn.speed import CHECK_BATCH, paired, time_interleaved
+from kcompress.progress import ProgressCallback, ProgressEvent
 
 #: ``"auto"``, one mode for every matrix, or ``{glob over "layer.matrix" names: mode}`` (later globs win)
 Plan = Union[str, Mapping[str, str]]
@@ -48,19 +52,30 @@ MARGIN = 0.9
 BUDGET = 0.1
 #: separate measurements a factorized candidate must win (the first decides when it loses)
 CONFIRMATIONS = 2
+#: seconds after which a decision's measurement stops (the rounds measured so far decide): a slow
+#: factorized candidate on a loaded machine must not stall a compression
+DECISION_SECONDS = 2.0
+#: rounds per measurement at least
+MIN_ROUNDS = 3
 
 
-def set_execution(model: nn.Module, plan: Plan = "auto", *, measure: bool = True) -> dict[str, dict[str, str]]:
+def set_execution(model: nn.Module, plan: Plan = "auto", *, measure: bool = True,
+                  progress: Optional[ProgressCallback] = None) -> dict[str, dict[str, str]]:
     """Set the execution path of every compressed matrix of ``model``; returns ``{layer path: its plan}``.
 
     ``plan``: ``"factorized"``, ``"materialized"``, ``"auto"`` (see the module docs; ``measure=False``
     decides by closed forms only) or ``{glob: mode}`` matched against ``"layer.matrix"`` names (the layer
-    alone also matches), later globs winning; matrices no glob names keep their path.
+    alone also matches), later globs winning; matrices no glob names keep their path. ``progress`` hears a
+    ``"step"`` event before each layer that ``"auto"`` measures.
     """
     check_plan(plan)
     layers = compressed_layers(model)
     if isinstance(plan, str):
-        for layer in layers.values():
+        for index, (name, layer) in enumerate(layers.items()):
+            if plan == "auto" and measure and progress is not None and _measured(layer):
+                progress(ProgressEvent("step", "execution", index, len(layers),
+                                       message=f"timing the execution paths of {name or 'the model'} "
+                                               f"({index + 1}/{len(layers)}) ..."))
             if plan == "auto":
                 layer.set_execution(auto_plan(layer, measure), requested=dict.fromkeys(layer.matrices, "auto"))
             else:
@@ -166,12 +181,21 @@ def auto_plan(layer: CompressedLayer, measure: bool = True) -> dict[str, str]:
     """``{matrix: path}`` for one layer (see the module docs)."""
     if isinstance(layer, CompressedEmbedding):
         return {"weight": _auto_lookup(layer, measure)}
+    if isinstance(layer, CompressedConv):
+        return {"weight": _auto_conv(layer, measure)}
     if isinstance(layer, CompressedRNN):
         plan: dict[str, str] = {}
         for index in range(layer.num_layers):
             plan.update(_auto_rnn_layer(layer, index, measure))
         return plan
     return {name: _auto_matrix(layer, name, measure) for name in layer.matrices}
+
+
+def _measured(layer: CompressedLayer) -> bool:
+    """Whether ``"auto"`` times this layer (some matrix's path is not clear from its MACs)."""
+    if isinstance(layer, CompressedEmbedding):
+        return not is_dense(layer.matrices["weight"])
+    return any(closed_form(matrix) is None for matrix in layer.matrices.values())
 
 
 def closed_form(matrix: nn.Module) -> Optional[str]:
@@ -210,6 +234,16 @@ def _auto_matrix(layer: CompressedLayer, name: str, measure: bool) -> str:
     inputs = [_random(matrix, batch, _in_features(matrix)) for batch in MEASURE_BATCHES]
     runs = [lambda x=x: layer.product(name, x) for x in inputs]
     return _fastest(layer, _candidates({name: None}), runs)[name]
+
+
+def _auto_conv(layer: CompressedConv, measure: bool) -> str:
+    """A convolution's kernel: closed form on its MACs per output position, else the layer's forward timed
+    both ways on :meth:`~kcompress.nn.conv.CompressedConv.example_input` at each of :data:`MEASURE_BATCHES`."""
+    clear = closed_form(layer.matrices["weight"])
+    if clear is not None or not measure:
+        return clear or MATERIALIZED
+    runs = [lambda x=layer.example_input(batch): layer(x) for batch in MEASURE_BATCHES]
+    return _fastest(layer, _candidates({"weight": None}), runs)["weight"]
 
 
 def _auto_lookup(layer: CompressedEmbedding, measure: bool) -> str:
@@ -264,10 +298,12 @@ def _fastest(
 ) -> dict[str, str]:
     """The candidate plan that is fastest at every one of ``runs`` (one per batch size): the first (most
     materialized) candidate wins unless another takes at most :data:`MARGIN` of its time in every run, in
-    each of :data:`CONFIRMATIONS` separate measurements (one disturbed measurement must not pick a slower path)."""
+    each of :data:`CONFIRMATIONS` separate measurements (one disturbed measurement must not pick a slower path).
+    A measurement ends after :data:`MIN_ROUNDS` rounds once :data:`DECISION_SECONDS` have passed."""
     saved = {name: layer.execution[name] for name in candidates[0]}
     requested = {name: layer.requested.get(name, mode) for name, mode in saved.items()}
     worst = dict.fromkeys(range(len(candidates)), 0.0)  # per candidate: its largest time ratio to candidate 0
+    begin = time.perf_counter()
     try:
         with torch.no_grad():
             for plan in candidates:  # build the cached weights and warm the kernels, outside the timing
@@ -276,11 +312,13 @@ def _fastest(
                     run()
             for _ in range(CONFIRMATIONS):
                 for run in runs:
+                    late = time.perf_counter() - begin > DECISION_SECONDS
                     timings = time_interleaved({k: _under(layer, plan, run) for k, plan in enumerate(candidates)},
-                                               budget=BUDGET / len(runs))
+                                               budget=0.0 if late else BUDGET / len(runs), min_runs=MIN_ROUNDS)
                     for k, timing in timings.items():
                         worst[k] = max(worst[k], paired(timing, timings[0]).ratio)
-                if all(ratio > MARGIN for k, ratio in worst.items() if k != 0):
+                if all(ratio > MARGIN for k, ratio in worst.items() if k != 0) or (
+                        time.perf_counter() - begin > DECISION_SECONDS):
                     break
     finally:
         layer.set_execution(saved, requested)
