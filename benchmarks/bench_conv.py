@@ -83,7 +83,7 @@ def main() -> None:
           f"{r['default_ms']:.3f}", f"{r['speedup']:.2f} (±{r['spread']:.0%})"] for r in rows])
     summary = (f"Lowest dense/default ratio: {worst['speedup']:.2f} ({worst['conv']}, {worst['channels']} channels, "
                f"kernel {worst['kernel']}, {worst['format']}, batch {worst['batch']}, {worst['plan']}); target >= 0.9.\n")
-    write_results("conv_speed", rows, f"# Compressed convolutions: default plan vs dense\n\n{__doc__}\n"
+    write_results("conv_speed", rows, f"## Compressed convolutions (issue 26): default plan vs dense\n\n{__doc__}\n"
                   f"{machine_markdown()}Threads: {args.threads}.\n\n{summary}\n{table}")
     print(summary)
 

@@ -10,7 +10,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PARTS = ["params", "speed", "speed_matrix_2threads_quiet", "speed_matrix_1thread", "fit", "memory", "sweep", "sweep_executors", "calibration",
          "allocate", "search_distill_lr", "search", "search_distill", "exec_summary", "exec_train", "exec_train_h256svd", "exec_quiet",
-         "exec_paper_quiet", "exec_paper", "exec_distill_memory", "exec_grid_lstm", "exec_grid_gru"]
+         "exec_paper_quiet", "exec_paper", "exec_distill_memory", "exec_grid_lstm", "exec_grid_gru",
+         "bytes_japanese-vowels", "bytes_token", "bytes_silero-vad", "conv_speed"]
+
+#: a heading put before the first of these parts (their results files start at a lower level)
+HEADINGS = {"bytes_japanese-vowels": "## The whole model in bytes (issue 25): `python benchmarks/bench_bytes.py`\n"}
 
 HEADER = """# Benchmarks
 
@@ -30,6 +34,8 @@ python benchmarks/bench_calibration.py  # data-aware fitting and unlabeled disti
 python benchmarks/bench_exec.py       # execution plans: compressed vs dense forward/training, paper shape, memory
 python benchmarks/bench_allocate.py   # automatic allocation vs uniform at 8x (JapaneseVowels)
 python benchmarks/bench_search.py     # --max-drop 0.01 budget search (JapaneseVowels LSTM and GRU)
+python benchmarks/bench_bytes.py      # the whole model in bytes: fp32, fp16, int8 dynamic, formats, formats + int8
+python benchmarks/bench_conv.py       # compressed convolutions against the dense convolution
 python benchmarks/make_docs.py        # this page
 ```
 """
@@ -43,6 +49,8 @@ def main() -> None:
     for name in PARTS:
         path = HERE / "results" / f"{name}.md"
         if path.exists():  # links written from benchmarks/results/ resolve from docs/ once rewritten
+            if name in HEADINGS:
+                sections.append(HEADINGS[name])
             sections.append(path.read_text().replace("](../../docs/", "]("))
     target = HERE.parent / "docs" / "benchmarks.md"
     target.write_text("\n".join(sections))

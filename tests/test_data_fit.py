@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kcompress.calibration.run import decision_score
 from kcompress.formats import DataFitSettings, data_fit, get_format, output_error, whitened_svd
 
 
@@ -126,18 +127,18 @@ def test_ridge_auto_collects_dense_statistics_once_and_warm_starts(monkeypatch: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _, report = compress(model, "tt", ratio=2, targets="ih,hh", check_speed=False, calibration=data,
-                             calibrate_options={"iterations": 2 * calibrated.SCREEN_ITERATIONS, "ridge": "auto",
+                             allocate="uniform", calibrate_options={"iterations": 2 * calibrated.SCREEN_ITERATIONS, "ridge": "auto",
                                                 "gate_weights": True})
     candidates = report.calibration["fit_candidates"]
     assert made == ["calibrator"]  # also for a finishing pass
     assert [(c["ridge"], c["screened"]) for c in candidates[:3]] == [(1.0, False), (0.1, True), (0.01, True)]
     assert starts == [False, False] + [True] * 2 * (len(candidates) - 1)  # ih and hh per candidate
-    best = min(candidates[:3], key=lambda c: c["relative_error"])
+    best = min(candidates[:3], key=decision_score)
     assert best["screened"]  # here ridge 0.1, cut short at SCREEN_ITERATIONS steps: refined on from there
     assert len(candidates) == 4 and (candidates[3]["ridge"], candidates[3]["screened"]) == (best["ridge"], False)
     steps, screened = 2 * calibrated.SCREEN_ITERATIONS, calibrated.SCREEN_ITERATIONS  # the finish: the rest
     assert caps == [steps] * 2 + [screened] * 4 + [steps - screened] * 2
-    assert report.calibration["ridge"] == min(candidates, key=lambda c: c["relative_error"])["ridge"]
+    assert report.calibration["ridge"] == min(candidates, key=decision_score)["ridge"]
 
 
 def test_each_plain_fit_runs_once_and_gives_the_result_of_refitting(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -164,7 +165,7 @@ def test_each_plain_fit_runs_once_and_gives_the_result_of_refitting(monkeypatch:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             result, report = compress(model, "kcp", ratio=2, targets="ih,hh", check_speed=False, calibration=data,
-                                      calibrate_options={"iterations": 10, "gate_weights": True})
+                                      allocate="uniform", calibrate_options={"iterations": 10, "gate_weights": True})
         assert len(report.calibration["fit_candidates"]) >= 3
         return result.state_dict()
 

@@ -139,7 +139,7 @@ def test_separate_finetune_data(tiny, data, tmp_path) -> None:
     assert "also the fine-tuning data" not in result.stderr
     metrics = json.loads(report.read_text())["metrics"]
     assert metrics["scored_on"] == f"accuracy on {data}" and metrics["finetuned_on"] == str(other)
-    usage = run(tiny, "--rank", "2", "--eval", data, "--finetune-data", other)
+    usage = run(tiny, "--rank", "2", "--eval", data, "--finetune-epochs", "0", "--finetune-data", other)
     assert usage.exit_code == 2 and "--finetune-data is the data to fine-tune on: give --finetune-epochs N" in \
         usage.stderr
     missing = run(tiny, "--rank", "2", "--eval", data, "--finetune-epochs", "1", "--finetune-data", tmp_path / "x.npz")

@@ -20,6 +20,7 @@ from kcompress.config import CompressConfig
 from kcompress.errors import KCompressError
 from kcompress.fitting.planning import plan_compression, targeted_plans
 from kcompress.formats.data_fit import output_error
+from kcompress.nn import COMPRESSED_TYPES
 from kcompress.report.record import Report
 
 
@@ -56,7 +57,8 @@ def prepare(model: nn.Module, config: CompressConfig, calibration: Any = None) -
     settings = config.calibration.fit_settings()
     candidates = []
     for index, plan in enumerate(first):
-        weight = getattr(model.get_submodule(plan.layer), plan.matrix).detach().to(torch.float64)
+        module = model.get_submodule(plan.layer)
+        weight = COMPRESSED_TYPES[type(module)].dense_matrix(module, plan.matrix).detach().to(torch.float64)
         moment = moments.get(plan.name)
         identity = torch.eye(weight.shape[1], dtype=torch.float64)
         candidates.append(Candidate(

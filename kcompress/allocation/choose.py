@@ -104,8 +104,14 @@ class Option:
     macs: int
     error: float
     sampled: bool
+    #: tensor bytes as an artifact stores the option (set for a size budget, :mod:`kcompress.allocation.size`)
+    bytes: Optional[int] = None
 
     def cost(self, objective: str) -> int:
+        """Parameters (``"size"``), MACs (``"latency"``) or stored bytes (``"bytes"``, a size budget)."""
+        if objective == "bytes":
+            assert self.bytes is not None, "a byte cost needs the option's bytes"
+            return self.bytes
         return self.params if objective == "size" else self.macs
 
 
@@ -345,5 +351,5 @@ def budget_for(candidates: Sequence[Candidate], ratio: Optional[float] = None,
 
 
 def _unit(objective: str) -> str:
-    return "parameters" if objective == "size" else "MACs"
+    return {"size": "parameters", "bytes": "bytes"}.get(objective, "MACs")
 

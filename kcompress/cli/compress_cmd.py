@@ -64,6 +64,7 @@ Examples:
       --drop-type relative --report report.json --markdown report.md
   kcompress model.pt --format tt --rank 8 --evaluator mymetrics:score --max-drop 0.01
   kcompress lstm.pt --formats kcp,tt,svd --ratio 8 --calibrate japanese-vowels
+  kcompress lstm.pt --formats svd,kcp --size 40KB --quantize none,int8,int4 --calibrate japanese-vowels
   kcompress lstm.pt --formats kcp,tt,svd --calibrate japanese-vowels --eval japanese-vowels --max-drop 0.01 \\
       --finetune-epochs 40 --finetune-lr 0.02"""
 
@@ -79,8 +80,9 @@ class Outputs:
 
 @click.command("compress", epilog=EPILOG)
 @click.argument("model", type=click.Path(readable=False, path_type=pathlib.Path))
-@click.option("--format", "format_", type=click.Choice(COMPRESSION_FORMATS), default="kcp", show_default=True,
-              help="Weight format of the compressed matrices.")
+@click.option("--format", "format_", type=click.Choice(COMPRESSION_FORMATS),
+              help="Weight format of the compressed matrices (an allocated budget uses only this one). Default: "
+                   "kcp; an allocated budget (--ratio with --calibrate, --max-drop) chooses between kcp, tt and svd.")
 @click.option("--rank", type=RankType(), help="Rank of every compressed matrix (clamped to each matrix's "
               "largest useful rank, with a warning); N,N,... for per-bond ranks (bt: N_b,r = blocks, "
               "Tucker rank).")
@@ -94,9 +96,10 @@ class Outputs:
               help="What to compress, comma-separated: ih, hh (the recurrent matrices: input-to-hidden, "
               "hidden-to-hidden; those left out stay dense, and a warning says so), embedding (every Embedding "
               "table), linear (every Linear layer), or all (the whole model).")
-@click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
-              help="Store the factors and every untouched tensor as integers with per-slice scales (biases int8); "
-              "the report gives the whole model's bytes before and after either way.")
+@click.option("--quantize", metavar="none|int8|int4", help="Store the factors and every untouched tensor as integers "
+              "with per-slice scales (biases int8); the report gives the whole model's bytes before and after either "
+              "way. Default: none. With --size, a comma-separated list (e.g. none,int8,int4) to choose from; "
+              "default none,int8.")
 @click.option("--gates", type=click.Choice(["fused", "separate"]), default="fused", show_default=True,
               help="Fit an LSTM/GRU matrix's gates as one matrix or one fit per gate.")
 @click.option("--execution", type=click.Choice(["auto", "factorized", "materialized"]), default="auto",
@@ -127,17 +130,18 @@ class Outputs:
 @threads_option
 @common_options
 @guarded
-def compress_command(model: pathlib.Path, format_: str, rank: Any, ratio: Optional[float], modes: Any,
-                     order: Optional[int], targets: str, quantize: str, gates: str, execution: str,
+def compress_command(model: pathlib.Path, format_: Optional[str], rank: Any, ratio: Optional[float], modes: Any,
+                     order: Optional[int], targets: str, quantize: Optional[str], gates: str, execution: str,
                      include: tuple[str, ...],
                      exclude: tuple[str, ...], seed: int, fit_option: tuple[tuple[str, Any], ...],
                      output: Optional[pathlib.Path], overwrite: bool,
                      report_path: Optional[pathlib.Path], markdown_path: Optional[pathlib.Path],
-                     formats: Optional[list[str]], allocate: Optional[str], params: Optional[int], objective: str,
+                     formats: Optional[list[str]], allocate: Optional[str], params: Optional[int],
+                     size: Optional[int], objective: str,
                      eval_data: Optional[str], task: str, evaluator: Optional[str], lower_is_better: bool,
-                     calibrate_data: Optional[str], calibrate_samples: int, distill_epochs: int,
+                     calibrate_data: Optional[str], calibrate_samples: int, distill_epochs: Union[int, str],
                      distill_lr: Union[float, str],
-                     finetune_epochs: int, finetune_loss: str, finetune_lr: float, finetune_data: Optional[str],
+                     finetune_epochs: Union[int, str], finetune_loss: str, finetune_lr: Union[float, str], finetune_data: Optional[str],
                      max_drop: Optional[float], drop_type: str, model_class: Optional[str], trust_checkpoint: bool,
                      threads: Optional[int], quiet: bool, debug: bool) -> None:
     """Compress the LSTM/GRU (and chosen Linear) layers of MODEL and write the artifact.
@@ -145,7 +149,8 @@ def compress_command(model: pathlib.Path, format_: str, rank: Any, ratio: Option
     MODEL is a state dict (.pt), safetensors file or kcompress artifact. Without a subcommand,
     `kcompress MODEL ...` runs this command. Progress goes to stderr, the report table to stdout.
     """
-    request = allocation_request(format_, formats, allocate, rank, ratio, params, objective, max_drop)
+    request = allocation_request(format_, formats, allocate, rank, ratio, params, objective, max_drop,
+                                 calibrated=calibrate_data is not None, size=size)
     spec = eval_spec(eval_data, task, evaluator, lower_is_better)
     spec = check_finetune(finetune_epochs, spec, finetune_data)
     limits = budget(max_drop, drop_type, spec)
@@ -164,7 +169,7 @@ def compress_command(model: pathlib.Path, format_: str, rank: Any, ratio: Option
         tensorization=TensorizationOptions(order=order, modes=modes),
         calibration=CalibrationOptions(samples=calibrate_samples, task=task, distill_lr=distill_lr),
         recovery=RecoveryOptions(distill_epochs, FinetuneOptions(finetune_epochs, finetune_loss, finetune_lr)),
-        execution=ExecutionOptions(path=execution), storage=StorageOptions(None if quantize == "none" else quantize),
+        execution=ExecutionOptions(path=execution), storage=StorageOptions(_storages(quantize)),
         seed=seed)
     display = Display(quiet)
     if spec is not None and spec.holdout > 0:
@@ -193,6 +198,13 @@ def compress_command(model: pathlib.Path, format_: str, rank: Any, ratio: Option
     if report.status == "failed":
         _budget_failed(display, report)
         raise click.exceptions.Exit(EXIT_BUDGET)
+
+
+def _storages(quantize: Optional[str]) -> Union[None, str, list[str]]:
+    """``--quantize``: one storage, or (with ``--size``) the comma-separated storages to choose from."""
+    if quantize is None or "," not in quantize:
+        return quantize
+    return [mode.strip() for mode in quantize.split(",")]
 
 
 def _write_reports(report: Report, outputs: Outputs, overwrite: bool) -> None:

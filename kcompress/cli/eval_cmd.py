@@ -8,7 +8,7 @@ from typing import Optional
 
 import click
 
-from kcompress._threads import threads as _threads
+from kcompress._threads import threads_used
 from kcompress.cli.options import (
     common_options,
     eval_options,
@@ -56,7 +56,7 @@ def eval_command(model: pathlib.Path, eval_data: Optional[str], task: str, evalu
             loaded = load_input(model, trust_checkpoint=trust_checkpoint, model_class=model_class).dense
         with display.step(f"loading {spec.data or spec.evaluator}"):
             evaluation = load_evaluation(spec)
-        with display.step(f"measuring {evaluation.description}"), _threads(threads):
+        with display.step(f"measuring {evaluation.description}"), threads_used(threads):
             value = evaluation.measure(loaded)
     if as_json:
         click.echo(json.dumps({"metric": evaluation.name, "value": value,

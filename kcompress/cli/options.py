@@ -15,8 +15,10 @@ import click
 from kcompress.calibration.moments import load_calibration_data
 from kcompress.cli.render import echo_error
 from kcompress.cli.signals import interruption, terminations_interrupt
+from kcompress.config import FinetuneOptions
 from kcompress.config.calibration import DEFAULT_SAMPLES, TASKS, CalibrationOptions
 from kcompress.config.checks import check_targets
+from kcompress.config.compress import RECOVERY_EPOCHS
 from kcompress.errors import KCompressError, one_line
 from kcompress.formats import compression_formats
 from kcompress.tuning.evaluate import DROP_TYPES, Budget, EvalSpec
@@ -106,6 +108,19 @@ class RateType(click.ParamType):
         if not (math.isfinite(number) and number > 0):
             self.fail(f"{value!r} is not a positive number or 'auto'", param, ctx)
         return number
+
+
+class EpochsType(click.ParamType):
+    """``auto`` or an integer >= 0 (epochs)."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return value
+        if not str(value).isdigit():
+            self.fail(f"{value!r} is not a number of epochs (an integer >= 0) or 'auto'", param, ctx)
+        return int(value)
 
 
 class RankType(click.ParamType):
@@ -278,13 +293,17 @@ def budget(max_drop: Optional[float], drop_type: str, spec: Optional[EvalSpec]) 
 def finetune_options(command: F) -> F:
     """``--finetune-epochs``, ``--finetune-loss``, ``--finetune-lr``."""
     decorators = [
-        click.option("--finetune-epochs", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+        click.option("--finetune-epochs", type=EpochsType(), default="auto", show_default=True, metavar="N",
                      help="Fine-tune the compressed model for up to N epochs (early stopping) on the dataset's "
-                          f"train split, or on a data file less the seeded {HOLDOUT:.0%} held out for scoring."),
+                          f"train split, or on a data file less the seeded {HOLDOUT:.0%} held out for scoring; "
+                          f"auto: only when --max-drop still fails after distillation and there are labels to "
+                          f"train on apart from the scored data (a built-in dataset's train split, "
+                          f"--finetune-data), up to {RECOVERY_EPOCHS} epochs; 0: never."),
         click.option("--finetune-loss", type=click.Choice(LOSSES), default="distill", show_default=True,
                      help="distill: match the dense model's outputs; task: the labels; both: the sum."),
-        click.option("--finetune-lr", type=FiniteFloat(min=0, min_open=True), default=1e-3, show_default=True,
-                     metavar="LR", help="Adam learning rate for fine-tuning."),
+        click.option("--finetune-lr", type=RateType(), default=FinetuneOptions.lr, show_default=True,
+                     metavar="LR", help="Adam learning rate for fine-tuning; auto: fine-tune at 0.001 and at 0.01 "
+                                        "and keep the one with the better held-out metric."),
     ]
     for decorator in reversed(decorators):
         command = decorator(command)
@@ -300,9 +319,10 @@ def calibration_options(command: F) -> F:
                           "optional lengths (targets not needed)."),
         click.option("--calibrate-samples", type=click.IntRange(min=2), default=DEFAULT_SAMPLES, show_default=True,
                      metavar="N", help="Use at most N calibration sequences (a quarter of them held out)."),
-        click.option("--distill-epochs", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+        click.option("--distill-epochs", type=EpochsType(), default="auto", show_default=True, metavar="N",
                      help="Then train the compressed model for up to N epochs to match the dense model's outputs "
-                          "on the calibration inputs (no labels; early stopping on the held-out part)."),
+                          "on the calibration inputs (no labels; early stopping on the held-out part); auto: only "
+                          f"when --max-drop fails, up to {RECOVERY_EPOCHS} epochs; 0: never."),
         click.option("--distill-lr", type=RateType(), default=CalibrationOptions.distill_lr, show_default=True,
                      metavar="LR", help="Adam learning rate of --distill-epochs; auto: distil at 0.001 and at "
                                         "0.01 and keep the one closer to the dense model on the held-out inputs."),
@@ -312,19 +332,21 @@ def calibration_options(command: F) -> F:
     return command
 
 
-def calibration_data(data: Optional[str], distill_epochs: int) -> Any:
+def calibration_data(data: Optional[str], distill_epochs: Union[int, str]) -> Any:
     """The inputs ``--calibrate DATA`` names (loaded here), or None."""
     if data is None:
-        if distill_epochs:
+        if distill_epochs != "auto" and distill_epochs:
             raise click.UsageError("--distill-epochs needs inputs to distil on: give --calibrate DATA")
         return None
     return load_calibration_data(data)
 
 
-def check_finetune(epochs: int, spec: Optional[EvalSpec], finetune_data: Optional[str] = None) -> Optional[EvalSpec]:
+def check_finetune(epochs: Union[int, str], spec: Optional[EvalSpec],
+                   finetune_data: Optional[str] = None) -> Optional[EvalSpec]:
     """The spec to run: with fine-tuning, a data file given to --eval is no longer scored on the samples it
     trains on: ``--finetune-data FILE`` trains on FILE, else a seeded :data:`HOLDOUT` of it is held out for
-    scoring (see :class:`kcompress.tuning.evaluate.EvalSpec`)."""
+    scoring (see :class:`kcompress.tuning.evaluate.EvalSpec`). ``epochs="auto"`` asks for no fine-tuning."""
+    asked = epochs != "auto" and int(epochs) > 0
     if finetune_data is not None and epochs == 0:
         raise click.UsageError("--finetune-data is the data to fine-tune on: give --finetune-epochs N as well")
     if finetune_data is not None:
@@ -332,9 +354,9 @@ def check_finetune(epochs: int, spec: Optional[EvalSpec], finetune_data: Optiona
             raise click.UsageError("--finetune-data needs a metric: give --eval DATA or --evaluator")
         return dataclasses.replace(spec, data=spec.data if spec.evaluator is None else finetune_data,
                                    finetune_data=finetune_data if spec.evaluator is None else None)
-    if epochs > 0 and (spec is None or spec.data is None):
+    if asked and (spec is None or spec.data is None):
         raise click.UsageError("--finetune-epochs needs data to train on: give --eval DATA or --finetune-data FILE")
-    if epochs > 0 and spec is not None and spec.evaluator is None and not spec.is_builtin:
+    if asked and spec is not None and spec.evaluator is None and not spec.is_builtin:
         return dataclasses.replace(spec, holdout=HOLDOUT)
     return spec
 
@@ -343,7 +365,7 @@ def threads_option(command: F) -> F:
     """``--threads N``."""
     return click.option("--threads", type=click.IntRange(min=1), metavar="N",
                         help="torch/BLAS threads for running the model (evaluation, fine-tuning, speed checks); "
-                             "default: torch's setting. Matrix fits always run on one thread, their small "
+                             "default: half the CPUs the load leaves idle (1 on a 2-core machine). Matrix fits always run on one thread, their small "
                              "kernels' fastest setting (KCOMPRESS_FIT_THREADS overrides).")(command)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 import click
 
@@ -89,7 +89,7 @@ def sweep_command(model: pathlib.Path, format_names: list[str], ranks: list[int]
                   scheduler: Optional[str], scheduler_timeout: float,
                   shared_files: bool, out_dir: Optional[pathlib.Path],
                   eval_data: Optional[str], task: str, evaluator: Optional[str], lower_is_better: bool,
-                  finetune_epochs: int, finetune_loss: str, finetune_lr: float, max_drop: Optional[float],
+                  finetune_epochs: Union[int, str], finetune_loss: str, finetune_lr: Union[float, str], max_drop: Optional[float],
                   drop_type: str, model_class: Optional[str], trust_checkpoint: bool, quiet: bool,
                   debug: bool) -> None:
     """Compress MODEL with every format and rank, measure each, and show the Pareto front.

@@ -31,6 +31,16 @@ GATE_WEIGHT_CANDIDATES = (True, False)
 DISTILL_LR_CANDIDATES = (1e-3, 1e-2)
 
 
+def learning_rates(lr: Union[float, str], name: str = "learning rate") -> tuple[float, ...]:
+    """The learning rates to try for ``lr``: the number itself, or for ``"auto"``
+    :data:`DISTILL_LR_CANDIDATES` (distillation and fine-tuning alike); a one-line error names ``name``."""
+    if lr == "auto":
+        return DISTILL_LR_CANDIDATES
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0 and math.isfinite(lr)):
+        raise KCompressError(f"{name} must be a positive number or 'auto', got {lr!r}")
+    return (float(lr),)
+
+
 @dataclass(frozen=True)
 class Augmentation:
     """``copies`` augmented copies of each calibration call per epoch (0: none), ``mixup`` on/off, ``jitter``
@@ -136,12 +146,7 @@ class CalibrationOptions:
 
     def distill_rates(self) -> tuple[float, ...]:
         """The distillation learning rates to try (checked)."""
-        if self.distill_lr == "auto":
-            return DISTILL_LR_CANDIDATES
-        rate = self.distill_lr
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (rate > 0 and math.isfinite(rate)):
-            raise KCompressError(f"distill_lr must be a positive number or 'auto', got {rate!r}")
-        return (float(rate),)
+        return learning_rates(self.distill_lr, "distill_lr")
 
     def augmentation(self) -> Augmentation:
         """The distillation's augmentation settings (checked)."""

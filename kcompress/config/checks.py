@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from kcompress.errors import KCompressError
@@ -167,6 +168,23 @@ def check_budget(ratio: Optional[float], params: Optional[int]) -> None:
     if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
                               or not 0 < ratio < math.inf):
         raise KCompressError(f"ratio must be a positive number, got {ratio!r}")
+
+
+#: size suffixes of :func:`check_size` (case-insensitive) -> bytes
+SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "kib": 1024, "mib": 1024**2}
+
+
+def check_size(value: Any) -> int:
+    """A size budget in bytes: a positive integer, or a positive number with a suffix of :data:`SIZE_UNITS`
+    (``"200KB"``, ``"1.5 MiB"``, ``"4096B"``), rounded down to whole bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]+)\s*", str(value).lower())
+    size = int(float(match.group(1)) * SIZE_UNITS[match.group(2)]) if match and match.group(2) in SIZE_UNITS else 0
+    if isinstance(value, bool) or size <= 0:
+        raise KCompressError(f"size must be a positive number of bytes with a unit B, KB, MB, KiB or MiB "
+                             f"(e.g. 200KB), got {value!r}")
+    return size
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:

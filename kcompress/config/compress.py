@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
 
-from kcompress.config.calibration import CalibrationOptions
+from kcompress.config.calibration import CalibrationOptions, learning_rates
 from kcompress.config.checks import (
     check_budget,
     check_choice,
@@ -41,6 +41,7 @@ from kcompress.config.checks import (
     check_overrides,
     check_rank,
     check_ratio,
+    check_size,
     check_targets,
     jsonable,
 )
@@ -59,6 +60,9 @@ ALLOCATIONS = ("uniform", "auto")
 OBJECTIVES = ("size", "latency")
 #: fine-tuning losses: the labels, the dense model's outputs, or both
 LOSSES = ("task", "distill", "both")
+#: distillation epochs at most (the best held-out epoch kept) of ``distill_epochs="auto"`` when a model fails its
+#: accuracy budget
+RECOVERY_EPOCHS = 30
 #: version of :meth:`CompressConfig.to_dict`'s layout (1: the flat keyword dictionary)
 CONFIG_VERSION = 2
 
@@ -67,20 +71,34 @@ CONFIG_VERSION = 2
 class BudgetOptions:
     """How small: ``rank`` or ``ratio`` for every matrix (``allocate="uniform"``), or a ``ratio`` or ``params``
     for all targeted matrices together, split per matrix by the allocation (``allocate="auto"``) in
-    parameters or, with ``objective="latency"``, in MACs."""
+    parameters or, with ``objective="latency"``, in MACs; or a ``size`` in bytes for the whole artifact's tensors
+    (``200_000``, ``"200KB"``, ``"1.5MiB"``; :func:`~kcompress.config.checks.check_size`), met by the allocation
+    with the storage width (:class:`StorageOptions`) it chooses. ``allocate=None`` (the default) is resolved when the
+    data is known (:meth:`resolved`): a ratio or a parameter count is a budget for the whole model, split
+    automatically when there is calibration data; a rank, and a ratio without data, apply to every matrix
+    (without data the split by weight error measured worse than uniform, docs/allocation.md)."""
 
     rank: Optional[Rank] = None
     ratio: Optional[float] = None
     params: Optional[int] = None
-    allocate: str = "uniform"
+    size: Optional[Union[int, str]] = None
+    allocate: Optional[str] = None
     objective: str = "size"
 
     def __post_init__(self) -> None:
-        check_choice("allocate", self.allocate, ALLOCATIONS)
+        if self.allocate is not None:
+            check_choice("allocate", self.allocate, ALLOCATIONS)
         check_choice("objective", self.objective, OBJECTIVES)
         check_rank(self.rank)
         check_ratio(self.ratio)
-        if self.allocate == "auto" or self.params is not None:
+        if self.size is not None:
+            object.__setattr__(self, "size", check_size(self.size))
+            if self.rank is not None or self.ratio is not None or self.params is not None:
+                raise KCompressError("give one budget: size, or rank, ratio or params, not several")
+            if self.allocate == "uniform" or self.objective != "size":
+                raise KCompressError("a size budget is allocated in bytes: it needs allocate='auto' and "
+                                     "objective='size'")
+        elif self.allocate == "auto" or self.params is not None:
             if self.rank is not None:
                 raise KCompressError("allocate='auto' chooses the ranks: give ratio or params, not rank")
             if not self.searched:
@@ -88,11 +106,24 @@ class BudgetOptions:
         elif (self.rank is None) == (self.ratio is None):
             raise KCompressError("give exactly one of rank and ratio")
 
+    def resolved(self, calibrated: bool) -> "BudgetOptions":
+        """The default ``allocate`` decided: ``"auto"`` for a parameter count, and for a ratio when there is
+        calibration data (``calibrated``); ``"uniform"`` otherwise. A given ``allocate`` is kept."""
+        if self.allocate is not None:
+            return self
+        allocated = self.params is not None or self.size is not None or (self.ratio is not None and calibrated)
+        return dataclasses.replace(self, allocate="auto" if allocated else "uniform")
+
+    @property
+    def size_bytes(self) -> Optional[int]:
+        """``size`` as a number of bytes (converted when the options were built)."""
+        return None if self.size is None else check_size(self.size)
+
     @property
     def searched(self) -> bool:
         """An allocated budget without its size: the budget search (:func:`kcompress.runs.search.run_search`)
         chooses the ratio; a fit needs a ``ratio`` or ``params``."""
-        return self.allocate == "auto" and self.ratio is None and self.params is None
+        return self.allocate == "auto" and self.ratio is None and self.params is None and self.size is None
 
 
 @dataclass(frozen=True)
@@ -129,28 +160,62 @@ class TensorizationOptions:
 
 @dataclass(frozen=True)
 class FinetuneOptions:
-    """Labelled fine-tuning after compression: ``epochs`` (0: none), ``loss`` and ``lr``."""
+    """Labelled fine-tuning after compression: ``epochs`` (0: none), ``loss`` and ``lr`` (``"auto"``: the
+    better of :data:`~kcompress.config.calibration.DISTILL_LR_CANDIDATES` on the monitored metric).
+    ``epochs="auto"``: none after a plain fit; up to :data:`RECOVERY_EPOCHS` when a model still fails its
+    accuracy budget after distillation and the evaluation has labelled data of its own to train on."""
 
-    epochs: int = 0
+    epochs: Union[int, str] = "auto"
     loss: str = "distill"
-    lr: float = 1e-3
+    lr: Union[float, str] = "auto"
 
     def __post_init__(self) -> None:
-        check_int("finetune epochs", self.epochs, minimum=0)
+        auto_epochs("finetune epochs", self.epochs)
+        learning_rates(self.lr, "finetune lr")
         if self.loss not in LOSSES:
             raise KCompressError(f"unknown fine-tuning loss {self.loss!r}; use one of: {', '.join(LOSSES)}")
+
+    @property
+    def fit_epochs(self) -> int:
+        """Fine-tuning epochs run after every fit (``"auto"``: none)."""
+        return auto_epochs("finetune epochs", self.epochs, 0)
+
+    @property
+    def recovery_epochs(self) -> int:
+        """Fine-tuning epochs run when a model still fails its accuracy budget (0: none)."""
+        return auto_epochs("finetune epochs", self.epochs, RECOVERY_EPOCHS)
 
 
 @dataclass(frozen=True)
 class RecoveryOptions:
     """Training after the fit: ``distill_epochs`` of unlabeled distillation from the dense model on the
-    calibration inputs (0: none), and labelled ``finetune`` on evaluation data."""
+    calibration inputs (0: none; ``"auto"``: none after a plain fit, up to :data:`RECOVERY_EPOCHS` with early
+    stopping when a ``max_drop`` gate or a budget search step fails and there is calibration data), and
+    labelled ``finetune`` on evaluation data."""
 
-    distill_epochs: int = 0
+    distill_epochs: Union[int, str] = "auto"
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
 
     def __post_init__(self) -> None:
-        check_int("distill_epochs", self.distill_epochs, minimum=0)
+        auto_epochs("distill_epochs", self.distill_epochs)
+
+    @property
+    def fit_epochs(self) -> int:
+        """Distillation epochs run right after every fit (``"auto"``: none)."""
+        return auto_epochs("distill_epochs", self.distill_epochs, 0)
+
+    @property
+    def recovery_epochs(self) -> int:
+        """Distillation epochs run when a model fails its accuracy budget (0: none)."""
+        return auto_epochs("distill_epochs", self.distill_epochs, RECOVERY_EPOCHS)
+
+
+def auto_epochs(name: str, epochs: Union[int, str], auto: int = 0) -> int:
+    """``epochs`` checked (an integer >= 0 or ``"auto"``), with ``"auto"`` read as ``auto``."""
+    if epochs == "auto":
+        return auto
+    check_int(name, epochs, minimum=0)
+    return int(epochs)
 
 
 @dataclass(frozen=True)
@@ -167,16 +232,38 @@ class ExecutionOptions:
             raise KCompressError(f"check_speed must be true or false, got {self.check_speed!r}")
 
 
+#: the storages a size budget chooses between when ``quantize`` is not given ("none": float32 as it is)
+SIZE_STORAGES = ("none", "int8")
+
+
 @dataclass(frozen=True)
 class StorageOptions:
     """How the artifact stores the model: ``quantize`` ``"int8"`` or ``"int4"`` (the factors and untouched
     tensors as integers with per-slice scales, :mod:`kcompress.nn.quantize`; the returned model computes with
-    exactly those values) or None (every tensor as it is)."""
+    exactly those values) or None / ``"none"`` (every tensor as it is). With a size budget
+    (:attr:`BudgetOptions.size`) ``quantize`` may list the storages to choose between (e.g.
+    ``["none", "int8", "int4"]``; not given: :data:`SIZE_STORAGES`): the allocation keeps the one with the lowest
+    estimated output error within the budget."""
 
-    quantize: Optional[str] = None
+    quantize: Optional[Union[str, Sequence[str]]] = None
 
     def __post_init__(self) -> None:
-        check_quantize(self.quantize)
+        if not isinstance(self.quantize, (str, type(None))) and not list(self.quantize):
+            raise KCompressError("quantize lists no storage; give none, int8 or int4")
+        for mode in [self.quantize] if isinstance(self.quantize, (str, type(None))) else self.quantize:
+            check_quantize(None if mode == "none" else mode)
+
+    @property
+    def mode(self) -> Optional[str]:
+        """The one storage of ``quantize`` without a size budget (None: as it is)."""
+        assert isinstance(self.quantize, (str, type(None)))  # CompressConfig: a list only with a size budget
+        return None if self.quantize == "none" else self.quantize
+
+    def choices(self) -> tuple[Optional[str], ...]:
+        """The storages a size budget chooses between (None: as it is), in the order given."""
+        listed = SIZE_STORAGES if self.quantize is None else [self.quantize] if isinstance(self.quantize, str) \
+            else self.quantize
+        return tuple(dict.fromkeys(None if mode == "none" else mode for mode in listed))
 
 
 #: the groups of the tree: field name -> type
@@ -185,7 +272,7 @@ GROUPS: dict[str, type] = {"budget": BudgetOptions, "selection": SelectionOption
                            "recovery": RecoveryOptions, "execution": ExecutionOptions, "storage": StorageOptions}
 #: flat keyword of :func:`kcompress.compress` -> (group, field) in the tree
 KEYWORDS: dict[str, tuple[str, str]] = {
-    **{name: ("budget", name) for name in ("rank", "ratio", "params", "allocate", "objective")},
+    **{name: ("budget", name) for name in ("rank", "ratio", "params", "size", "allocate", "objective")},
     **{name: ("selection", name) for name in ("include", "exclude", "targets", "gates")},
     **{name: ("tensorization", name) for name in ("order", "modes")},
     "calibrate_samples": ("calibration", "samples"), "distill_epochs": ("recovery", "distill_epochs"),
@@ -218,8 +305,9 @@ class CompressConfig:
                 raise KCompressError(f"{name} must be a {group.__name__}, got {type(getattr(self, name)).__name__}")
         if self.allocated:
             check_formats(self.format)
-            if self.budget.allocate == "uniform":
-                raise KCompressError("several formats or a parameter count need allocate='auto'")
+            if self.budget.allocate == "uniform" or self.budget.rank is not None:
+                raise KCompressError("several formats or a parameter count need allocate='auto' and a ratio or "
+                                     "params budget")
             for glob, settings in self.override_rules:
                 fixed = sorted(set(settings) & {"format", "rank", "ratio"})
                 if fixed:
@@ -230,6 +318,8 @@ class CompressConfig:
         check_overrides(self.overrides)
         check_fit_options(self.fit_options)
         check_int("seed", self.seed)
+        if self.budget.size is None and not isinstance(self.storage.quantize, (str, type(None))):
+            raise KCompressError("a list of quantize storages needs a size budget to choose between them")
         for name in ("format", "fit_options", "overrides"):  # lists and dicts: equal to its from_dict(to_dict())
             object.__setattr__(self, name, jsonable(getattr(self, name)))
         for name in GROUPS:
@@ -263,8 +353,10 @@ class CompressConfig:
     # ------------------------------------------------------------------ normalized views
     @property
     def allocated(self) -> bool:
-        """Whether formats and ranks are chosen per matrix (:mod:`kcompress.allocation`) rather than given."""
-        return self.budget.allocate != "uniform" or not isinstance(self.format, str) or self.budget.params is not None
+        """Whether formats and ranks are chosen per matrix (:mod:`kcompress.allocation`) rather than given
+        (a default ``allocate`` not yet resolved by :meth:`for_data` counts as given)."""
+        return (self.budget.allocate == "auto" or not isinstance(self.format, str) or self.budget.params is not None
+                or self.budget.size is not None)
 
     @cached_property
     def formats(self) -> tuple[str, ...]:
@@ -325,6 +417,15 @@ class CompressConfig:
             if name in kept:
                 kept[name] = _group_from_dict(group, kept[name])
         return cls(**kept)
+
+    def for_data(self, calibrated: bool) -> "CompressConfig":
+        """The config with the default allocation decided (:meth:`BudgetOptions.resolved`; ``calibrated``:
+        whether calibration data is given). Overrides that fix a matrix's format, rank or ratio keep the
+        per-matrix budget."""
+        if self.budget.allocate is not None:
+            return self
+        fixed = any(set(settings) & {"format", "rank", "ratio"} for _, settings in self.override_rules)
+        return self.replace(budget=self.budget.resolved(calibrated and not fixed))
 
     def replace(self, **changes: Any) -> "CompressConfig":
         """A copy with top-level ``changes`` applied (checked again)."""

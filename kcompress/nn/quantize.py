@@ -65,7 +65,7 @@ def quantization_plan(model: nn.Module, mode: Optional[str]) -> dict[str, Tensor
         if not tensor.is_floating_point():
             continue
         if key in factors:
-            plan[key] = TensorQuantization(bits, _slice_axis(tensor))
+            plan[key] = factor_quantization(tensor, bits)
         elif tensor.dim() >= 2:
             per_row = tensor.shape[0] * MIN_PER_SCALE <= tensor.numel()
             plan[key] = TensorQuantization(bits, 0 if per_row else None)
@@ -106,12 +106,26 @@ def tensor_bytes(model: nn.Module, plan: Optional[Mapping[str, TensorQuantizatio
     """Bytes of the tensors an artifact of ``model`` stores: each state-dict tensor's, the planned ones as
     integers and scales (:func:`kcompress.formats.quantize.stored_bytes`)."""
     plan = plan or {}
-    total = 0
-    for key, tensor in model.state_dict().items():
-        spec = plan.get(key)
-        if spec is None:
-            total += tensor.numel() * tensor.element_size()
-        else:
-            scales = 1 if spec.axis is None else tensor.shape[spec.axis]
-            total += stored_bytes(tensor.numel(), scales, check_bits(spec.bits))
-    return total
+    return sum(stored_tensor_bytes(tensor, plan.get(key)) for key, tensor in model.state_dict().items())
+
+
+def stored_tensor_bytes(tensor: Tensor, spec: Optional[TensorQuantization]) -> int:
+    """Bytes of one tensor as an artifact stores it: as it is (``spec`` None), or as integers and scales."""
+    if spec is None:
+        return tensor.numel() * tensor.element_size()
+    scales = 1 if spec.axis is None else tensor.shape[spec.axis]
+    return stored_bytes(tensor.numel(), scales, check_bits(spec.bits))
+
+
+def factor_bytes(matrix: nn.Module, mode: Optional[str]) -> int:
+    """Bytes of a compressed matrix's factors (its state dict) as an artifact with storage ``mode`` stores them
+    (the factors' rule of :func:`quantization_plan`)."""
+    bits = QUANTIZE_BITS.get(check_quantize(mode) or "")
+    return sum(stored_tensor_bytes(tensor, factor_quantization(tensor, bits)
+                                   if bits is not None and tensor.is_floating_point() else None)
+               for tensor in matrix.state_dict().values())
+
+
+def factor_quantization(tensor: Tensor, bits: int) -> TensorQuantization:
+    """How a factor is stored with ``bits``: one scale per slice of its smallest axis longer than 1."""
+    return TensorQuantization(bits, _slice_axis(tensor))

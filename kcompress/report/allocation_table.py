@@ -20,7 +20,7 @@ def allocation_rows(allocation: Mapping[str, Any]) -> list[list[str]]:
 
 
 def allocation_caption(allocation: Mapping[str, Any]) -> str:
-    unit = "parameters" if allocation["objective"] == "size" else "MACs per vector"
+    unit = {"size": "parameters", "bytes": "tensor bytes"}.get(allocation["objective"], "MACs per vector")
     ratio = allocation["dense"] / allocation["used"] if allocation["used"] else float("inf")
     return (f"allocation ({allocation['objective']}, formats {', '.join(allocation['formats'])}): budget "
             f"{allocation['budget']:,} {unit}, used {allocation['used']:,} of {allocation['dense']:,} dense "

@@ -1,6 +1,7 @@
 """Warnings about a finished compression that a user should not miss: a fit that explains almost nothing of
-its matrix, compressed matrices that hold more values than the dense ones, and recurrent matrices that
-``targets`` left dense (with the whole-model ratio that leaves)."""
+its matrix (of its weight, or after calibration of its outputs on the held-out calibration inputs: what the
+calibrated fit minimises), compressed matrices that hold more values than the dense ones, and recurrent
+matrices that ``targets`` left dense (with the whole-model ratio that leaves)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,11 @@ def result_warnings(report: Report) -> list[str]:
     messages = []
     compressed = [row for row in report.matrices if row.compressed]
     for row in compressed:
-        if cast(float, row.relative_error) >= UNEXPLAINED_ERROR:  # a finished compression's rows carry a float
-            messages.append(f"{row.name}: the fit explains almost nothing (relative error {row.relative_error:.3f}); "
+        # after calibration the held-out output error; else the weight's (a finished compression's rows carry floats)
+        error = row.output_error_after if row.output_error_after is not None else cast(float, row.relative_error)
+        what = "relative error" if row.output_error_after is None else "held-out output error"
+        if error >= UNEXPLAINED_ERROR:
+            messages.append(f"{row.name}: the fit explains almost nothing ({what} {error:.3f}); "
                             f"use a larger rank or another format")
     grown = [row.name for row in compressed if row.params_after > row.params_before]
     if grown:

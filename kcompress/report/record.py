@@ -65,6 +65,8 @@ class Report:
     #: tensor bytes of the dense model's state dict, and of the tensors the artifact stores
     model_bytes_before: int = 0
     model_bytes_after: int = 0
+    #: the size budget in bytes the artifact's tensors had to fit (``BudgetOptions.size``; None: no size budget)
+    size_budget: Optional[int] = None
 
     # ------------------------------------------------------------------ totals
     def __repr__(self) -> str:
@@ -197,6 +199,8 @@ class Report:
         ]
         if self.model_bytes_after:
             stored = f", {self.quantize} storage" if self.quantize else ""
+            if self.size_budget is not None:
+                stored += f"; size budget {self.size_budget:,} bytes"
             lines.append(f"whole model in bytes: {self.model_bytes_before:,}→{self.model_bytes_after:,} tensor bytes "
                          f"({times(self.model_bytes_ratio)}{stored})")
         if any(m.execution for m in self.matrices):
@@ -270,7 +274,7 @@ SKIPPED_SCHEMA: dict[str, Any] = {
 }
 #: Report fields that reports written before they existed lack
 OPTIONAL_REPORT_FIELDS = ("allocation", "search", "calibration", "quantize", "model_bytes_before",
-                          "model_bytes_after")
+                          "model_bytes_after", "size_budget")
 #: JSON-schema subset (type, required, properties, items, const) describing :meth:`Report.to_dict`
 REPORT_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -294,6 +298,7 @@ REPORT_SCHEMA: dict[str, Any] = {
         "quantize": {"type": ["string", "null"]},
         "model_bytes_before": {"type": "integer"},
         "model_bytes_after": {"type": "integer"},
+        "size_budget": {"type": ["integer", "null"]},
         "summary": {"type": "object"},
     },
 }

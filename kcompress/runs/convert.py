@@ -20,9 +20,11 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import tensorly
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from kcompress.allocation.auto import Prepared, attach_allocation, prepare
+from kcompress.allocation.choose import Allocation
+from kcompress.allocation.size import allocate_size
 from kcompress.calibration.run import CalibrationRun
 from kcompress.config import CompressConfig
 from kcompress.config.calibration import DEFAULT_SAMPLES
@@ -36,6 +38,8 @@ from kcompress.nn.speed import CHECK_BATCH, measured_speedup
 from kcompress.progress import ProgressCallback, ProgressEvent, ProgressLike, progress_callback
 from kcompress.report.checks import result_warnings
 from kcompress.report.record import Report
+from kcompress.tuning.data import SequenceData
+from kcompress.tuning.evaluate import check_fits
 
 
 def compress(
@@ -56,22 +60,25 @@ def compress(
     progress: ProgressLike = None,
     fit_options: Optional[Mapping[str, Any]] = None,
     check_speed: bool = True,
-    allocate: str = "uniform",
+    allocate: Optional[str] = None,
     params: Optional[int] = None,
+    size: Optional[Union[int, str]] = None,
     objective: str = "size",
     calibration: Optional[Any] = None,
     calibrate_samples: int = DEFAULT_SAMPLES,
     calibrate_options: Optional[Mapping[str, Any]] = None,
-    distill_epochs: int = 0,
+    distill_epochs: Union[int, str] = "auto",
     execution: Plan = "auto",
-    quantize: Optional[str] = None,
+    quantize: Optional[Union[str, Sequence[str]]] = None,
     config: Optional[CompressConfig] = None,
 ) -> tuple[nn.Module, Report]:
     """Compress the model's recurrent (and, when included, linear) layers; returns ``(model, report)``.
 
-    ``allocate="auto"`` (``format`` may then be a list) chooses each matrix's format and rank under one
-    global budget, ``ratio`` or ``params``, measured in parameters or, with ``objective="latency"``, in
-    MACs (see :mod:`kcompress.allocation`); ``"uniform"`` applies ``rank``/``ratio`` to every matrix.
+    ``ratio`` (or ``params``) is a budget for all targeted matrices together: with ``calibration`` data it is
+    split per matrix automatically, each matrix's format (from ``format``, which may be a list) and rank
+    chosen under it, measured in parameters or, with ``objective="latency"``, in MACs (see
+    :mod:`kcompress.allocation`). ``allocate="uniform"``, a ``rank``, or no calibration data apply
+    ``rank``/``ratio`` to every matrix; ``allocate="auto"`` allocates even without data (by weight error).
 
     ``progress``: a callback of :class:`kcompress.progress.ProgressEvent`, or True for a progress display on
     stderr. Every entry of ``report.warnings`` is also emitted as a :class:`KCompressWarning`. A model with
@@ -88,7 +95,14 @@ def compress(
     matrix fit what it computes on those inputs (at most ``calibrate_samples`` sequences, part held out; see
     ``docs/calibration.md``), layer after layer; ``calibrate_options`` are the fields of
     :class:`kcompress.config.CalibrationOptions`. ``distill_epochs`` then trains the compressed model to
-    match the dense one's outputs on the same inputs (early stopping on the held-out part).
+    match the dense one's outputs on the same inputs (early stopping on the held-out part); ``"auto"`` (the
+    default) distils only where a model fails an accuracy budget (:func:`kcompress.compress_file`'s pipeline
+    with ``max_drop``, the budget search), never after a plain ``compress``.
+
+    ``size`` (bytes: ``200_000``, ``"200KB"``, ``"1.5MiB"``) is a budget for the whole artifact's tensor bytes
+    (``report.model_bytes_after``): the allocation chooses every targeted matrix's format and rank, and the
+    storage from ``quantize`` (a list such as ``["none", "int8", "int4"]``; default float32 or int8), with the
+    lowest estimated output error within it (:mod:`kcompress.allocation.size`).
 
     ``quantize`` (``"int8"`` or ``"int4"``) stores the factors and untouched tensors as integers with per-slice
     scales (:mod:`kcompress.nn.quantize`); the returned model computes with exactly the stored values, and
@@ -121,18 +135,20 @@ def compress_model(model: nn.Module, config: CompressConfig, *, calibration: Opt
     reuses estimated error curves), plan, calibrate and fit, set the execution paths, check the result."""
     if not isinstance(model, nn.Module):
         raise KCompressError(f"compress needs a torch nn.Module, got {type(model).__name__}")
+    config = config.for_data(calibration is not None)
     if config.budget.searched:
         raise KCompressError("give exactly one of ratio and params for an allocated budget (or search one with max_drop)")
-    if config.recovery.distill_epochs and calibration is None:
+    if config.recovery.fit_epochs and calibration is None:
         raise KCompressError("distill_epochs needs calibration data (the inputs to distil on)")
     report = Report(format=config.formats[0], options=config.to_dict(), versions=_versions(),
                     model_params_before=count_parameters(model), model_bytes_before=tensor_bytes(model))
+    _check_calibration(model, calibration)
     run = None if calibration is None else CalibrationRun(calibration, config)
-    allocation = None
+    allocation, quantize = None, None if config.budget.size is not None else config.storage.mode
     if config.allocated:
         _emit_step(progress, "allocate", "estimating error curves ...")
         prepared = prepared or prepare(model, config, calibration)
-        allocation = prepared.allocate(config.budget.ratio, config.budget.params)
+        allocation, quantize = _allocate(model, config, prepared)
     plans = plan_compression(model, config, report, allocation.choices() if allocation else None)
     teacher = model
     if not inplace:
@@ -143,13 +159,13 @@ def compress_model(model: nn.Module, config: CompressConfig, *, calibration: Opt
         model, report.matrices = fit_layers(model, plans, config.seed, progress)
     else:
         model, report.matrices = run.fit(model, teacher, plans, config.seed, progress, _copy)
-    set_execution(model, config.execution.path, measure=config.execution.check_speed)
+    set_execution(model, config.execution.path, measure=config.execution.check_speed, progress=progress)
     if run is not None:
         run.finish(model, teacher, report, config.seed, progress)
     if allocation is not None and prepared is not None:
         attach_allocation(report, model, prepared, allocation)
     report.model_params_after = count_parameters(model)
-    _store(model, report, config.storage.quantize)
+    _store(model, report, quantize, config.budget.size_bytes)
     _check_speed(model, report, config.execution.path, config.execution.check_speed)
     report.warnings.extend(result_warnings(report))
     for message in report.warnings:
@@ -168,11 +184,42 @@ def _given(settings: Mapping[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in settings.items() if value != _DEFAULTS[name]}
 
 
-def _store(model: nn.Module, report: Report, quantize: Optional[str]) -> None:
-    """Quantize the model as its artifact will store it (``quantize`` None: as it is) and record the bytes."""
+def _check_calibration(model: nn.Module, calibration: Any) -> None:
+    """A one-line error saying what the model takes when calibration data given as a SequenceData, an inputs
+    tensor or ``(inputs, lengths)`` does not fit it (:func:`kcompress.tuning.evaluate.check_fits`); other
+    forms (loaders, the user's own calls) are checked when the model first runs on them."""
+    inputs, lengths = calibration, None
+    if isinstance(calibration, SequenceData):
+        inputs, lengths = calibration.inputs, calibration.lengths
+    elif isinstance(calibration, tuple) and len(calibration) == 2 and all(isinstance(t, Tensor) for t in calibration):
+        inputs, lengths = calibration
+    if not isinstance(inputs, Tensor) or inputs.dim() not in (2, 3) or (lengths is not None and lengths.dim() != 1):
+        return
+    try:
+        data = SequenceData(inputs, torch.zeros(len(inputs), dtype=torch.long), lengths)
+    except KCompressError:  # not (batch, time, ...) sequences: left to the model's first run
+        return
+    check_fits(model, data, "the calibration data")
+
+
+def _allocate(model: nn.Module, config: CompressConfig, prepared: Prepared) -> tuple[Allocation, Optional[str]]:
+    """The allocation of the budget and the artifact's storage (a size budget chooses it, from
+    :meth:`~kcompress.config.StorageOptions.choices`)."""
+    size = config.budget.size_bytes
+    if size is None:
+        return prepared.allocate(config.budget.ratio, config.budget.params), config.storage.mode
+    return allocate_size(model, prepared, size, config.storage.choices())
+
+
+def _store(model: nn.Module, report: Report, quantize: Optional[str], size: Optional[int]) -> None:
+    """Quantize the model as its artifact will store it (``quantize`` None: as it is) and record the bytes
+    (and the ``size`` budget, which they must meet)."""
     plan = quantization_plan(model, quantize)
     quantize_model(model, plan)
-    report.quantize, report.model_bytes_after = quantize, tensor_bytes(model, plan)
+    report.quantize, report.model_bytes_after, report.size_budget = quantize, tensor_bytes(model, plan), size
+    if size is not None and report.model_bytes_after > size:
+        raise KCompressError(f"the artifact's {report.model_bytes_after:,} tensor bytes exceed the size budget of "
+                             f"{size:,} bytes (allocated {report.allocation.get('used', 0):,})")
 
 
 def _emit_step(progress: Optional[ProgressCallback], name: str, message: str) -> None:

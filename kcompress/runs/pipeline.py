@@ -21,13 +21,14 @@ Stages report what they do as ``ProgressEvent("step" | "metric", ...)`` through 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
 from torch import nn
 
 from kcompress.allocation.auto import Prepared
+from kcompress.calibration.run import CalibrationRun
 from kcompress.config import CompressConfig, FinetuneOptions
 from kcompress.errors import KCompressError, KCompressWarning
 from kcompress.fitting.planning import NOTHING_MATCHED
@@ -110,7 +111,8 @@ def run_pipeline(
 
 
 def output_tag(config: CompressConfig) -> str:
-    """The format part of a default artifact name: the format, or ``auto`` for an allocated budget."""
+    """The format part of a default artifact name: the format, or ``auto`` for an allocated budget (a ratio
+    whose split is left to the default, :meth:`CompressConfig.for_data`, keeps its format's name)."""
     return "auto" if config.allocated else config.formats[0]
 
 
@@ -122,15 +124,25 @@ def compress_stages(
     budget: Budget = Budget(),
     progress: Optional[ProgressCallback] = None,
 ) -> CompressionRun:
-    """The stages between a loaded model and its artifact: fit, then (with an evaluation) measure,
-    fine-tune and measure again, and the metrics with their budget when the baseline was measured."""
+    """The stages between a loaded model and its artifact: fit, then (with an evaluation) measure; when the
+    model misses the ``budget`` and there is calibration data, distil (``distill_epochs="auto"``: up to
+    :data:`~kcompress.config.compress.RECOVERY_EPOCHS`, the best held-out epoch kept) and measure again;
+    fine-tune and measure again (when asked, or with ``epochs="auto"`` when the model still misses the
+    budget and the evaluation has labelled data of its own, :func:`recovery_finetuning`), and the metrics
+    with their budget when the baseline was measured."""
     fit(run, config, calibration=calibration, progress=progress)
     if run.evaluation is None:
         return run
     assert run.compressed is not None
     run.compressed_metric = measure(run, run.compressed, "compressed model", progress)
-    if config.recovery.finetune.epochs > 0:
-        fine_tune(run, config.recovery.finetune, seed=config.seed, progress=progress)
+    if calibration is not None and config.recovery.distill_epochs == "auto" and _misses(run, budget):
+        distil(run, config, calibration, progress)
+        run.compressed_metric = measure(run, run.compressed, "distilled model", progress)
+    settings = config.recovery.finetune
+    if settings.fit_epochs == 0 and _misses(run, budget):
+        settings = recovery_finetuning(run, settings) or settings
+    if settings.fit_epochs > 0:
+        fine_tune(run, settings, seed=config.seed, progress=progress)
         run.finetuned_metric = measure(run, run.compressed, "fine-tuned model", progress)
     if run.baseline is not None:
         record_metrics(run, budget)
@@ -276,14 +288,54 @@ def fine_tune(run: CompressionRun, settings: FinetuneOptions, seed: int = 0,
     _check_finetuning(settings, run.evaluation.spec)
     assert run.evaluation.train_data is not None
     teacher = run.dense if settings.loss != "task" else None
-    run.finetuning = finetune(run.compressed, run.evaluation.train_data, teacher=teacher, epochs=settings.epochs,
+    run.finetuning = finetune(run.compressed, run.evaluation.train_data, teacher=teacher, epochs=settings.fit_epochs,
                               lr=settings.lr, loss=settings.loss, task=run.evaluation.spec.task, seed=seed,
                               progress=progress)
 
 
+def recovery_finetuning(run: CompressionRun, settings: FinetuneOptions) -> Optional[FinetuneOptions]:
+    """The fine-tuning to run on a model that fails its budget: ``settings`` as given (epochs N > 0), with
+    ``epochs="auto"`` up to :data:`~kcompress.config.compress.RECOVERY_EPOCHS` epochs on the labels and the
+    dense model's outputs (loss ``"both"``; distillation alone has run by then) when the evaluation has
+    labelled data to train on apart from what it scores (a built-in dataset's train split,
+    ``finetune_data``, a held-out part, or an evaluator's data); else None."""
+    if settings.fit_epochs > 0:
+        return settings
+    spec = run.evaluation.spec if run.evaluation is not None else None
+    apart = spec is not None and spec.data is not None and (spec.is_builtin or spec.finetune_data is not None
+                                                            or spec.holdout > 0 or spec.evaluator is not None)
+    if settings.epochs != "auto" or not apart:
+        return None
+    return replace(settings, epochs=settings.recovery_epochs, loss="both")
+
+
 def _check_finetuning(settings: FinetuneOptions, spec: Optional[EvalSpec]) -> None:
-    if settings.epochs > 0 and (spec is None or (spec.data is None and spec.finetune_data is None)):
+    if settings.fit_epochs > 0 and (spec is None or (spec.data is None and spec.finetune_data is None)):
         raise KCompressError("fine-tuning needs data: give a built-in dataset or a data file")
+
+
+def _misses(run: CompressionRun, budget: Budget) -> bool:
+    """Whether the run's metric so far misses ``budget`` (False without a budget or a baseline)."""
+    if run.baseline is None or budget.max_drop is None:
+        return False
+    record_metrics(run, budget)
+    assert run.report is not None
+    return run.report.metrics["passed"] is False
+
+
+def distil(run: CompressionRun, config: CompressConfig, calibration: Any,
+           progress: Optional[ProgressCallback] = None) -> None:
+    """Recover: unlabeled distillation of ``run.compressed`` from the dense model on the calibration data for
+    up to ``config.recovery.recovery_epochs`` (:meth:`kcompress.calibration.run.CalibrationRun.finish`), its
+    record put into ``report.calibration["distill"]`` beside the fit's calibration record."""
+    assert run.compressed is not None and run.report is not None
+    _step(progress, "distill", "distilling from the dense model on the calibration inputs")
+    recovery = replace(config.recovery, distill_epochs=config.recovery.recovery_epochs)
+    finished = Report()
+    CalibrationRun(calibration, config.replace(recovery=recovery)).finish(run.compressed, run.dense, finished,
+                                                                          config.seed, progress)
+    assert finished.calibration is not None
+    run.report.calibration = {**(run.report.calibration or {}), "distill": finished.calibration["distill"]}
 
 
 def record_metrics(run: CompressionRun, budget: Budget) -> None:

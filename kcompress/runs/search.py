@@ -4,7 +4,8 @@ Each step allocates one global budget (:mod:`kcompress.allocation.choose`; the c
 are made once per search by :func:`kcompress.allocation.auto.prepare` and reused by every step), fits it, and measures
 the metric through the pipeline's stages. Recovery is spent only where it decides the answer: a step whose
 fitted model already passes is not trained further; one that fails is distilled on the calibration inputs
-(``distill_epochs``, no labels; :func:`kcompress.calibration.run.distill`) and measured again, and, if it still
+(``distill_epochs``, by default up to ``RECOVERY_EPOCHS`` with early stopping, no labels;
+:func:`kcompress.runs.pipeline.distil`) and measured again, and, if it still
 fails, fine-tuned (``finetuning``) and measured again. A step whose allocation equals an earlier step's is
 not fitted again: it reuses that step's model and metric.
 
@@ -29,20 +30,20 @@ from typing import Any, Optional, Sequence
 from kcompress.allocation.auto import Prepared, prepare
 from kcompress.allocation.choose import Allocation
 from kcompress.calibration.moments import CalibrationSet, calibration_set
-from kcompress.calibration.run import CalibrationRun
 from kcompress.config import CompressConfig, RecoveryOptions
 from kcompress.errors import KCompressError
 from kcompress.io import PathLike, check_output_path, default_output_path
 from kcompress.progress import ProgressCallback, ProgressEvent
-from kcompress.report.record import Report
 from kcompress.runs.pipeline import (
     CompressionRun,
+    distil,
     fine_tune,
     fit,
     load_input,
     measure,
     prepare_evaluation,
     record_metrics,
+    recovery_finetuning,
     write_artifact,
 )
 from kcompress.tuning.evaluate import Budget, EvalSpec
@@ -124,7 +125,7 @@ def search_budget(
     if not config.budget.searched:
         raise KCompressError("the budget search chooses the formats' ranks and the ratio itself: give an allocated "
                              "config without rank, ratio or params")
-    if config.recovery.distill_epochs and calibration is None:
+    if config.recovery.fit_epochs and calibration is None:
         raise KCompressError("distill_epochs needs calibration data (the inputs to distil on)")
     calibration = sampled_calibration(calibration, config)
     result = SearchResult()
@@ -232,13 +233,13 @@ def _step(run: CompressionRun, prepared: Prepared, ratio: float, budget: Budget,
     assert step_run.report is not None and step_run.compressed is not None
     fitted = _measure(step_run, budget, "compressed model", progress)
     recovery = []
-    if not step_run.report.metrics["passed"] and config.recovery.distill_epochs:
-        assert calibration is not None
-        _distill(step_run, config, calibration, progress)
+    if not step_run.report.metrics["passed"] and calibration is not None and config.recovery.recovery_epochs:
+        distil(step_run, config, calibration, progress)
         recovery.append("distill")
         _measure(step_run, budget, "distilled model", progress)
-    if not step_run.report.metrics["passed"] and config.recovery.finetune.epochs > 0:
-        fine_tune(step_run, config.recovery.finetune, seed=config.seed, progress=progress)
+    finetuning = recovery_finetuning(step_run, config.recovery.finetune)
+    if not step_run.report.metrics["passed"] and finetuning is not None:
+        fine_tune(step_run, finetuning, seed=config.seed, progress=progress)
         recovery.append("finetune")
         _measure(step_run, budget, "fine-tuned model", progress)
     metrics = step_run.report.metrics
@@ -267,18 +268,6 @@ def _measure(run: CompressionRun, budget: Budget, what: str, progress: Optional[
         run.finetuned_metric = value
     record_metrics(run, budget)
     return value
-
-
-def _distill(run: CompressionRun, config: CompressConfig, calibration: CalibrationSet,
-             progress: Optional[ProgressCallback]) -> None:
-    """Unlabeled distillation of ``run.compressed`` from the dense model on the calibration set, as a fit with
-    ``distill_epochs`` runs it (:meth:`kcompress.calibration.run.CalibrationRun.finish`), its record put into
-    ``report.calibration["distill"]`` beside the fit's calibration record."""
-    assert run.compressed is not None and run.report is not None
-    finished = Report()
-    CalibrationRun(calibration, config).finish(run.compressed, run.dense, finished, config.seed, progress)
-    assert finished.calibration is not None
-    run.report.calibration = {**(run.report.calibration or {}), "distill": finished.calibration["distill"]}
 
 
 def _announce(progress: Optional[ProgressCallback], step: SearchStep, run: CompressionRun) -> None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kcompress.config.calibration import learning_rates
 from kcompress.errors import KCompressError
 from kcompress.nn.plan import trained
 from kcompress.progress import ProgressCallback, ProgressEvent, ProgressLike, progress_callback, silent
@@ -63,6 +64,12 @@ class FinetuneResult:
     metric: str
     higher_is_better: bool
     stopped_early: bool = False
+    #: at the best epoch: what broke ties of ``best_val`` (the objective on the validation data when the task
+    #: metric is monitored, lower is better; 0 otherwise)
+    best_tiebreak: float = 0.0
+    #: the learning rate kept, and with ``lr="auto"`` each rate tried: ``{"lr", "epochs_run", "best_val"}``
+    lr: float = math.nan
+    lr_candidates: list[dict[str, float]] = field(default_factory=list)
 
     def __repr__(self) -> str:
         """One line (the model is left out: ``result.model`` is the tuned model itself)."""
@@ -103,15 +110,23 @@ class _Objective:
 
 @dataclass(frozen=True)
 class _Monitor:
-    """What early stopping watches: ``measure(model) -> float``, its name and direction."""
+    """What early stopping watches: ``measure(model) -> float``, its name and direction, and what breaks a
+    tie of two equal values (``tiebreak(model)``, lower is better; e.g. the loss when the accuracy ties)."""
 
     measure: Callable[[nn.Module], float]
     metric: str
     higher_is_better: bool
+    tiebreak: Optional[Callable[[nn.Module], float]] = None
 
-    def improves(self, value: float, best: float) -> bool:
-        """Strictly better than ``best``."""
-        return value > best if self.higher_is_better else value < best
+    def score(self, model: nn.Module) -> tuple[float, float]:
+        """``(monitored value, tie-break)`` of ``model`` (tie-break 0 without one)."""
+        return self.measure(model), self.tiebreak(model) if self.tiebreak is not None else 0.0
+
+    def improves(self, value: tuple[float, float], best: tuple[float, float]) -> bool:
+        """Strictly better than ``best``: a better monitored value, or an equal one with a lower tie-break."""
+        if value[0] != best[0]:
+            return value[0] > best[0] if self.higher_is_better else value[0] < best[0]
+        return value[1] < best[1]
 
 
 def finetune(
@@ -119,7 +134,7 @@ def finetune(
     data: Data,
     teacher: Optional[nn.Module] = None,
     epochs: int = 10,
-    lr: float = 1e-3,
+    lr: Union[float, str] = "auto",
     loss: Optional[str] = None,
     task: str = "classification",
     val_fraction: float = 0.2,
@@ -143,22 +158,37 @@ def finetune(
     outputs the distillation also matches (normalised squared error times ``match_weight``, see
     :mod:`kcompress.tuning.layer_match`); early stopping watches the output loss alone. Early stopping after ``patience`` epochs without improvement (None: never) of
     the monitored metric (see ``FinetuneResult.metric``), announced by a ``"stopped"`` progress event; epoch 0
-    is the starting point, so a run that only hurts returns the model unchanged. ``progress``: a callback of
+    is the starting point, so a run that only hurts returns the model unchanged. ``lr``: Adam's learning rate,
+    or ``"auto"``: one run per rate of :data:`~kcompress.config.calibration.DISTILL_LR_CANDIDATES`, each from
+    the same start, keeping the one with the best monitored metric (as ``distill_lr="auto"`` does; the rates
+    tried are in ``FinetuneResult.lr_candidates``). ``progress``: a callback of
     :class:`kcompress.progress.ProgressEvent`, or True for a progress bar on stderr (see
     :func:`kcompress.progress.progress_callback`).
     """
     loss = loss if loss is not None else ("distill" if teacher is not None else "task")
     objective = _objective(loss, task, teacher, temperature, model, tuple(match_layers), match_weight)
-    _check_numbers(epochs, lr, batch_size, val_fraction, patience)
+    rates = learning_rates(lr)
+    _check_numbers(epochs, batch_size, val_fraction, patience)
     if isinstance(data, SequenceData):
         check_fits(model, data, "the fine-tuning data")
     train_data, val_data = _split(data, val_data, val_fraction, seed)
     monitor = _monitor(objective, train_data, val_data, batch_size)
     teacher_mode = eval_mode(teacher) if teacher is not None else contextlib.nullcontext()
-    with torch.random.fork_rng(devices=_cuda_devices(model)), kept_modes(model), teacher_mode, trained(model):
-        torch.manual_seed(seed)
-        with progress_callback(progress) as callback:
-            return _run(model, train_data, objective, monitor, epochs, lr, patience, seed, batch_size, callback)
+    with kept_modes(model), teacher_mode, trained(model), progress_callback(progress) as callback:
+        start, tried = _snapshot(model), []
+        best: Optional[tuple[FinetuneResult, dict[str, Tensor]]] = None
+        for rate in rates:
+            model.load_state_dict(start)
+            with torch.random.fork_rng(devices=_cuda_devices(model)):
+                torch.manual_seed(seed)
+                result = _run(model, train_data, objective, monitor, epochs, rate, patience, seed, batch_size, callback)
+            tried.append({"lr": rate, "epochs_run": len(result.history) - 1, "best_val": result.best_val})
+            if best is None or monitor.improves((result.best_val, result.best_tiebreak),
+                                                (best[0].best_val, best[0].best_tiebreak)):
+                best = (replace(result, lr=rate), _snapshot(model))
+        assert best is not None
+        model.load_state_dict(best[1])
+        return replace(best[0], lr_candidates=tried if len(tried) > 1 else [])
 
 
 def _run(
@@ -179,17 +209,19 @@ def _run(
     if not parameters:
         raise KCompressError("the model has no trainable parameters to fine-tune")
     optimizer = torch.optim.Adam(parameters, lr=lr)
-    best_val = monitor.measure(model)
+    best = monitor.score(model)
+    best_val = best[0]
     history = [EpochRecord(0, None, best_val)]
     best_epoch, best_state = 0, _snapshot(model)
     start = f"before training: {monitor.metric} {best_val:.4g}"
     report(ProgressEvent("epoch", "finetune", 0, epochs, best_val, start))
     for epoch in range(1, epochs + 1):
         train_loss = _train_epoch(model, _epoch_batches(data, batch_size, seed + epoch), objective, optimizer)
-        val = monitor.measure(model)
+        score = monitor.score(model)
+        val = score[0]
         history.append(EpochRecord(epoch, train_loss, val))
-        if monitor.improves(val, best_val):
-            best_epoch, best_val, best_state = epoch, val, _snapshot(model)
+        if monitor.improves(score, best):
+            best_epoch, best, best_val, best_state = epoch, score, val, _snapshot(model)
         message = f"train loss {train_loss:.4g}, {monitor.metric} {val:.4g} (best {best_val:.4g}, epoch {best_epoch})"
         report(ProgressEvent("epoch", "finetune", epoch, epochs, val, message))
         if patience is not None and epoch - best_epoch >= patience and epoch < epochs:
@@ -199,7 +231,8 @@ def _run(
             break
     model.load_state_dict(best_state)
     stopped = len(history) - 1 < epochs
-    return FinetuneResult(model, history, best_epoch, best_val, monitor.metric, monitor.higher_is_better, stopped)
+    return FinetuneResult(model, history, best_epoch, best_val, monitor.metric, monitor.higher_is_better, stopped,
+                          best_tiebreak=best[1])
 
 
 def _train_epoch(
@@ -279,12 +312,10 @@ def _objective(
     return _Objective(loss, task, teacher if loss != "task" else None, temperature, match, float(match_weight))
 
 
-def _check_numbers(epochs: int, lr: float, batch_size: int, val_fraction: float, patience: Optional[int]) -> None:
+def _check_numbers(epochs: int, batch_size: int, val_fraction: float, patience: Optional[int]) -> None:
     """KCompressError for out-of-range settings."""
     if epochs < 0:
         raise KCompressError(f"epochs must be at least 0, got {epochs}")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise KCompressError(f"learning rate must be positive, got {lr}")
     if batch_size < 1:
         raise KCompressError(f"batch size must be at least 1, got {batch_size}")
     if not 0.0 < val_fraction < 1.0:
@@ -304,13 +335,12 @@ def _split(data: Data, val_data: Optional[Data], val_fraction: float, seed: int)
 
 def _monitor(objective: _Objective, train_data: Data, val_data: Optional[Data], batch_size: int) -> _Monitor:
     """Task metric on validation data; distillation loss on it for ``loss="distill"``; else the training loss."""
+    outputs_only = replace(objective, match_layers=())
     if val_data is not None and objective.loss != "distill":
         task = objective.task
-        return _Monitor(
-            lambda m: evaluate(m, val_data, task, batch_size), _TASK_METRICS[task], higher_is_better(task)
-        )
+        return _Monitor(lambda m: evaluate(m, val_data, task, batch_size), _TASK_METRICS[task], higher_is_better(task),
+                        lambda m: _mean_objective(m, _epoch_batches(val_data, batch_size), outputs_only))
     watched, metric = (val_data, "distill_loss") if val_data is not None else (train_data, "train_loss")
-    outputs_only = replace(objective, match_layers=())
     return _Monitor(lambda m: _mean_objective(m, _epoch_batches(watched, batch_size), outputs_only), metric, False)
 
 
