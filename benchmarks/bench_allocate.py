@@ -63,7 +63,8 @@ def main() -> None:
     for cell in ("lstm", "gru"):
         model = load(cell)
         dense = evaluate(model, test, "classification")
-        uniform = {f: run(model, test, calibration, args.samples, format=f, ratio=args.ratio) for f in FORMATS}
+        uniform = {f: run(model, test, calibration, args.samples, format=f, ratio=args.ratio, allocate="uniform")
+                   for f in FORMATS}
         best = max(FORMATS, key=lambda f: (uniform[f]["accuracy"], -uniform[f]["params"]))
         auto = run(model, test, calibration, args.samples, format=list(FORMATS), params=uniform[best]["params"],
                    allocate="auto")

@@ -79,6 +79,7 @@ def jv_section(settings: dict[str, dict], distill_epochs: int = 0, samples: int 
                 start = time.perf_counter()
                 calibrated, report = _quiet(lambda: compress(
                     model, fmt, targets="ih,hh", check_speed=False, calibration=train, calibrate_samples=samples,
+                    allocate="uniform",
                     distill_epochs=distill_epochs, calibrate_options=options, **kwargs))
                 row = _row(calibrated, test, dense, report, time.perf_counter() - start, cell=cell, format=fmt,
                            setting=label, samples=samples, ridge=report.calibration["ridge"],
@@ -113,6 +114,7 @@ def ablation_section(distill_epochs: int) -> list[dict]:
             start = time.perf_counter()
             compressed, report = _quiet(lambda: compress(
                 model, fmt, targets="ih,hh", check_speed=False, calibration=train, calibrate_samples=SAMPLES,
+                allocate="uniform",
                 distill_epochs=distill_epochs, calibrate_options={"patience": 50, "ridge": 1.0, **variant},
                 **SETTINGS_8X["ih 3x, hh 12x"]))
             row = _row(compressed, test, dense, report, time.perf_counter() - start, cell="lstm", format=fmt,
@@ -144,7 +146,7 @@ def source_section() -> list[dict]:
             for source in ("compressed", "dense"):
                 start = time.perf_counter()
                 compressed, report = _quiet(lambda: compress(
-                    model, fmt, ratio=ratio, targets="ih,hh", check_speed=False, calibration=train,
+                    model, fmt, ratio=ratio, targets="ih,hh", check_speed=False, calibration=train, allocate="uniform",
                     calibrate_samples=SAMPLES, calibrate_options={"source": source, "ridge": 1.0}))
                 row = _row(compressed, test, dense, report, time.perf_counter() - start, format=fmt, source=source,
                            output_agreement=report.calibration["agreement_after_fit"])
@@ -173,7 +175,8 @@ def vad_section(calibration_files: int = 8, test_files: int = 60) -> list[dict]:
                      "calibrate_options": {"ridge": ridge}} if calibrated else {}
             start = time.perf_counter()
             # calibrated through the whole head (LSTM + output conv), so the model's own inputs drive the hooks
-            head, report = _quiet(lambda: compress(dense, fmt, ratio=4, targets="ih,hh", check_speed=False, **extra))
+            head, report = _quiet(lambda: compress(dense, fmt, ratio=4, targets="ih,hh", check_speed=False,
+                                                   allocate="uniform", **extra))
             seconds = time.perf_counter() - start
             lstm = head.lstm
             measured = Agreement.measure(reference, RecurrentHead(lstm, port.final_conv).probabilities(split.test))
@@ -225,7 +228,8 @@ def timing_section(hidden: int = 512) -> list[dict]:
     defaults = {"ridge": "auto", "gate_weights": "auto"}
     for fmt_name, settings in [(name, defaults) for name in ("svd", "tt", "ht", "kcp")] + [
             ("kcp", {"ridge": "auto", "gate_weights": True}), ("kcp", {"ridge": 1.0, "gate_weights": True})]:
-        options = {"ratio": 4, "targets": "ih,hh", "check_speed": False, "fit_options": fit_options.get(fmt_name)}
+        options = {"ratio": 4, "targets": "ih,hh", "check_speed": False, "fit_options": fit_options.get(fmt_name),
+                   "allocate": "uniform"}
         start = time.perf_counter()
         _quiet(lambda: compress(model, fmt_name, **options))
         plain = time.perf_counter() - start

@@ -1,7 +1,7 @@
 """What a user gets without flags (issue 23): each target's default command against the best hand-tuned one.
 
     python benchmarks/bench_defaults.py                          # every section -> results/defaults.{json,md}
-    python benchmarks/bench_defaults.py --sections ratio,search  # some of: ratio, search, finetune, vad, threads
+    python benchmarks/bench_defaults.py --sections ratio,search  # -> results/defaults_ratio_search.{json,md}
 
 ``ratio``: ``kcompress MODEL --format F --ratio 4 --calibrate japanese-vowels --calibrate-samples 64`` (the
 default allocates the ratio) against ``--allocate uniform`` (the previous default); ``search``:
@@ -168,7 +168,9 @@ def main() -> None:
                              _cell(r.get("ratio"), 2), _cell(r.get("seconds"), 1), _cell(r.get("load"), 2)]
                             for r in rows])
     print(table)
-    write_results("defaults", rows, table + "\n\n" + machine_markdown())
+    names = args.sections.split(",")
+    write_results("defaults" if set(names) == set(SECTIONS) else "defaults_" + "_".join(names), rows,
+                  table + "\n\n" + machine_markdown())
 
 
 if __name__ == "__main__":

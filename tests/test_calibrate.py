@@ -12,10 +12,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from kcompress import compress
 from kcompress.calibration.moments import calibration_set, collect_second_moments
-from kcompress.calibration.run import decision_score
 from kcompress.errors import KCompressError
 from kcompress.formats import DataFitSettings, get_format, output_error, whitened_svd
 from kcompress.io.models import SequenceClassifier
+from kcompress.tuning.agreement import best_index
 from kcompress.tuning.data import SequenceData
 
 from .test_gate_sensitivity import autograd_gru, autograd_lstm
@@ -201,7 +201,7 @@ def test_layer_ordered_and_dense_sources_and_distillation() -> None:
     candidates = report.calibration["fit_candidates"]  # every ridge with and without gate-row weights
     grid = [(g, r) for g in (True, False) for r in (1, 0.1, 0.01)]  # then the best again if it was screened
     assert [(c["gate_weights"], c["ridge"]) for c in candidates][:6] == grid
-    chosen = min(candidates, key=decision_score)  # the held-out decisions, then the logit error
+    chosen = candidates[best_index(candidates)]  # the held-out decisions, then the logit error
     assert (report.calibration["ridge"], report.calibration["gate_weights"]) == (chosen["ridge"], chosen["gate_weights"])
     record = report.calibration["distill"]
     assert record["epochs_run"] >= 1 and "argmax_agreement" in record["agreement"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kcompress.calibration.run import decision_score
 from kcompress.formats import DataFitSettings, data_fit, get_format, output_error, whitened_svd
+from kcompress.tuning.agreement import best_index
 
 
 def _moment(size: int, rank: int, seed: int) -> torch.Tensor:
@@ -133,12 +133,12 @@ def test_ridge_auto_collects_dense_statistics_once_and_warm_starts(monkeypatch: 
     assert made == ["calibrator"]  # also for a finishing pass
     assert [(c["ridge"], c["screened"]) for c in candidates[:3]] == [(1.0, False), (0.1, True), (0.01, True)]
     assert starts == [False, False] + [True] * 2 * (len(candidates) - 1)  # ih and hh per candidate
-    best = min(candidates[:3], key=decision_score)
+    best = candidates[best_index(candidates[:3])]
     assert best["screened"]  # here ridge 0.1, cut short at SCREEN_ITERATIONS steps: refined on from there
     assert len(candidates) == 4 and (candidates[3]["ridge"], candidates[3]["screened"]) == (best["ridge"], False)
     steps, screened = 2 * calibrated.SCREEN_ITERATIONS, calibrated.SCREEN_ITERATIONS  # the finish: the rest
     assert caps == [steps] * 2 + [screened] * 4 + [steps - screened] * 2
-    assert report.calibration["ridge"] == min(candidates, key=decision_score)["ridge"]
+    assert report.calibration["ridge"] == candidates[best_index(candidates)]["ridge"]
 
 
 def test_each_plain_fit_runs_once_and_gives_the_result_of_refitting(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,6 +22,7 @@ from kcompress.report.checks import result_warnings
 from kcompress.report.record import Report
 from kcompress.report.rows import MatrixReport
 from kcompress.runs.pipeline import compress_stages, load_input, prepare_evaluation
+from kcompress.tuning.agreement import best_index, output_agreement
 from kcompress.tuning.data import SequenceData
 from kcompress.tuning.evaluate import Budget, EvalSpec, evaluate
 
@@ -47,11 +48,23 @@ def test_a_ratio_is_allocated_with_calibration_data_and_uniform_without() -> Non
         warnings.simplefilter("ignore")
         allocated, report = compress(model, "svd", ratio=2, calibration=data, calibrate_samples=20, check_speed=False)
         uniform, plain = compress(model, "svd", ratio=2, check_speed=False)
-    assert report.format == "auto(svd)" and report.allocation and report.options["budget"]["allocate"] == "auto"
+    splits = report.calibration["splits"]  # the default fits both splits and keeps the closer one to dense
+    assert [s["allocate"] for s in splits] == ["uniform", "auto"]
+    kept = splits[best_index(splits)]["allocate"]
+    assert report.options["budget"]["allocate"] == kept and bool(report.allocation) == (kept == "auto")
+    assert (report.format == "auto(svd)") == (kept == "auto")
     assert sum(r.params_after for r in report.matrices) <= sum(r.params_before for r in report.matrices) / 2
-    assert not plain.allocation and plain.options["budget"]["allocate"] == "uniform"
+    assert not plain.allocation and plain.options["budget"]["allocate"] == "uniform" and "splits" not in plain.calibration
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fixed, again = compress(model, "svd", ratio=2, calibration=data, calibrate_samples=20, check_speed=False,
+                                allocate=kept)
+    record = {key: value for key, value in next(s for s in splits if s["allocate"] == kept).items() if key != "allocate"}
+    assert again.calibration["agreement_after_fit"] == record
     x = data.inputs[:4]
-    assert torch.allclose(allocated(x), model(x), atol=2.0) and not torch.equal(uniform(x), allocated(x))
+    assert torch.equal(fixed(x), allocated(x))  # the kept split, as fitted alone
+
+    assert uniform(x).shape == allocated(x).shape
 
 
 def test_cli_budget_defaults() -> None:
@@ -79,7 +92,13 @@ def test_finetune_auto_rate_keeps_the_better_of_two_runs() -> None:
         runs[rate] = finetune(copy.deepcopy(student), data, teacher=teacher, epochs=3, lr=rate, patience=None)
     result = finetune(student, data, teacher=teacher, epochs=3, patience=None)
     assert [c["lr"] for c in result.lr_candidates] == [1e-3, 1e-2]
-    best = min(runs, key=lambda rate: (runs[rate].best_val, rate))
+    _, held_out = data.split(0.2, seed=0)  # finetune's validation split
+    for candidate in result.lr_candidates:  # each rate's outputs against the teacher's on it
+        expected = output_agreement(runs[candidate["lr"]].model, teacher, [(held_out.inputs, held_out.lengths)])
+        assert candidate["agreement"]["argmax_agreement"] == expected["argmax_agreement"]
+        assert candidate["agreement"]["relative_error"] == pytest.approx(expected["relative_error"])
+        assert candidate["best_val"] == runs[candidate["lr"]].best_val
+    best = result.lr_candidates[best_index([c["agreement"] for c in result.lr_candidates])]["lr"]
     assert result.lr == best and result.best_val == runs[best].best_val
     for (name, value), expected in zip(student.state_dict().items(), runs[best].model.state_dict().values()):
         assert torch.equal(value, expected), name
@@ -151,3 +170,8 @@ def test_recovery_epochs_run_only_where_a_budget_fails() -> None:
             RecoveryOptions(distill_epochs=bad)  # type: ignore[arg-type]
     with pytest.raises(KCompressError, match="finetune lr must be a positive number or 'auto'"):
         FinetuneOptions(lr=0.0)
+
+
+def test_cli_allocate_uniform_keeps_one_ratio_per_matrix() -> None:
+    uniform = allocation_request("svd", None, "uniform", None, 4.0, None, "size", None, calibrated=True)
+    assert uniform.budget.allocate == "uniform" and uniform.budget.resolved(calibrated=True).allocate == "uniform"

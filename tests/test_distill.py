@@ -11,11 +11,11 @@ import torch
 from kcompress import compress
 from kcompress.calibration.augment import AugmentedCalls, augment_call
 from kcompress.calibration.moments import calibration_set
-from kcompress.calibration.run import decision_score
 from kcompress.config.calibration import Augmentation
 from kcompress.errors import KCompressError
 from kcompress.io.models import SequenceClassifier
 from kcompress.nn.plan import compressed_layers, trained
+from kcompress.tuning.agreement import best_index
 from kcompress.tuning.data import SequenceData
 from kcompress.tuning.evaluate import run_model
 from kcompress.tuning.finetune import finetune
@@ -176,7 +176,7 @@ def test_distill_lr_auto_keeps_the_rate_closest_to_the_teacher() -> None:
     record = report.calibration["distill"]
     tried = {candidate["lr"]: candidate for candidate in record["lr_candidates"]}
     assert sorted(tried) == [1e-3, 1e-2]
-    assert record["lr"] == min(tried, key=lambda rate: decision_score(tried[rate]["agreement"]))
+    assert record["lr"] == list(tried)[best_index([tried[rate]["agreement"] for rate in tried])]
     for rate, candidate in tried.items():
         fixed, fixed_report = run(rate)
         assert fixed_report.calibration["distill"]["lr_candidates"] == []

@@ -9,7 +9,6 @@ report's ``calibration`` record).
 
 from __future__ import annotations
 
-import math
 import time
 from copy import deepcopy
 from dataclasses import dataclass, replace
@@ -35,9 +34,8 @@ from kcompress.formats.data_fit import budgeted
 from kcompress.nn.plan import compressed_layers, set_execution
 from kcompress.progress import ProgressCallback, ProgressEvent, relabelled
 from kcompress.report.record import Report
-from kcompress.tuning.evaluate import eval_mode, run_model
+from kcompress.tuning.agreement import best_index, better, output_agreement
 from kcompress.tuning.finetune import FinetuneResult, finetune
-from kcompress.tuning.layer_match import first_tensor
 
 #: optimizer steps at most of each screened candidate, and at most half of a matrix's steps
 #: (:meth:`CalibrationRun.fit`)
@@ -48,10 +46,11 @@ FitResult = tuple[nn.Module, list]
 
 @dataclass(frozen=True)
 class _Candidate:
-    """One candidate's (ridge, gate weighting) fitted model: its held-out score (:func:`decision_score`), the fit loop's result, the
-    settings, its matrices' data-aware fits per (layer, matrix), and whether a screened refinement was cut short."""
+    """One candidate's (ridge, gate weighting) fitted model: its held-out agreement with the dense model
+    (:func:`~kcompress.tuning.agreement.output_agreement`), the fit loop's result, the settings, its matrices'
+    data-aware fits per (layer, matrix), and whether a screened refinement was cut short."""
 
-    error: tuple[float, float]
+    agreement: dict[str, Any]
     result: FitResult
     settings: DataFitSettings
     refined: dict[tuple[str, str], nn.Module]
@@ -94,8 +93,9 @@ class CalibrationRun:
         each matrix's refinement starting from its fit in the previous candidate: the first refined with all its
         steps, the others screened (a few steps, :class:`_Refinement`). When a screened candidate cut short has
         the outputs closest to ``teacher``'s on the held-out calibration inputs, it is refined on for the rest of
-        its steps (on ``model``). Returns the result closest to ``teacher``'s of all (:func:`decision_score`:
-        the agreement of its decisions, the relative output error breaking ties)."""
+        its steps (on ``model``). Returns the result closest to ``teacher``'s of all
+        (:func:`~kcompress.tuning.agreement.better`: the agreement of its decisions, the relative output error
+        breaking ties)."""
         self.scores, self.plain = [], {}
 
         def candidate(target: nn.Module, settings: DataFitSettings, starts: dict[tuple[str, str], nn.Module],
@@ -115,11 +115,12 @@ class CalibrationRun:
             result, refinement = candidate(copy(model), settings, starts, "screen" if index else "full")
             tried.append(self._scored(result, teacher, refinement))
             starts = refinement.refined
-        best = min(tried, key=lambda scored: scored.error)
+        best = tried[best_index([scored.agreement for scored in tried])]
         if best.cut:
             _announce(progress, "calibration: the closest screened candidate", best.settings, "its remaining steps")
             result, refinement = candidate(model, best.settings, best.refined, "finish")
-            best = min(best, self._scored(result, teacher, refinement), key=lambda scored: scored.error)
+            finished = self._scored(result, teacher, refinement)
+            best = finished if better(finished.agreement, best.agreement) else best
         self.settings = best.settings
         return best.result
 
@@ -130,7 +131,7 @@ class CalibrationRun:
         settings = refinement.settings
         self.scores.append({"ridge": settings.ridge, "gate_weights": settings.weighted_rows,
                             "screened": refinement.stage == "screen", **agreement})
-        return _Candidate(decision_score(agreement), result, settings, refinement.refined, refinement.cut)
+        return _Candidate(agreement, result, settings, refinement.refined, refinement.cut)
 
     def plain_fit(self, name: str, fit: Callable[[], nn.Module]) -> nn.Module:
         """Matrix ``name``'s fit without data, which every candidate refines in place: ``fit()`` for the first
@@ -157,7 +158,8 @@ class CalibrationRun:
                  progress: Optional[ProgressCallback]) -> dict[str, Any]:
         """Distil ``model`` in place once per rate of :meth:`CalibrationOptions.distill_rates`, each from the
         calibrated start, and keep the result whose held-out outputs are closest to ``teacher``'s
-        (:func:`decision_score`, as ``ridge="auto"`` decides); the report's ``distill`` record."""
+        (:func:`~kcompress.tuning.agreement.better`, as ``ridge="auto"`` decides); the report's ``distill``
+        record."""
         start = {name: value.detach().clone() for name, value in model.state_dict().items()}
         best: Optional[tuple[dict[str, Any], dict[str, Tensor]]] = None
         tried = []
@@ -173,7 +175,7 @@ class CalibrationRun:
                       "matched_layers": matched_layers(model, self.options), "holdout_loss": result.best_val,
                       "agreement": output_agreement(model, teacher, self.data.holdout)}
             tried.append({key: record[key] for key in ("lr", "epochs_run", "holdout_loss", "agreement")})
-            if best is None or decision_score(record["agreement"]) < decision_score(best[0]["agreement"]):
+            if best is None or better(record["agreement"], best[0]["agreement"]):
                 best = (record, {name: value.detach().clone() for name, value in model.state_dict().items()})
         assert best is not None
         model.load_state_dict(best[1])
@@ -259,32 +261,3 @@ def matched_layers(model: nn.Module, options: CalibrationOptions) -> list[str]:
 def _unlabeled(calls: Sequence[Inputs]) -> list[tuple[Inputs, Tensor]]:
     """``(inputs, placeholder)`` batches: finetune's batch shape; the placeholder only counts the rows."""
     return [(call, torch.zeros(batch_rows(call))) for call in calls]
-
-
-def decision_score(agreement: Mapping[str, Any]) -> tuple[float, float]:
-    """How a candidate is ranked (lower is better) from its :func:`output_agreement` with the dense model:
-    first the agreement of its decisions (argmax per output position, where the outputs have a class axis),
-    then the relative output error (logits), which breaks ties. On a BiLSTM tagger the logit error alone chose
-    a tt fit whose decisions agreed with dense at 0.667 over one at 0.952."""
-    return -float(agreement.get("argmax_agreement", 0.0)), float(agreement["relative_error"])
-
-
-def output_agreement(model: nn.Module, reference: nn.Module, calls: Sequence[Inputs]) -> dict[str, Any]:
-    """How close ``model``'s outputs are to ``reference``'s on ``calls``: ``relative_error``
-    ``‖y − y_ref‖ / ‖y_ref‖`` over all outputs and, for outputs with a class axis (last size > 1),
-    ``argmax_agreement``, the fraction of rows with the same argmax."""
-    num = den = 0.0
-    same = rows = 0
-    with torch.no_grad(), eval_mode(model), eval_mode(reference):
-        for call in calls:
-            output, expected = first_tensor(run_model(model, call)), first_tensor(run_model(reference, call))
-            num += float((output.double() - expected.double()).square().sum())
-            den += float(expected.double().square().sum())
-            if expected.dim() >= 1 and expected.shape[-1] > 1:
-                same += int((output.argmax(-1) == expected.argmax(-1)).sum())
-                rows += expected[..., 0].numel()
-    result: dict[str, Any] = {"relative_error": math.sqrt(num / den) if den > 0 else math.sqrt(num)}
-    if rows:
-        result["argmax_agreement"] = same / rows
-    return result
-

@@ -101,7 +101,7 @@ def allocation_request(format_: Optional[str], formats: Optional[list[str]], all
         if (rank is None) == (ratio is None):
             raise click.UsageError("give exactly one of --rank N and --ratio X")
         return AllocationRequest(formats[0] if formats else format_ or DEFAULT_FORMAT,
-                                 BudgetOptions(rank=rank, ratio=ratio))
+                                 BudgetOptions(rank=rank, ratio=ratio, allocate="uniform"))
     if rank is not None:
         raise click.UsageError("--allocate auto chooses the ranks: give --ratio X or --params N, not --rank")
     if sum(budget is not None for budget in (ratio, params, size)) > 1:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +18,9 @@ from torch import Tensor, nn
 
 from kcompress.config.calibration import learning_rates
 from kcompress.errors import KCompressError
-from kcompress.nn.plan import trained
+from kcompress.nn.plan import compressed_layers, trained
 from kcompress.progress import ProgressCallback, ProgressEvent, ProgressLike, progress_callback, silent
+from kcompress.tuning.agreement import better, output_agreement
 from kcompress.tuning.data import Batch, SequenceData
 from kcompress.tuning.evaluate import (
     check_fits,
@@ -67,9 +68,9 @@ class FinetuneResult:
     #: at the best epoch: what broke ties of ``best_val`` (the objective on the validation data when the task
     #: metric is monitored, lower is better; 0 otherwise)
     best_tiebreak: float = 0.0
-    #: the learning rate kept, and with ``lr="auto"`` each rate tried: ``{"lr", "epochs_run", "best_val"}``
+    #: the learning rate kept, and with ``lr="auto"`` each rate tried: ``{"lr", "epochs_run", "best_val", "agreement"}``
     lr: float = math.nan
-    lr_candidates: list[dict[str, float]] = field(default_factory=list)
+    lr_candidates: list[dict[str, Any]] = field(default_factory=list)
 
     def __repr__(self) -> str:
         """One line (the model is left out: ``result.model`` is the tuned model itself)."""
@@ -133,18 +134,18 @@ def finetune(
     model: nn.Module,
     data: Data,
     teacher: Optional[nn.Module] = None,
-    epochs: int = 10,
+    epochs: int = 30,
     lr: Union[float, str] = "auto",
     loss: Optional[str] = None,
     task: str = "classification",
     val_fraction: float = 0.2,
     val_data: Optional[Data] = None,
-    patience: Optional[int] = 3,
+    patience: Optional[int] = 10,
     seed: int = 0,
     batch_size: int = 32,
     temperature: float = 2.0,
     progress: ProgressLike = None,
-    match_layers: Sequence[str] = (),
+    match_layers: Union[str, Sequence[str]] = "auto",
     match_weight: float = 1.0,
 ) -> FinetuneResult:
     """Tune ``model`` in place with Adam and return it with the best epoch's state restored.
@@ -156,17 +157,21 @@ def finetune(
     outputs for regression; no labels read) or ``"both"`` (their sum); None: ``"distill"`` when a ``teacher``
     is given, else ``"task"``. ``match_layers``: qualified names of layers present in both models whose
     outputs the distillation also matches (normalised squared error times ``match_weight``, see
-    :mod:`kcompress.tuning.layer_match`); early stopping watches the output loss alone. Early stopping after ``patience`` epochs without improvement (None: never) of
+    :mod:`kcompress.tuning.layer_match`; ``"auto"``: the model's compressed layers that the teacher has, when
+    it distils); early stopping watches the output loss alone. Early stopping after ``patience`` epochs without improvement (None: never) of
     the monitored metric (see ``FinetuneResult.metric``), announced by a ``"stopped"`` progress event; epoch 0
     is the starting point, so a run that only hurts returns the model unchanged. ``lr``: Adam's learning rate,
     or ``"auto"``: one run per rate of :data:`~kcompress.config.calibration.DISTILL_LR_CANDIDATES`, each from
-    the same start, keeping the one with the best monitored metric (as ``distill_lr="auto"`` does; the rates
-    tried are in ``FinetuneResult.lr_candidates``). ``progress``: a callback of
+    the same start, keeping the one closest to the teacher on the validation data (its decisions, then its
+    logits: :func:`~kcompress.tuning.agreement.better`, as ``distill_lr="auto"`` ranks), or without a teacher
+    the one with the best monitored metric (the rates tried and their scores are in
+    ``FinetuneResult.lr_candidates``). ``progress``: a callback of
     :class:`kcompress.progress.ProgressEvent`, or True for a progress bar on stderr (see
     :func:`kcompress.progress.progress_callback`).
     """
     loss = loss if loss is not None else ("distill" if teacher is not None else "task")
-    objective = _objective(loss, task, teacher, temperature, model, tuple(match_layers), match_weight)
+    objective = _objective(loss, task, teacher, temperature, model, _matched(model, teacher, loss, match_layers),
+                           match_weight)
     rates = learning_rates(lr)
     _check_numbers(epochs, batch_size, val_fraction, patience)
     if isinstance(data, SequenceData):
@@ -176,19 +181,52 @@ def finetune(
     teacher_mode = eval_mode(teacher) if teacher is not None else contextlib.nullcontext()
     with kept_modes(model), teacher_mode, trained(model), progress_callback(progress) as callback:
         start, tried = _snapshot(model), []
-        best: Optional[tuple[FinetuneResult, dict[str, Tensor]]] = None
+        best: Optional[tuple[FinetuneResult, Optional[dict[str, Any]], dict[str, Tensor]]] = None
         for rate in rates:
             model.load_state_dict(start)
             with torch.random.fork_rng(devices=_cuda_devices(model)):
                 torch.manual_seed(seed)
                 result = _run(model, train_data, objective, monitor, epochs, rate, patience, seed, batch_size, callback)
-            tried.append({"lr": rate, "epochs_run": len(result.history) - 1, "best_val": result.best_val})
-            if best is None or monitor.improves((result.best_val, result.best_tiebreak),
-                                                (best[0].best_val, best[0].best_tiebreak)):
-                best = (replace(result, lr=rate), _snapshot(model))
+            agreement = _agreement(model, objective, val_data, batch_size) if len(rates) > 1 else None
+            tried.append({"lr": rate, "epochs_run": len(result.history) - 1, "best_val": result.best_val,
+                          "agreement": agreement})
+            if best is None or _improves(monitor, (result, agreement), best[:2]):
+                best = (replace(result, lr=rate), agreement, _snapshot(model))
         assert best is not None
-        model.load_state_dict(best[1])
+        model.load_state_dict(best[2])
         return replace(best[0], lr_candidates=tried if len(tried) > 1 else [])
+
+
+def _improves(monitor: _Monitor, run: tuple[FinetuneResult, Optional[dict[str, Any]]],
+              best: tuple[FinetuneResult, Optional[dict[str, Any]]]) -> bool:
+    """Whether one rate's run beats the best so far: by its agreement with the teacher on the validation data
+    (:func:`~kcompress.tuning.agreement.better`) when both have one, else by the monitored metric."""
+    if run[1] is not None and best[1] is not None:
+        return better(run[1], best[1])
+    return monitor.improves((run[0].best_val, run[0].best_tiebreak), (best[0].best_val, best[0].best_tiebreak))
+
+
+def _matched(model: nn.Module, teacher: Optional[nn.Module], loss: str,
+             layers: Union[str, Sequence[str]]) -> tuple[str, ...]:
+    """The layers whose outputs are matched: as given, or for ``"auto"`` the model's compressed layers that the
+    teacher also has, when the loss distils from it."""
+    if layers != "auto":
+        return tuple(layers)
+    if teacher is None or loss == "task":
+        return ()
+    names = {name for name, _ in teacher.named_modules()}
+    return tuple(name for name in compressed_layers(model) if name and name in names)
+
+
+def _agreement(model: nn.Module, objective: _Objective, val_data: Optional[Data],
+               batch_size: int) -> Optional[dict[str, Any]]:
+    """How close ``model``'s outputs are to the teacher's on the validation inputs
+    (:func:`~kcompress.tuning.agreement.output_agreement`; None without a teacher to distil from or validation
+    data)."""
+    if objective.teacher is None or val_data is None:
+        return None
+    calls = [split_batch(batch)[0] for batch in _epoch_batches(val_data, batch_size)]
+    return output_agreement(model, objective.teacher, calls)
 
 
 def _run(
