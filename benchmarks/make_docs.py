@@ -11,10 +11,22 @@ HERE = Path(__file__).resolve().parent
 PARTS = ["params", "speed", "speed_matrix_2threads_quiet", "speed_matrix_1thread", "fit", "memory", "sweep", "sweep_executors", "calibration",
          "allocate", "search_distill_lr", "search", "search_distill", "exec_summary", "exec_train", "exec_train_h256svd", "exec_quiet",
          "exec_paper_quiet", "exec_paper", "exec_distill_memory", "exec_grid_lstm", "exec_grid_gru",
-         "bytes_japanese-vowels", "bytes_token", "bytes_silero-vad", "conv_speed"]
+         "defaults", "defaults_threads", "bytes_japanese-vowels", "bytes_token", "bytes_silero-vad", "conv_speed"]
 
 #: a heading put before the first of these parts (their results files start at a lower level)
-HEADINGS = {"bytes_japanese-vowels": "## The whole model in bytes (issue 25): `python benchmarks/bench_bytes.py`\n"}
+HEADINGS = {
+    "defaults": """## Defaults (issue 23): the command a user types against the best hand-tuned one
+
+`python benchmarks/bench_defaults.py` (commands run as subprocesses, 1 thread). Targets: the ratio-4
+command within 3 points of dense for kcp, tt and svd (LSTM and GRU: met); `--max-drop 0.01` with no other
+flag >= 8x in under 5 minutes (LSTM 131x in 67 s, GRU 27.9x in 75 s: met); `finetune(model, train,
+teacher=dense)` within 1 point of dense from a plain KCP x10 fit (LSTM 0.9757: met; GRU 0.9676 against
+0.9784, 1.1 points: not met); Silero VAD 4x agreement >= 0.98 (kcp 0.9857, tt 0.9839, svd 0.9909: met).
+""",
+    "defaults_threads": """### The CLI's default thread count on a loaded machine (two busy loops running beside the command)
+""",
+    "bytes_japanese-vowels": "## The whole model in bytes (issue 25): `python benchmarks/bench_bytes.py`\n",
+}
 
 HEADER = """# Benchmarks
 
