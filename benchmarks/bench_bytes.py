@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_markdown, write_results  # noqa: E402
 
 import kcompress  # noqa: E402
-from kcompress.config.calibration import DEFAULT_SAMPLES  # noqa: E402
 from kcompress.config.checks import check_size  # noqa: E402
+from kcompress.names import DEFAULT_SAMPLES  # noqa: E402
 from kcompress.nn.quantize import quantization_plan, quantize_model, tensor_bytes  # noqa: E402
 from kcompress.tuning.evaluate import evaluate  # noqa: E402
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # the public names, for type checkers; at run time they load 
     from kcompress.formats.tensorize import Tensorization, choose_tensorization
     from kcompress.io import load, load_checkpoint, model_from_checkpoint, save_artifact
     from kcompress.nn.plan import set_execution
-    from kcompress.report import Report
+    from kcompress.report.record import Report
     from kcompress.runs.convert import compress
     from kcompress.runs.pipeline import compress_file
     from kcompress.tuning.data import BUILTIN_DATASETS, SequenceData, load_builtin, load_data_file
@@ -43,7 +43,7 @@ _LAZY = {
     **dict.fromkeys(("load", "load_checkpoint", "model_from_checkpoint", "save_artifact"), "io"),
     "set_execution": "nn.plan",
     "compress_file": "runs.pipeline",
-    "Report": "report",
+    "Report": "report.record",
     **dict.fromkeys(("Tensorization", "choose_tensorization"), "formats.tensorize"),
 }
 

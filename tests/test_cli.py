@@ -361,3 +361,13 @@ def test_cli_reference_is_up_to_date() -> None:
     spec.loader.exec_module(module)
     current = (ROOT / "docs" / "cli.md").read_text(encoding="utf8")
     assert module.render() == current, "docs/cli.md is out of date: run python docs/gen_cli.py"
+
+
+def test_the_commands_load_without_torch_so_help_is_fast() -> None:
+    """``kcompress COMMAND --help`` imports the command's module only: none of them may load torch (it took
+    seconds per --help); the library loads when a command runs."""
+    code = ("import importlib, sys; from kcompress.cli.main import COMMANDS; "
+            "[importlib.import_module('kcompress.cli.' + module) for module, _, _ in COMMANDS.values()]; "
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False", result.stderr

@@ -85,7 +85,7 @@ def test_outputs_are_written_all_or_none(tiny: pathlib.Path, monkeypatch: pytest
             raise KCompressError(f"cannot write {path} (No space left on device)")
         atomic_write(path, data, overwrite)
 
-    monkeypatch.setattr("kcompress.cli.compress_cmd.atomic_write", failing)
+    monkeypatch.setattr("kcompress.io.files.atomic_write", failing)
     result = run(tiny, "--format", "svd", "--rank", "2", "--report", tiny.with_name("r.json"),
                  "--markdown", tiny.with_name("r.md"))
     assert result.exit_code == 1 and "No space left" in error_line(result)

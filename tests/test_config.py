@@ -102,3 +102,13 @@ def test_compress_with_a_config_equals_compress_with_keywords() -> None:
     assert compress(tiny(), config)[1].options == report.options  # the config may also come second
     with pytest.raises(KCompressError, match="either in config or as keywords.*rank"):
         compress(tiny(), config=config, rank=4)
+
+
+def test_the_torch_free_names_match_the_library() -> None:
+    """``kcompress.names`` lists choices for the CLI's --help without importing torch; each list is the
+    library's own."""
+    from kcompress import names
+    from kcompress.formats import compression_formats
+
+    assert list(names.COMPRESSION_FORMATS) == compression_formats()
+    assert CompressConfig.from_keywords(rank=2).calibration.samples == names.DEFAULT_SAMPLES

@@ -15,9 +15,9 @@ from kcompress import compress, finetune
 from kcompress._threads import default_model_threads
 from kcompress.cli.allocation import ALLOCATED_FORMATS, allocation_request
 from kcompress.config import BudgetOptions, CompressConfig, FinetuneOptions, RecoveryOptions
-from kcompress.config.compress import RECOVERY_EPOCHS
 from kcompress.errors import KCompressError
 from kcompress.io.models import SequenceClassifier
+from kcompress.names import RECOVERY_EPOCHS
 from kcompress.report.checks import result_warnings
 from kcompress.report.record import Report
 from kcompress.report.rows import MatrixReport

@@ -30,11 +30,11 @@ import torch
 from torch import Tensor
 
 from kcompress.config.checks import check_budget, check_choice
-from kcompress.config.compress import OBJECTIVES
 from kcompress.errors import KCompressError
 from kcompress.formats import Factorization, get_format
 from kcompress.formats.data_fit import DataFitSettings, OutputErrors, whitened_svd
 from kcompress.formats.tensorize import Tensorization
+from kcompress.names import OBJECTIVES
 
 #: largest number of budget units the dynamic programme uses (costs are rounded up to ``budget / RESOLUTION``)
 RESOLUTION = 8192

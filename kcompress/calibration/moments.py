@@ -21,8 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from kcompress.calibration.hooks import inner_layer, matrix_inputs
-from kcompress.config.calibration import DEFAULT_HOLDOUT, DEFAULT_SAMPLES, SOURCES
+from kcompress.config.calibration import DEFAULT_HOLDOUT, SOURCES
 from kcompress.errors import KCompressError
+from kcompress.names import DEFAULT_SAMPLES
 from kcompress.nn import COMPRESSED_TYPES
 from kcompress.report.rows import qualified_name
 from kcompress.tuning.data import BUILTIN_DATASETS, SequenceData, load_builtin, load_inputs_file

@@ -4,15 +4,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import click
 
 from kcompress.cli.options import F, FormatListType
-from kcompress.config import BudgetOptions
-from kcompress.config.checks import check_size
-from kcompress.config.compress import ALLOCATIONS, OBJECTIVES
 from kcompress.errors import KCompressError
+from kcompress.names import ALLOCATIONS, OBJECTIVES, check_size
+
+if TYPE_CHECKING:  # loaded when the command runs, not for --help
+    from kcompress.config import BudgetOptions
 
 #: the format without --format, and the formats an allocated budget chooses between without it
 DEFAULT_FORMAT = "kcp"
@@ -48,7 +49,7 @@ def allocation_options(command: F) -> F:
 
 
 class SizeType(click.ParamType):
-    """``200KB`` -> 200000 bytes (:func:`kcompress.config.checks.check_size`; a usage error otherwise)."""
+    """``200KB`` -> 200000 bytes (:func:`kcompress.names.check_size`; a usage error otherwise)."""
 
     name = "BYTES"
 
@@ -85,6 +86,8 @@ def allocation_request(format_: Optional[str], formats: Optional[list[str]], all
     """Check the combination (usage errors) and build the format and budget of the config. Without
     ``--format`` (``format_`` None) an allocated budget chooses between :data:`ALLOCATED_FORMATS`, any other
     between :data:`DEFAULT_FORMAT`; ``calibrated``: ``--calibrate`` was given (a ratio is then allocated)."""
+    from kcompress.config import BudgetOptions
+
     search = max_drop is not None and rank is None and ratio is None and params is None and size is None
     if allocate is None and (formats or params is not None or size is not None or search or objective != "size"
                              or (format_ is None and ratio is not None and calibrated)):

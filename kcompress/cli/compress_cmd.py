@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pathlib
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import click
 
-from kcompress._threads import threads_used
 from kcompress.cli.allocation import allocation_options, allocation_request
 from kcompress.cli.options import (
     COMPRESSION_FORMATS,
@@ -37,21 +36,12 @@ from kcompress.cli.options import (
     trust_option,
 )
 from kcompress.cli.render import Display
-from kcompress.config import (
-    CalibrationOptions,
-    CompressConfig,
-    ExecutionOptions,
-    FinetuneOptions,
-    RecoveryOptions,
-    SelectionOptions,
-    StorageOptions,
-    TensorizationOptions,
-)
-from kcompress.io import atomic_write, check_input_file, check_output_paths, default_output_path
-from kcompress.report.allocation_table import rich_tables
-from kcompress.report.record import Report
-from kcompress.runs.pipeline import run_pipeline
-from kcompress.runs.search import run_search
+
+if TYPE_CHECKING:  # the library (torch) loads when the command runs, not for --help
+    from kcompress.cli.allocation import AllocationRequest
+    from kcompress.config import CompressConfig
+    from kcompress.report.record import Report
+    from kcompress.tuning.evaluate import Budget, EvalSpec
 
 EPILOG = """\b
 Examples:
@@ -149,6 +139,8 @@ def compress_command(model: pathlib.Path, format_: Optional[str], rank: Any, rat
     MODEL is a state dict (.pt), safetensors file or kcompress artifact. Without a subcommand,
     `kcompress MODEL ...` runs this command. Progress goes to stderr, the report table to stdout.
     """
+    from kcompress.io import check_input_file, check_output_paths, default_output_path
+
     request = allocation_request(format_, formats, allocate, rank, ratio, params, objective, max_drop,
                                  calibrated=calibrate_data is not None, size=size)
     spec = eval_spec(eval_data, task, evaluator, lower_is_better)
@@ -162,22 +154,57 @@ def compress_command(model: pathlib.Path, format_: Optional[str], rank: Any, rat
                        overwrite=overwrite, source=model)
     outputs = Outputs(artifact, report_path, markdown_path)
     calibration = calibration_data(calibrate_data, distill_epochs)
-    config = CompressConfig(
+    config = _config(request, fit_option, include, exclude, targets, gates, order, modes, calibrate_samples, task,
+                     distill_epochs, distill_lr, finetune_epochs, finetune_loss, finetune_lr, execution, quantize, seed)
+    display = Display(quiet)
+    if spec is not None and spec.holdout > 0:
+        display.note(f"--eval {spec.data} is also the fine-tuning data: scoring on a seeded {spec.holdout:.0%} "
+                     f"held out, fine-tuning on the rest (--finetune-data FILE scores on all of it)")
+    report = _run(model, outputs, config, calibration, spec, limits, request.search, display,
+                  overwrite=overwrite, trust_checkpoint=trust_checkpoint, model_class=model_class, threads=threads)
+    _write_reports(report, outputs, overwrite)
+    _show(display, report, outputs.artifact)
+
+
+def _config(request: AllocationRequest, fit_option: tuple[tuple[str, Any], ...], include: tuple[str, ...],
+            exclude: tuple[str, ...], targets: str, gates: str, order: Optional[int], modes: Any,
+            calibrate_samples: int, task: str, distill_epochs: Union[int, str], distill_lr: Union[float, str],
+            finetune_epochs: Union[int, str], finetune_loss: str, finetune_lr: Union[float, str], execution: str,
+            quantize: Optional[str], seed: int) -> CompressConfig:
+    """The one config of this command, built from its options (every rule checked there)."""
+    from kcompress.config import (
+        CalibrationOptions,
+        CompressConfig,
+        ExecutionOptions,
+        FinetuneOptions,
+        RecoveryOptions,
+        SelectionOptions,
+        StorageOptions,
+        TensorizationOptions,
+    )
+
+    return CompressConfig(
         format=request.format, fit_options=dict(fit_option) or None, budget=request.budget,
         selection=SelectionOptions(include=list(include) or None, exclude=list(exclude) or None, targets=targets,
                                    gates=gates),
         tensorization=TensorizationOptions(order=order, modes=modes),
         calibration=CalibrationOptions(samples=calibrate_samples, task=task, distill_lr=distill_lr),
         recovery=RecoveryOptions(distill_epochs, FinetuneOptions(finetune_epochs, finetune_loss, finetune_lr)),
-        execution=ExecutionOptions(path=execution), storage=StorageOptions(_storages(quantize)),
-        seed=seed)
-    display = Display(quiet)
-    if spec is not None and spec.holdout > 0:
-        display.note(f"--eval {spec.data} is also the fine-tuning data: scoring on a seeded {spec.holdout:.0%} "
-                     f"held out, fine-tuning on the rest (--finetune-data FILE scores on all of it)")
+        execution=ExecutionOptions(path=execution), storage=StorageOptions(_storages(quantize)), seed=seed)
+
+
+def _run(model: pathlib.Path, outputs: Outputs, config: CompressConfig, calibration: Any, spec: Optional[EvalSpec],
+         limits: Budget, search: bool, display: Display, *, overwrite: bool, trust_checkpoint: bool,
+         model_class: Optional[str], threads: Optional[int]) -> Report:
+    """The pipeline, or the budget search when ``search``, with progress and warnings on ``display``; the
+    report (the artifact is written)."""
+    from kcompress._threads import threads_used
+    from kcompress.runs.pipeline import run_pipeline
+    from kcompress.runs.search import run_search
+
     with display.warnings_shown(), threads_used(threads) as counts, display.progress() as progress:
         display.line(f"threads: {counts['fit']} for fits, {counts['model']} for evaluation and fine-tuning")
-        if request.search:
+        if search:
             assert spec is not None
             searched = run_search(model, outputs.artifact, config, calibration=calibration, evaluation=spec,
                                   budget=limits, overwrite=overwrite, trust_checkpoint=trust_checkpoint,
@@ -190,11 +217,17 @@ def compress_command(model: pathlib.Path, format_: Optional[str], rank: Any, rat
                                   model_class=model_class, progress=progress).report
     assert report is not None
     report.options["threads"] = counts
-    _write_reports(report, outputs, overwrite)
+    return report
+
+
+def _show(display: Display, report: Report, artifact: pathlib.Path) -> None:
+    """The report's tables on stdout; exit code 3 when the accuracy budget was missed."""
+    from kcompress.report.allocation_table import rich_tables
+
     display.show(report.rich_table())
     for table in rich_tables(report):
         display.show(table)
-    display.result(f"wrote {outputs.artifact}")
+    display.result(f"wrote {artifact}")
     if report.status == "failed":
         _budget_failed(display, report)
         raise click.exceptions.Exit(EXIT_BUDGET)
@@ -210,11 +243,13 @@ def _storages(quantize: Optional[str]) -> Union[None, str, list[str]]:
 def _write_reports(report: Report, outputs: Outputs, overwrite: bool) -> None:
     """The report files beside the written artifact, each atomically: all outputs, or (on any failure or
     interruption) none, the artifact included."""
+    from kcompress.io import files
+
     written = [outputs.artifact]
     try:
         for path, text in ((outputs.report, report.to_json() + "\n"), (outputs.markdown, report.to_markdown())):
             if path is not None:
-                atomic_write(path, text.encode("utf8"), overwrite)
+                files.atomic_write(path, text.encode("utf8"), overwrite)
                 written.append(path)
     except BaseException:
         for path in written:

@@ -8,7 +8,6 @@ from typing import Optional
 
 import click
 
-from kcompress._threads import threads_used
 from kcompress.cli.options import (
     common_options,
     eval_options,
@@ -19,9 +18,6 @@ from kcompress.cli.options import (
     trust_option,
 )
 from kcompress.cli.render import Display
-from kcompress.io import check_input_file
-from kcompress.runs.pipeline import load_input
-from kcompress.tuning.evaluate import load_evaluation
 
 EPILOG = """\b
 Examples:
@@ -45,6 +41,11 @@ def eval_command(model: pathlib.Path, eval_data: Optional[str], task: str, evalu
                  lower_is_better: bool, as_json: bool, model_class: Optional[str], trust_checkpoint: bool,
                  threads: Optional[int], quiet: bool, debug: bool) -> None:
     """Measure MODEL (a checkpoint or a kcompress artifact) on --eval DATA or with --evaluator."""
+    from kcompress._threads import threads_used  # the library (torch) loads when the command runs
+    from kcompress.io import check_input_file
+    from kcompress.runs.pipeline import load_input
+    from kcompress.tuning.evaluate import load_evaluation
+
     spec = eval_spec(eval_data, task, evaluator, lower_is_better)
     if spec is None:
         raise click.UsageError("give --eval DATA or --evaluator MODULE:FUNCTION")

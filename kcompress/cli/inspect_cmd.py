@@ -9,10 +9,9 @@ import functools
 import json
 import pathlib
 import re
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import click
-from torch import nn
 
 from kcompress.cli.options import (
     COMPRESSION_FORMATS,
@@ -25,10 +24,9 @@ from kcompress.cli.options import (
 )
 from kcompress.cli.render import Display, layers_table, options_table, summary_table
 from kcompress.errors import KCompressError
-from kcompress.formats import get_format
-from kcompress.io import check_input_file
-from kcompress.nn import COMPRESSED_TYPES
-from kcompress.runs.pipeline import load_input
+
+if TYPE_CHECKING:  # the library (torch) loads when the command runs, not for --help
+    from torch import nn
 
 EPILOG = """\b
 Examples:
@@ -66,6 +64,9 @@ def inspect_command(model: pathlib.Path, format_names: list[str], ranks: list[in
     predicted faster; `kcompress compress` also measures it). --details: the same per matrix, with the modes
     each format picks. Ranks above a format's useful maximum are clamped (shown with --details).
     """
+    from kcompress.io import check_input_file
+    from kcompress.runs.pipeline import load_input
+
     check_input_file(model)
     display = Display(quiet)
     with display.warnings_shown(), display.step(f"loading {model}"):
@@ -111,11 +112,15 @@ def _summary(matrices: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from kcompress.nn import COMPRESSED_TYPES
+
     return [(name, module) for name, module in model.named_modules() if type(module) in COMPRESSED_TYPES]
 
 
 def _describe_layer(name: str, module: nn.Module) -> dict[str, Any]:
     """Name, type, matrix shapes, parameter count and whether ``compress`` takes it by default."""
+    from kcompress.nn import COMPRESSED_TYPES
+
     layer_cls = COMPRESSED_TYPES[type(module)]
     row: dict[str, Any] = {"name": name, "type": type(module).__name__, "gates": layer_cls.gates,
                            "params": sum(p.numel() for p in module.parameters()), "matrices": {}}
@@ -151,6 +156,8 @@ def _option(format_name: str, rank: int, shape: tuple[int, int], layer_gates: in
             gates: str) -> Optional[dict[str, Any]]:
     """Modes, rank used, parameters and MACs of one format and rank (None where the format cannot take
     this matrix); the same for every matrix of one shape, so worked out once (callers copy it)."""
+    from kcompress.formats import get_format
+
     fmt = get_format(format_name)
     rows, cols = shape
     blocks = layer_gates if gates == "separate" else 1

@@ -8,28 +8,31 @@ import functools
 import json
 import math
 import traceback
-from typing import Any, Callable, Optional, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar, Union
 
 import click
 
-from kcompress.calibration.moments import load_calibration_data
 from kcompress.cli.render import echo_error
 from kcompress.cli.signals import interruption, terminations_interrupt
-from kcompress.config import FinetuneOptions
-from kcompress.config.calibration import DEFAULT_SAMPLES, TASKS, CalibrationOptions
-from kcompress.config.checks import check_targets
-from kcompress.config.compress import RECOVERY_EPOCHS
 from kcompress.errors import KCompressError, one_line
-from kcompress.formats import compression_formats
-from kcompress.tuning.evaluate import DROP_TYPES, Budget, EvalSpec
-from kcompress.tuning.finetune import LOSSES
+from kcompress.names import (
+    COMPRESSION_FORMATS,
+    DEFAULT_LR,
+    DEFAULT_SAMPLES,
+    DROP_TYPES,
+    LOSSES,
+    RECOVERY_EPOCHS,
+    TASKS,
+    check_targets,
+)
+
+if TYPE_CHECKING:  # the commands' modules stay free of torch until a command runs (fast --help)
+    from kcompress.tuning.evaluate import Budget, EvalSpec
 
 EXIT_ERROR = 1
 #: the fraction of an --eval data file held out for scoring when the same file is also fine-tuned on
 HOLDOUT = 0.2
 EXIT_BUDGET = 3
-#: formats a user may ask for (not the one that keeps a matrix as it is)
-COMPRESSION_FORMATS = compression_formats()
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -266,6 +269,8 @@ def eval_spec(
         raise click.UsageError("--lower-is-better describes an --evaluator's metric; accuracy is higher-is-better")
     if eval_data is None and evaluator is None:
         return None
+    from kcompress.tuning.evaluate import EvalSpec
+
     return EvalSpec(data=eval_data, task=task, evaluator=evaluator, lower_is_better=lower_is_better)
 
 
@@ -287,6 +292,8 @@ def budget(max_drop: Optional[float], drop_type: str, spec: Optional[EvalSpec]) 
         raise click.UsageError("--max-drop needs a metric: give --eval DATA or --evaluator")
     if max_drop is not None and max_drop < 0:
         raise click.UsageError("--max-drop must be at least 0")
+    from kcompress.tuning.evaluate import Budget
+
     return Budget(max_drop, drop_type)
 
 
@@ -301,7 +308,7 @@ def finetune_options(command: F) -> F:
                           f"--finetune-data), up to {RECOVERY_EPOCHS} epochs; 0: never."),
         click.option("--finetune-loss", type=click.Choice(LOSSES), default="distill", show_default=True,
                      help="distill: match the dense model's outputs; task: the labels; both: the sum."),
-        click.option("--finetune-lr", type=RateType(), default=FinetuneOptions.lr, show_default=True,
+        click.option("--finetune-lr", type=RateType(), default=DEFAULT_LR, show_default=True,
                      metavar="LR", help="Adam learning rate for fine-tuning; auto: fine-tune at 0.001 and at 0.01 "
                                         "and keep the one with the better held-out metric."),
     ]
@@ -323,7 +330,7 @@ def calibration_options(command: F) -> F:
                      help="Then train the compressed model for up to N epochs to match the dense model's outputs "
                           "on the calibration inputs (no labels; early stopping on the held-out part); auto: only "
                           f"when --max-drop fails, up to {RECOVERY_EPOCHS} epochs; 0: never."),
-        click.option("--distill-lr", type=RateType(), default=CalibrationOptions.distill_lr, show_default=True,
+        click.option("--distill-lr", type=RateType(), default=DEFAULT_LR, show_default=True,
                      metavar="LR", help="Adam learning rate of --distill-epochs; auto: distil at 0.001 and at "
                                         "0.01 and keep the one closer to the dense model on the held-out inputs."),
     ]
@@ -338,6 +345,8 @@ def calibration_data(data: Optional[str], distill_epochs: Union[int, str]) -> An
         if distill_epochs != "auto" and distill_epochs:
             raise click.UsageError("--distill-epochs needs inputs to distil on: give --calibrate DATA")
         return None
+    from kcompress.calibration.moments import load_calibration_data
+
     return load_calibration_data(data)
 
 

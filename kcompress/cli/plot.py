@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, Sequence
 
-from kcompress.runs.trials import is_baseline
-
 
 def plot_pareto(rows: Sequence[Mapping[str, Any]], front: Sequence[Mapping[str, Any]], path: "os.PathLike[str] | str",
                 metric_name: str) -> bool:
@@ -18,6 +16,8 @@ def plot_pareto(rows: Sequence[Mapping[str, Any]], front: Sequence[Mapping[str, 
         from matplotlib.ticker import FuncFormatter, NullFormatter
     except ImportError:
         return False
+    from kcompress.runs.trials import is_baseline
+
     figure = Figure(figsize=(7, 4.5), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()

@@ -16,7 +16,6 @@ from kcompress.errors import KCompressWarning, one_line
 from kcompress.progress import PlainProgress, ProgressCallback, RichProgress, silent
 from kcompress.progress import number as _number
 from kcompress.report.text import keep_numbers_whole
-from kcompress.runs.sweep import trial_label
 
 PROG = "kcompress"
 #: width of tables written to a file or pipe (no terminal to measure)
@@ -167,6 +166,8 @@ def options_table(title: str, rows: Sequence[Mapping[str, Any]]) -> Table:
 
 def pareto_table(front: Sequence[Mapping[str, Any]], metric_name: str, drop_type: str) -> Table:
     """``kcompress sweep``: the Pareto front (compression ratio against metric) and the host that ran each trial."""
+    from kcompress.runs.sweep import trial_label  # when a sweep ran: the module loads torch
+
     table = Table(title=f"Pareto front: compression ratio vs {metric_name}")
     headers = ("trial", "ratio", "model ratio", "MACs ratio", metric_name, "compressed", "fine-tuned",
                f"drop ({drop_type})", "max rel. error", "host")

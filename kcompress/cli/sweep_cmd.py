@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Any, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 import click
 
@@ -32,10 +32,10 @@ from kcompress.cli.options import (
 )
 from kcompress.cli.plot import plot_pareto
 from kcompress.cli.render import Display, pareto_table
-from kcompress.config import FinetuneOptions
-from kcompress.io import check_input_file
 from kcompress.runs.executors import CONNECT_TIMEOUT, SCHEDULER_ENV, scheduler_address
-from kcompress.runs.sweep import SweepResult, expand_grid, run_sweep, trial_label
+
+if TYPE_CHECKING:  # the library (torch) loads when the command runs, not for --help
+    from kcompress.runs.sweep import SweepResult
 
 PLOT_FILE = "pareto.png"
 
@@ -98,6 +98,10 @@ def sweep_command(model: pathlib.Path, format_names: list[str], ranks: list[int]
     cluster with --scheduler, and is appended to DIR/trials.jsonl as it finishes. With --max-drop, the most compressed trial within the budget is
     named, and the exit code is 3 when none is.
     """
+    from kcompress.config import FinetuneOptions
+    from kcompress.io import check_input_file
+    from kcompress.runs.sweep import expand_grid, run_sweep
+
     spec = eval_spec(eval_data, task, evaluator, lower_is_better)
     if spec is None:
         raise click.UsageError("a sweep needs a metric: give --eval DATA or --evaluator MODULE:FUNCTION")
@@ -128,6 +132,8 @@ def sweep_command(model: pathlib.Path, format_names: list[str], ranks: list[int]
 
 def _show(display: Display, result: SweepResult, out: pathlib.Path) -> None:
     """Failed trials as warnings, the front as a table, the plot, and the best trial within the budget."""
+    from kcompress.runs.sweep import trial_label
+
     for row in result.errors:
         display.warning(f"trial {trial_label(row['trial'])} failed: {row['error']}")
     metric = result.eval_spec.metric_name

@@ -10,15 +10,12 @@ from typing import Any, Mapping, Optional, Union, cast
 
 from kcompress.errors import KCompressError
 from kcompress.formats.data_fit import DataFitSettings
+from kcompress.names import DEFAULT_LR, DEFAULT_SAMPLES, TASKS
 
 #: where each layer's statistics come from (:class:`CalibrationOptions`)
 SOURCES = ("compressed", "dense")
-#: calibration sequences used at most by default
-DEFAULT_SAMPLES = 256
 #: held-out fraction of the calibration sequences
 DEFAULT_HOLDOUT = 0.25
-#: what a model's outputs are: class logits or values
-TASKS = ("classification", "regression")
 
 #: ridges tried by ``ridge="auto"`` (the first is fitted first; see :meth:`CalibrationRun.fit`)
 RIDGE_CANDIDATES = (1.0, 0.1, 0.01)
@@ -90,7 +87,7 @@ class CalibrationOptions:
     iterations: int = DataFitSettings.iterations
     lr: float = DataFitSettings.lr
     gate_weights: Union[bool, str] = "auto"
-    distill_lr: Union[float, str] = "auto"
+    distill_lr: Union[float, str] = DEFAULT_LR
     task: str = "classification"
     patience: int = 50
     augment_copies: int = Augmentation.copies

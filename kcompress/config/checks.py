@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from kcompress.errors import KCompressError
@@ -14,7 +13,6 @@ from kcompress.formats import get_format
 OVERRIDE_KEYS = ("format", "rank", "ratio", "order", "out_modes", "in_modes", "fit_options")
 #: what a compression may target: the recurrent matrices (input-to-hidden, hidden-to-hidden), every
 #: Embedding table and every Linear layer; ``"all"`` is all of them
-TARGETS = ("ih", "hh", "embedding", "linear")
 
 
 def check_int(name: str, value: Any, minimum: Optional[int] = None) -> None:
@@ -78,18 +76,6 @@ def check_globs(what: str, globs: Any) -> tuple[str, ...]:
     if not isinstance(items, (list, tuple)) or not all(isinstance(g, str) and g for g in items):
         raise KCompressError(f"{what} must be a list of glob patterns, got {globs!r}")
     return tuple(items)
-
-
-def check_targets(targets: Any) -> tuple[str, ...]:
-    """A comma-separated string or a list of names from :data:`TARGETS` or ``"all"`` -> e.g. ``("ih", "hh")``."""
-    items = targets.split(",") if isinstance(targets, str) else targets
-    names = {str(item).strip().lower() for item in items} if isinstance(items, (list, tuple)) else set()
-    if "all" in names:
-        names = (names - {"all"}) | set(TARGETS)
-    if not names or not names <= set(TARGETS):
-        raise KCompressError(f"targets must be names from {', '.join(TARGETS)} or 'all' (e.g. 'ih,hh'), "
-                             f"got {targets!r}")
-    return tuple(t for t in TARGETS if t in names)
 
 
 def check_overrides(overrides: Any) -> tuple[tuple[str, Mapping[str, Any]], ...]:
@@ -168,23 +154,6 @@ def check_budget(ratio: Optional[float], params: Optional[int]) -> None:
     if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
                               or not 0 < ratio < math.inf):
         raise KCompressError(f"ratio must be a positive number, got {ratio!r}")
-
-
-#: size suffixes of :func:`check_size` (case-insensitive) -> bytes
-SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "kib": 1024, "mib": 1024**2}
-
-
-def check_size(value: Any) -> int:
-    """A size budget in bytes: a positive integer, or a positive number with a suffix of :data:`SIZE_UNITS`
-    (``"200KB"``, ``"1.5 MiB"``, ``"4096B"``), rounded down to whole bytes."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]+)\s*", str(value).lower())
-    size = int(float(match.group(1)) * SIZE_UNITS[match.group(2)]) if match and match.group(2) in SIZE_UNITS else 0
-    if isinstance(value, bool) or size <= 0:
-        raise KCompressError(f"size must be a positive number of bytes with a unit B, KB, MB, KiB or MiB "
-                             f"(e.g. 200KB), got {value!r}")
-    return size
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:

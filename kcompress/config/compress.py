@@ -41,11 +41,19 @@ from kcompress.config.checks import (
     check_overrides,
     check_rank,
     check_ratio,
-    check_size,
-    check_targets,
     jsonable,
 )
 from kcompress.errors import KCompressError
+from kcompress.names import (
+    ALLOCATIONS,
+    DEFAULT_LR,
+    GATES,
+    LOSSES,
+    OBJECTIVES,
+    RECOVERY_EPOCHS,
+    check_size,
+    check_targets,
+)
 from kcompress.nn.plan import Plan, check_plan
 from kcompress.nn.quantize import check_quantize
 
@@ -53,16 +61,6 @@ Rank = Union[int, Sequence[int]]
 Modes = tuple[Optional[Sequence[int]], Optional[Sequence[int]]]
 #: the recurrent matrices compressed by default: all of them (input-to-hidden and hidden-to-hidden)
 DEFAULT_TARGETS = "ih,hh"
-GATES = ("fused", "separate")
-#: how a budget is split: the same rank or ratio for every matrix, or chosen per matrix
-ALLOCATIONS = ("uniform", "auto")
-#: what an allocated budget counts: parameters or multiply MACs per input vector
-OBJECTIVES = ("size", "latency")
-#: fine-tuning losses: the labels, the dense model's outputs, or both
-LOSSES = ("task", "distill", "both")
-#: distillation epochs at most (the best held-out epoch kept) of ``distill_epochs="auto"`` when a model fails its
-#: accuracy budget
-RECOVERY_EPOCHS = 30
 #: version of :meth:`CompressConfig.to_dict`'s layout (1: the flat keyword dictionary)
 CONFIG_VERSION = 2
 
@@ -72,7 +70,7 @@ class BudgetOptions:
     """How small: ``rank`` or ``ratio`` for every matrix (``allocate="uniform"``), or a ``ratio`` or ``params``
     for all targeted matrices together, split per matrix by the allocation (``allocate="auto"``) in
     parameters or, with ``objective="latency"``, in MACs; or a ``size`` in bytes for the whole artifact's tensors
-    (``200_000``, ``"200KB"``, ``"1.5MiB"``; :func:`~kcompress.config.checks.check_size`), met by the allocation
+    (``200_000``, ``"200KB"``, ``"1.5MiB"``; :func:`~kcompress.names.check_size`), met by the allocation
     with the storage width (:class:`StorageOptions`) it chooses. ``allocate=None`` (the default) is resolved when the
     data is known (:meth:`resolved`): a ratio or a parameter count is a budget for the whole model, split
     automatically when there is calibration data; a rank, and a ratio without data, apply to every matrix
@@ -167,7 +165,7 @@ class FinetuneOptions:
 
     epochs: Union[int, str] = "auto"
     loss: str = "distill"
-    lr: Union[float, str] = "auto"
+    lr: Union[float, str] = DEFAULT_LR
 
     def __post_init__(self) -> None:
         auto_epochs("finetune epochs", self.epochs)

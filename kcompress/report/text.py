@@ -3,11 +3,12 @@ its JSON are :mod:`kcompress.report.record`; these only turn them into strings f
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence, cast
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, cast
 
 from rich.table import Table
 
-from kcompress.report.rows import MatrixReport, ReportRank
+if TYPE_CHECKING:  # annotations only: the CLI's tables use this module without torch
+    from kcompress.report.rows import MatrixReport, ReportRank
 
 
 def times(ratio: float) -> str:

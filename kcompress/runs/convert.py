@@ -28,11 +28,11 @@ from kcompress.allocation.choose import Allocation
 from kcompress.allocation.size import allocate_size
 from kcompress.calibration.run import CalibrationRun
 from kcompress.config import CompressConfig
-from kcompress.config.calibration import DEFAULT_SAMPLES
 from kcompress.config.compress import DEFAULT_TARGETS, Modes, Rank
 from kcompress.errors import KCompressError, KCompressWarning
 from kcompress.fitting.layers import fit_layers
 from kcompress.fitting.planning import plan_compression
+from kcompress.names import DEFAULT_SAMPLES
 from kcompress.nn.plan import Plan, compressed_layers, set_execution
 from kcompress.nn.quantize import quantization_plan, quantize_model, tensor_bytes
 from kcompress.nn.speed import CHECK_BATCH, measured_speedup

@@ -13,14 +13,11 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from kcompress.config.calibration import TASKS
 from kcompress.errors import KCompressError, error_line
 from kcompress.io import file_sha256
 from kcompress.io.usercode import import_reference, split_reference
+from kcompress.names import DROP_TYPES, TASK_METRICS, TASKS
 from kcompress.tuning.data import BUILTIN_DATASETS, Batch, SequenceData, load_builtin, load_data_file
-
-DROP_TYPES = ("absolute", "relative")
-_TASK_METRICS = {"classification": "accuracy", "regression": "mse"}
 
 
 def higher_is_better(task: str) -> bool:
@@ -197,7 +194,7 @@ class EvalSpec:
 
     @property
     def metric_name(self) -> str:
-        return self.evaluator or _TASK_METRICS[self.task]
+        return self.evaluator or TASK_METRICS[self.task]
 
     @property
     def is_builtin(self) -> bool:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from kcompress.config.calibration import learning_rates
 from kcompress.errors import KCompressError
+from kcompress.names import LOSSES, TASK_METRICS
 from kcompress.nn.plan import compressed_layers, trained
 from kcompress.progress import ProgressCallback, ProgressEvent, ProgressLike, progress_callback, silent
 from kcompress.tuning.agreement import better, output_agreement
@@ -34,8 +35,6 @@ from kcompress.tuning.evaluate import (
     split_batch,
 )
 from kcompress.tuning.layer_match import captured, matching_loss
-
-LOSSES = ("task", "distill", "both")
 
 Data = Union[SequenceData, Iterable[Batch]]
 
@@ -376,13 +375,12 @@ def _monitor(objective: _Objective, train_data: Data, val_data: Optional[Data], 
     outputs_only = replace(objective, match_layers=())
     if val_data is not None and objective.loss != "distill":
         task = objective.task
-        return _Monitor(lambda m: evaluate(m, val_data, task, batch_size), _TASK_METRICS[task], higher_is_better(task),
+        return _Monitor(lambda m: evaluate(m, val_data, task, batch_size), TASK_METRICS[task], higher_is_better(task),
                         lambda m: _mean_objective(m, _epoch_batches(val_data, batch_size), outputs_only))
     watched, metric = (val_data, "distill_loss") if val_data is not None else (train_data, "train_loss")
     return _Monitor(lambda m: _mean_objective(m, _epoch_batches(watched, batch_size), outputs_only), metric, False)
 
 
-_TASK_METRICS = {"classification": "accuracy", "regression": "mse"}
 
 
 def _epoch_batches(data: Data, batch_size: int, seed: Optional[int] = None) -> Iterable[Batch]:
