@@ -15,7 +15,7 @@ from kcompress.tuning.data import SequenceData, load_builtin
 from kcompress.tuning.evaluate import evaluate
 from kcompress.tuning.finetune import FinetuneResult, finetune
 
-from .conftest import EXAMPLE_LSTM
+from tests.conftest import EXAMPLE_LSTM
 
 
 @pytest.fixture(scope="module")

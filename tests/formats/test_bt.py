@@ -14,8 +14,8 @@ from kcompress.formats.tensorize import Tensorization, choose_tensorization
 from kcompress.io.artifact import load, save_artifact
 from kcompress.io.models import SequenceClassifier
 
-from .conftest import trained_like
-from .test_tr import correlated_moment, relative
+from tests.conftest import trained_like
+from tests.formats.test_tr import correlated_moment, relative
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -18,7 +18,7 @@ from kcompress.io.models import SequenceClassifier
 from kcompress.tuning.agreement import best_index
 from kcompress.tuning.data import SequenceData
 
-from .test_gate_sensitivity import autograd_gru, autograd_lstm
+from tests.calibration.test_gate_sensitivity import autograd_gru, autograd_lstm
 
 
 def _correlated(rows: int, size: int, seed: int) -> torch.Tensor:

@@ -24,8 +24,8 @@ from kcompress.io import default_output_path
 from kcompress.progress import PlainProgress, ProgressEvent
 from kcompress.report.record import validate_report_dict
 
-from .conftest import EXAMPLE_LSTM, ROOT
-from .test_sweep import save_tiny_data, save_tiny_model, write_param_evaluator
+from tests.conftest import EXAMPLE_LSTM, ROOT
+from tests.runs.test_sweep import save_tiny_data, save_tiny_model, write_param_evaluator
 
 COLOR = re.compile(r"\x1b\[(?:\d+;)*(?:3[0-79]|9[0-7]|38;[25];[\d;]+)m")
 

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from kcompress.errors import KCompressError
 from kcompress.formats import FORMATS, Factorization, KCPOptions, TreeOptions, build, compression_formats, get_format
 
-from .conftest import trained_like
+from tests.conftest import trained_like
 
 #: small matrices: (rows, cols, order for factored formats)
 SHAPES = [(16, 12, 3), (40, 24, 2)]

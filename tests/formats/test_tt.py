@@ -10,7 +10,7 @@ from kcompress.errors import KCompressError
 from kcompress.formats.tensorize import Tensorization, choose_tensorization
 from kcompress.formats.tt import TT
 
-from .conftest import trained_like
+from tests.conftest import trained_like
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -8,7 +8,7 @@ from kcompress.formats.kcp import KCP
 from kcompress.formats.kcp_plan import ContractionPlan, kcp_step_costs
 from kcompress.formats.tensorize import Tensorization, choose_tensorization, mode_orders
 
-from .conftest import trained_like
+from tests.conftest import trained_like
 
 
 def random_kcp_weight(tz: Tensorization, rank: int) -> torch.Tensor:

@@ -9,8 +9,8 @@ from kcompress.errors import KCompressError
 from kcompress.formats.ht import HT
 from kcompress.formats.tensorize import Tensorization, choose_tensorization
 
-from .conftest import trained_like
-from .test_tt import relative
+from tests.conftest import trained_like
+from tests.formats.test_tt import relative
 
 Range = tuple[int, int]
 

@@ -8,7 +8,7 @@ import torch
 
 from kcompress.io.models import SequenceClassifier
 
-from .conftest import ROOT
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow  # examples, subprocesses or exports: seconds each
 

@@ -5,7 +5,7 @@ import torch
 
 from kcompress.formats import Dense, Stack, build, get_format
 
-from .conftest import trained_like
+from tests.conftest import trained_like
 
 SVD = get_format("svd")
 

@@ -26,7 +26,7 @@ from kcompress.formats.svd import SVD
 from kcompress.io import model_from_state_dict
 from kcompress.progress import ProgressEvent
 
-from .test_sweep import save_tiny_data, save_tiny_model
+from tests.runs.test_sweep import save_tiny_data, save_tiny_model
 
 
 def run(*args: object):

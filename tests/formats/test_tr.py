@@ -15,7 +15,7 @@ from kcompress.formats.tensorize import Tensorization, choose_tensorization
 from kcompress.io.artifact import load, save_artifact
 from kcompress.io.models import SequenceClassifier
 
-from .conftest import trained_like
+from tests.conftest import trained_like
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -15,7 +15,7 @@ import zipfile
 
 import pytest
 
-from .conftest import EXAMPLE_LSTM, ROOT
+from tests.conftest import EXAMPLE_LSTM, ROOT
 
 DOCS = ROOT / "docs"
 KCOMPRESS = pathlib.Path(sys.executable).with_name("kcompress")

@@ -26,8 +26,8 @@ from kcompress.runs.pipeline import CompressionRun
 from kcompress.runs.search import search_budget
 from kcompress.tuning.evaluate import Budget, EvalSpec, Evaluation
 
-from .conftest import trained_like
-from .test_sweep import save_tiny_model, write_param_evaluator
+from tests.conftest import trained_like
+from tests.runs.test_sweep import save_tiny_model, write_param_evaluator
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,5 @@
 """Gate-row weights of the data-aware objective (kcompress.calibration.gate_sensitivity), checked against autograd on the
-cell equations (streamed through nn.LSTM/nn.GRU: tests/test_calibrate.py; through cells: here); the weighted
+cell equations (streamed through nn.LSTM/nn.GRU: tests/calibration/test_calibrate.py; through cells: here); the weighted
 closed form and the weighted report."""
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import pytest
 pytestmark = pytest.mark.slow  # examples, subprocesses or exports: seconds each
 
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 SPEECH_DIRS = (pathlib.Path("/usr/share/asterisk/sounds/en_US_f_Allison"), pathlib.Path("/usr/share/sounds/alsa"))
 NUMBER = r"([0-9]+(?:\.[0-9]+)?)"
 

@@ -9,7 +9,7 @@ from kcompress.formats.kcp_chain import GemmChain, chain_suits
 from kcompress.formats.kcp_plan import best_plan, kcp_step_costs
 from kcompress.formats.tensorize import Tensorization, choose_tensorization
 
-from .test_kcp import relative
+from tests.formats.test_kcp import relative
 
 PAPER = Tensorization(1024, 57600, (16, 4, 4, 4), (8, 20, 20, 18))
 #: (out_features, in_features, out_modes, in_modes): 2 to 5 modes, with and without padding
