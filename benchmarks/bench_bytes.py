@@ -37,7 +37,7 @@ from common import machine_markdown, write_results  # noqa: E402
 import kcompress  # noqa: E402
 from kcompress.config.checks import check_size  # noqa: E402
 from kcompress.names import DEFAULT_SAMPLES  # noqa: E402
-from kcompress.nn.quantize import quantization_plan, quantize_model, tensor_bytes  # noqa: E402
+from kcompress.nn.quantize import quantization_rules, quantize_model, tensor_bytes  # noqa: E402
 from kcompress.tuning.evaluate import evaluate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,7 +133,7 @@ def baselines(bench: Bench, dense: dict[str, int]) -> list[dict]:
     size = file_bytes(dynamic.state_dict())
     rows.append(row("int8 dynamic (torch)", evaluate(dynamic), size, size, dense))
     ours = copy.deepcopy(model)
-    plan = quantization_plan(ours, "int8")
+    plan = quantization_rules(ours, "int8")
     quantize_model(ours, plan)
     rows.append(row("int8 storage alone (kcompress per-channel)", evaluate(ours), tensor_bytes(ours, plan),
                     0, dense, "--quantize int8 (no compression)"))
@@ -159,7 +159,7 @@ def compressed(bench: Bench, dense: dict[str, int], fmt: str, ratio: float, size
             + (f", distilled {distill}" if distill else ""))
     command = (f"--format{'s' if size else ''} {fmt} {budget} {bench.options} --calibrate DATA"
                + (f" --quantize {quantize}" if quantize else "") + (f" --distill-epochs {distill}" if distill else ""))
-    assert report.model_bytes_after == tensor_bytes(small, quantization_plan(small, report.quantize))
+    assert report.model_bytes_after == tensor_bytes(small, quantization_rules(small, report.quantize))
     assert size is None or report.model_bytes_after <= check_size(size)
     return row(name, bench.metric(small), report.model_bytes_after, file, dense, command)
 

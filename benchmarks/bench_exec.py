@@ -1,4 +1,4 @@
-"""Execution plans against dense: is a compressed model ever slower than the dense one? (issue 12)
+"""Execution paths against dense: is a compressed model ever slower than the dense one? (issue 12)
 
     python benchmarks/bench_exec.py [--quick] [--part grid paper distill memory] [--threads 1 2]
         [--cells lstm gru] [--hidden 128 256 512 1024] [--batch 1 16 128] [--formats kcp tt ht svd adtn]
@@ -278,7 +278,7 @@ def bench_memory(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]
 # ---------------------------------------------------------------------- output
 def to_markdown(rows: list[dict[str, Any]]) -> str:
     parts = ", ".join(dict.fromkeys(r["part"] for r in rows))
-    text = f"## Execution plans (issue 12): {parts}\n\n" + machine_markdown() + "\n"
+    text = f"## Execution paths (issue 12): {parts}\n\n" + machine_markdown() + "\n"
     grid = [r for r in rows if r["part"] == "grid"]
     if grid:
         text += ("\n### Grid: compressed (auto plan) vs dense nn.LSTM/nn.GRU, T = 32\n\n"

@@ -43,7 +43,7 @@ python benchmarks/bench_fit.py        # fit time and error against rank, real we
 python benchmarks/bench_memory.py     # peak RSS of an LSTM forward at the paper shape
 python benchmarks/bench_sweep.py      # one 24-trial sweep: 1 and 2 local processes, Dask with 2 workers
 python benchmarks/bench_calibration.py  # data-aware fitting and unlabeled distillation on the bundled data
-python benchmarks/bench_exec.py       # execution plans: compressed vs dense forward/training, paper shape, memory
+python benchmarks/bench_exec.py       # execution paths: compressed vs dense forward/training, paper shape, memory
 python benchmarks/bench_allocate.py   # automatic allocation vs uniform at 8x (JapaneseVowels)
 python benchmarks/bench_search.py     # --max-drop 0.01 budget search (JapaneseVowels LSTM and GRU)
 python benchmarks/bench_bytes.py      # the whole model in bytes: fp32, fp16, int8 dynamic, formats, formats + int8

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # the public names, for type checkers; at run time they load 
     from kcompress.formats import FORMATS, Factorization, build, get_format
     from kcompress.formats.tensorize import Tensorization, choose_tensorization
     from kcompress.io import load, load_checkpoint, model_from_checkpoint, save_artifact
-    from kcompress.nn.plan import set_execution
+    from kcompress.nn.paths import set_execution
     from kcompress.report.record import Report
     from kcompress.runs.convert import compress
     from kcompress.runs.pipeline import compress_file
@@ -41,7 +41,7 @@ _LAZY = {
     **dict.fromkeys(("FinetuneResult", "finetune"), "tuning.finetune"),
     **dict.fromkeys(("FORMATS", "Factorization", "build", "get_format"), "formats"),
     **dict.fromkeys(("load", "load_checkpoint", "model_from_checkpoint", "save_artifact"), "io"),
-    "set_execution": "nn.plan",
+    "set_execution": "nn.paths",
     "compress_file": "runs.pipeline",
     "Report": "report.record",
     **dict.fromkeys(("Tensorization", "choose_tensorization"), "formats.tensorize"),

@@ -27,7 +27,7 @@ from kcompress.allocation.choose import Allocation, Candidate, Option, allocate
 from kcompress.errors import KCompressError
 from kcompress.formats import get_format
 from kcompress.formats.quantize import quantize
-from kcompress.nn.quantize import QUANTIZE_BITS, factor_bytes, quantization_plan, stored_tensor_bytes, tensor_bytes
+from kcompress.nn.quantize import QUANTIZE_BITS, factor_bytes, quantization_rules, stored_tensor_bytes, tensor_bytes
 
 
 def allocate_size(model: nn.Module, prepared: Prepared, size: int,
@@ -64,12 +64,12 @@ def allocate_size(model: nn.Module, prepared: Prepared, size: int,
 
 def fixed_bytes(model: nn.Module, candidates: Sequence[Candidate], storage: Optional[str]) -> int:
     """Bytes of every tensor of ``model`` but the ``candidates``' matrices, stored as ``storage`` plans them."""
-    plan = quantization_plan(model, storage)
+    rules = quantization_rules(model, storage)
     state = model.state_dict()
     missing = [c.name for c in candidates if c.name not in state]
     if missing:
         raise KCompressError(f"a size budget counts the model's state dict, which has no tensor {missing[0]!r}")
-    return tensor_bytes(model, plan) - sum(stored_tensor_bytes(state[c.name], plan.get(c.name)) for c in candidates)
+    return tensor_bytes(model, rules) - sum(stored_tensor_bytes(state[c.name], rules.get(c.name)) for c in candidates)
 
 
 def byte_options(prepared: Prepared, storage: Optional[str]) -> list[list[Option]]:

@@ -31,7 +31,7 @@ from kcompress.fitting.layers import fit_layers
 from kcompress.fitting.planning import MatrixPlan
 from kcompress.formats import DataFitInfo, DataFitSettings, ProgressFn
 from kcompress.formats.data_fit import budgeted
-from kcompress.nn.plan import compressed_layers, set_execution
+from kcompress.nn.paths import compressed_layers, set_execution
 from kcompress.progress import ProgressCallback, ProgressEvent, relabelled
 from kcompress.report.record import Report
 from kcompress.tuning.agreement import best_index, better, output_agreement

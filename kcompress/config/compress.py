@@ -54,7 +54,7 @@ from kcompress.names import (
     check_size,
     check_targets,
 )
-from kcompress.nn.plan import Plan, check_plan
+from kcompress.nn.paths import Execution, check_execution
 from kcompress.nn.quantize import check_quantize
 
 Rank = Union[int, Sequence[int]]
@@ -221,11 +221,11 @@ class ExecutionOptions:
     """How compressed matrices run (:func:`kcompress.set_execution`) and whether factorized ones are timed
     against their dense product (``check_speed``)."""
 
-    path: Plan = "auto"
+    path: Execution = "auto"
     check_speed: bool = True
 
     def __post_init__(self) -> None:
-        check_plan(self.path)
+        check_execution(self.path)
         if not isinstance(self.check_speed, bool):
             raise KCompressError(f"check_speed must be true or false, got {self.check_speed!r}")
 

@@ -15,7 +15,7 @@ Fit (block-wise ALS, :func:`~.network_als.network_sum_als`) from two starts, the
 each block's first Tucker directions, the others the leading singular vectors of each unfolding; and those
 singular vectors alone. Sweeps solve every block's core, then every block's factor of each mode, jointly from
 their normal equations; from the KCP start a fit is never worse than KCP at ``R = N_b``. Multiplication runs
-each block's Tucker star in the absorption order that needs the fewest MACs (:meth:`~.treenet.TreeLayout.plan`)
+each block's Tucker star in the absorption order that needs the fewest MACs (:meth:`~.treenet.TreeLayout.contraction`)
 and adds the blocks, in row chunks.
 """
 
@@ -138,9 +138,9 @@ class BT(Factorization):
 
     @classmethod
     def macs(cls, tensorization: Tensorization, rank: Rank, options: Optional[FormatOptions] = None) -> int:
-        """``N_b`` times the MACs of one block's cheapest absorption order (:meth:`TreeLayout.plan`)."""
+        """``N_b`` times the MACs of one block's cheapest absorption order (:meth:`TreeLayout.contraction`)."""
         blocks, *tucker = cls.normalize_rank(tensorization, rank)
-        return blocks * cls.layout_for(tensorization, tucker).plan(tensorization, tucker).macs
+        return blocks * cls.layout_for(tensorization, tucker).contraction(tensorization, tucker).macs
 
     @classmethod
     def layout_for(cls, tensorization: Tensorization, tucker: list[int]) -> TreeLayout:
@@ -157,7 +157,7 @@ class BT(Factorization):
         self.factors = nn.ParameterList(
             nn.Parameter(torch.empty(blocks, m, n, r)) for m, n, r in zip(tz.out_modes, tz.in_modes, tucker)
         )
-        self.plan = self.layout.plan(tz, tucker)
+        self.contraction = self.layout.contraction(tz, tucker)
 
     def block_nodes(self) -> list[Tensor]:
         """The nodes of the layout, each stacked over the blocks (core first when there is one)."""
@@ -211,14 +211,14 @@ class BT(Factorization):
         blocks = self.rank[0]
 
         def run(rows: Tensor) -> Tensor:
-            total = self.plan.run(rows, [node[0] for node in nodes])
+            total = self.contraction.run(rows, [node[0] for node in nodes])
             for b in range(1, blocks):
-                total = total + self.plan.run(rows, [node[b] for node in nodes])
+                total = total + self.contraction.run(rows, [node[b] for node in nodes])
             return total
 
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             return run(x)
-        return in_row_chunks(run, x, max(1, CHUNK_BYTES // (self.plan.elements_per_vector * nodes[0].element_size())))
+        return in_row_chunks(run, x, max(1, CHUNK_BYTES // (self.contraction.elements_per_vector * nodes[0].element_size())))
 
     def _reconstruct(self) -> Tensor:
         return network_dense(self.layout, self.block_nodes(), self.tensorization)

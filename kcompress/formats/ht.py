@@ -14,7 +14,7 @@ Fit: leaves-to-root hierarchical SVD (each node's frame from the Gram of the cor
 core tensor projected onto it as the tree is climbed), then ALS sweeps (:func:`~.tree_als.tree_als`).
 Multiplication never builds W: the input absorbs one node at a time (a leaf turns ``n_k`` into
 ``(m_k, r_k)``, a transfer tensor joins two bonds into one), in the order that needs the fewest MACs
-(:meth:`TreeLayout.plan`).
+(:meth:`TreeLayout.contraction`).
 """
 
 from __future__ import annotations

@@ -18,12 +18,12 @@ both implemented (see ``docs/concepts.md``):
   mode is one large (batched) GEMM and nothing is permuted in between (:class:`~.kcp_chain.GemmChain`,
   :mod:`kcompress.formats.kcp_chain`); the fastest where it applies.
 
-``rank_batch`` and ``per_rank`` run a :class:`~.kcp_plan.ContractionPlan` (:mod:`kcompress.formats.kcp_plan`),
+``rank_batch`` and ``per_rank`` run a :class:`~.kcp_contraction.Contraction` (:mod:`kcompress.formats.kcp_contraction`),
 chosen over all d! mode orders by a cost of MACs plus memory traffic, or the chain where it suits
 (:func:`~.kcp_chain.chain_suits`). Large batches are cut into chunks whose intermediates fit in
 :data:`CHUNK_BYTES` (measured: the first step at batch 128 writes 47 MB and runs at a quarter of its in-cache
 speed). ``algorithm="auto"`` uses the chain where it suits, else ``rank_batch``, and ``per_rank`` (of
-whichever plan) when one vector's rank-batched intermediates exceed that budget.
+whichever contraction) when one vector's rank-batched intermediates exceed that budget.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from kcompress.errors import KCompressError
 from kcompress.formats.base import Factorization, OptionsLike, ProgressFn, Rank
 from kcompress.formats.data_fit import DataFitSettings, refine_to_data
 from kcompress.formats.kcp_chain import GemmChain, chain_suits
-from kcompress.formats.kcp_plan import ContractionPlan, best_plan, kcp_step_costs
+from kcompress.formats.kcp_contraction import Contraction, best_contraction, kcp_step_costs
 from kcompress.formats.linalg import gram_svd
 from kcompress.formats.options import FormatOptions, option
 from kcompress.formats.rows import in_row_chunks
@@ -53,7 +53,7 @@ from kcompress.formats.tensorize import Tensorization
 CHUNK_BYTES = 8 * 2**20
 ALGORITHMS = ("auto", "chain", "rank_batch", "per_rank")
 #: how ``multiply`` contracts the modes (both have ``order``, ``run``, ``cost`` and ``elements_per_vector``)
-Plan = Union[ContractionPlan, GemmChain]
+Multiply = Union[Contraction, GemmChain]
 #: the data-aware refinement's preconditioner (:class:`GramPreconditioned`) adds this fraction of the mean
 #: diagonal of each Gram product to its diagonal (keeps it positive definite)
 PRECONDITIONER_DAMPING = 1e-3
@@ -72,7 +72,7 @@ class KCPOptions(FormatOptions):
         ``rank_batch``; ``per_rank`` when one vector's intermediates exceed :data:`CHUNK_BYTES`).
     mode_order : list of int, optional
         Order in which multiplication contracts the modes (a permutation of ``0..d-1``; default: the
-        cheapest, :func:`best_plan`).
+        cheapest, :func:`best_contraction`).
     max_iterations : int
         Most CP-ALS iterations (earlier key ``n_iter_max``).
     init : {'svd', 'random'}
@@ -118,23 +118,23 @@ class KCP(Factorization):
         return rank, checked
 
     @classmethod
-    def plan_for(cls, tensorization: Tensorization, options: KCPOptions) -> Plan:
+    def contraction_for(cls, tensorization: Tensorization, options: KCPOptions) -> Multiply:
         """The chain for ``algorithm="chain"``, and for ``auto``/``per_rank`` where it suits
-        (:func:`~.kcp_chain.chain_suits`); else the plan of ``options.mode_order`` when given, or :func:`best_plan`."""
+        (:func:`~.kcp_chain.chain_suits`); else the contraction of ``options.mode_order`` when given, or :func:`best_contraction`."""
         tz, order = tensorization, options.mode_order
-        plan = ContractionPlan(tz.in_modes, tz.out_modes, order) if order else best_plan(tz)
+        contraction = Contraction(tz.in_modes, tz.out_modes, order) if order else best_contraction(tz)
         if options.algorithm == "chain" or (
-            options.algorithm != "rank_batch" and chain_suits(tz, order, kcp_step_costs(tz, plan.order)[0])
+            options.algorithm != "rank_batch" and chain_suits(tz, order, kcp_step_costs(tz, contraction.order)[0])
         ):
             return GemmChain.for_tensorization(tz)
-        return plan
+        return contraction
 
     def _allocate(self) -> None:
         tz = self.tensorization
         self.factors = nn.ParameterList(
             nn.Parameter(torch.empty(self.rank, m, n)) for m, n in zip(tz.out_modes, tz.in_modes)
         )
-        self.plan = self.plan_for(tz, self.options)
+        self.contraction = self.contraction_for(tz, self.options)
 
     @classmethod
     def param_count(cls, tensorization: Tensorization, rank: Rank) -> int:
@@ -148,9 +148,9 @@ class KCP(Factorization):
 
     @classmethod
     def macs(cls, tensorization: Tensorization, rank: Rank, options: Optional[FormatOptions] = None) -> int:
-        """``R`` times the MACs of one rank's mode products in the plan's order (:func:`kcp_step_costs`)."""
+        """``R`` times the MACs of one rank's mode products in the contraction's order (:func:`kcp_step_costs`)."""
         rank, checked = cls.check(tensorization, rank, options)
-        macs, _ = kcp_step_costs(tensorization, cls.plan_for(tensorization, checked).order)
+        macs, _ = kcp_step_costs(tensorization, cls.contraction_for(tensorization, checked).order)
         return cast(int, rank) * macs  # check normalized it to an int
 
     # ------------------------------------------------------------------ fitting
@@ -183,19 +183,19 @@ class KCP(Factorization):
         chosen = self.options.algorithm
         if chosen != "auto":
             return chosen
-        footprint = self.plan.elements_per_vector(self.rank) * self.factors[0].element_size()
+        footprint = self.contraction.elements_per_vector(self.rank) * self.factors[0].element_size()
         if footprint > CHUNK_BYTES:
             return "per_rank"
-        return "chain" if isinstance(self.plan, GemmChain) else "rank_batch"
+        return "chain" if isinstance(self.contraction, GemmChain) else "rank_batch"
 
     def intermediates_per_vector(self) -> int:
         """Largest intermediate (elements) one vector creates: ``multiply`` bounds its chunks by it."""
-        return self.plan.elements_per_vector(self.rank if self.algorithm_for(1) != "per_rank" else 1)
+        return self.contraction.elements_per_vector(self.rank if self.algorithm_for(1) != "per_rank" else 1)
 
     def _multiply(self, x: Tensor) -> Tensor:
         factors = list(self.factors)
         algorithm = self.algorithm_for(x.shape[0])
-        run = self._multiply_per_rank if algorithm == "per_rank" else self.plan.run
+        run = self._multiply_per_rank if algorithm == "per_rank" else self.contraction.run
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             return run(x, factors)
         return in_row_chunks(lambda rows: run(rows, factors), x, self._chunk_rows(algorithm))
@@ -203,14 +203,14 @@ class KCP(Factorization):
     def _chunk_rows(self, algorithm: str) -> int:
         """Rows per chunk so that one chunk's intermediates stay within :data:`CHUNK_BYTES`."""
         ranks_at_once = 1 if algorithm == "per_rank" else self.rank
-        per_vector = self.plan.elements_per_vector(ranks_at_once) * self.factors[0].element_size()
+        per_vector = self.contraction.elements_per_vector(ranks_at_once) * self.factors[0].element_size()
         return max(1, CHUNK_BYTES // per_vector)
 
     def _multiply_per_rank(self, x: Tensor, factors: list[Tensor]) -> Tensor:
-        """Algorithm 1: the plan run for one rank at a time; memory of one rank's intermediates."""
-        total = self.plan.run(x, [factor[:1] for factor in factors])
+        """Algorithm 1: the contraction run for one rank at a time; memory of one rank's intermediates."""
+        total = self.contraction.run(x, [factor[:1] for factor in factors])
         for r in range(1, self.rank):
-            total = total + self.plan.run(x, [factor[r : r + 1] for factor in factors])
+            total = total + self.contraction.run(x, [factor[r : r + 1] for factor in factors])
         return total
 
     def _reconstruct(self) -> Tensor:

@@ -11,9 +11,9 @@ contracted and those already done, with no permutation of the state in between:
 3. the first mode and the sum over ranks in one GEMM with ``K = R·n_1`` (after a copy of the small state),
    then the output transposed to ``(B, m_1, …, m_d)``.
 
-The MACs are those of :func:`~kcompress.formats.kcp_plan.kcp_step_costs` in the order ``(d-1, …, 0)``, which is
+The MACs are those of :func:`~kcompress.formats.kcp_contraction.kcp_step_costs` in the order ``(d-1, …, 0)``, which is
 the cheapest order or close to it when the large output mode (the gates) is mode 1, as kcompress tensorizes
-recurrent matrices. Where the step-by-step plan of :mod:`kcompress.formats.kcp_plan` runs many small batched
+recurrent matrices. Where the step-by-step contraction of :mod:`kcompress.formats.kcp_contraction` runs many small batched
 GEMMs (a ``(R·m, n)`` block per group of rows), this runs a few large ones: at the KCP paper's shape (57,600
 inputs, 4x256 gates, rank 8) it is 1.4x faster at 256 and 2,048 rows and 1.1-1.7x at 16 (benchmarks.md). Every
 operation is a differentiable torch op, so autograd, tracing and ONNX export work as for any torch code.
@@ -31,8 +31,8 @@ from kcompress.formats.tensorize import Tensorization
 
 
 class GemmChain:
-    """The chain for one tensorization's modes: ``run(x, factors)`` and the plan interface of
-    :class:`~kcompress.formats.kcp_plan.ContractionPlan` (``order``, ``cost``, ``elements_per_vector``)."""
+    """The chain for one tensorization's modes: ``run(x, factors)`` and the contraction interface of
+    :class:`~kcompress.formats.kcp_contraction.Contraction` (``order``, ``cost``, ``elements_per_vector``)."""
 
     def __init__(self, in_modes: tuple[int, ...], out_modes: tuple[int, ...]) -> None:
         if len(in_modes) < 2 or len(in_modes) != len(out_modes):
@@ -59,7 +59,7 @@ class GemmChain:
         return sum(size_in * self.out_modes[mode] for (size_in, _), mode in zip(self._sizes(), self.order))
 
     def cost(self) -> int:
-        """Work per vector and rank in :meth:`ContractionPlan.cost`'s units: MACs, elements written, and the
+        """Work per vector and rank in :meth:`Contraction.cost`'s units: MACs, elements written, and the
         copies of the last step (its input regrouped, its output transposed)."""
         steps = self._sizes()
         written = sum(size_out for _, size_out in steps)
@@ -92,8 +92,8 @@ class GemmChain:
 #: (at the KCP paper's shape: 2,400,256 against 2,351,104 per vector at rank 8)
 MAC_TOLERANCE = 1.05
 #: ... and no input mode is wider than this. Measured (1 thread, 1-4096 rows, ranks 4-682): with input modes of
-#: at most 20 (the paper's shape, bench_exec's LSTM(H, H) matrices) the chain took 0.15-0.7x the step plan's
-#: time; with a 64- or 256-wide mode the step plan's GEMMs are large already and the chain took 0.4-8x its
+#: at most 20 (the paper's shape, bench_exec's LSTM(H, H) matrices) the chain took 0.15-0.7x the step contraction's
+#: time; with a 64- or 256-wide mode the step contraction's GEMMs are large already and the chain took 0.4-8x its
 #: time (its regrouping and final transpose dominate there)
 MAX_MODE = 32
 

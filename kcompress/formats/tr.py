@@ -11,7 +11,7 @@ of one core given the others; a ring has no canonical form). The start is Tensor
 (``tensorly.decomposition.tensor_ring``) of the ``(m_k n_k)``-merged tensor, rotated to the first mode that can
 hold ``r_{k-1} r_k`` singular vectors, or else TT-SVD with the closing bond grown from 1 (``init`` picks one or
 ``auto`` the better of both). Parameters: ``Σ_k r_{k-1} m_k n_k r_k``. Multiplication absorbs one core at a time
-in the order that needs the fewest MACs (:meth:`~.treenet.TreeLayout.plan`), in row chunks.
+in the order that needs the fewest MACs (:meth:`~.treenet.TreeLayout.contraction`), in row chunks.
 """
 
 from __future__ import annotations
@@ -126,9 +126,9 @@ class TR(TreeFactorization):
     def _multiply(self, x: Tensor) -> Tensor:
         nodes = list(self.node_params)
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            return self.plan.run(x, nodes)
-        rows = max(1, CHUNK_BYTES // (self.plan.elements_per_vector * nodes[0].element_size()))
-        return in_row_chunks(lambda part: self.plan.run(part, nodes), x, rows)
+            return self.contraction.run(x, nodes)
+        rows = max(1, CHUNK_BYTES // (self.contraction.elements_per_vector * nodes[0].element_size()))
+        return in_row_chunks(lambda part: self.contraction.run(part, nodes), x, rows)
 
 
 def tr_svd_start(tensor: np.ndarray, tz: Tensorization, ranks: list[int], seed: int) -> Optional[list[np.ndarray]]:

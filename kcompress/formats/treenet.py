@@ -8,8 +8,8 @@ A tree format stores one node tensor per vertex of a tree. Each axis of a node c
 
 Contracting all nodes gives the rearranged weight (:meth:`Tensorization.rearrange`) viewed with axes
 ``(m_1, n_1, …, m_d, n_d)``. The formats differ only in the tree (:class:`TreeLayout`) and the SVD start;
-rank rules, parameter counts, the multiplication plan (:meth:`TreeLayout.plan`) and reconstruction are here;
-the ALS refinement is :func:`~.tree_als.tree_als`. Counts, plans and reconstruction hold for any network of
+rank rules, parameter counts, the multiplication contraction (:meth:`TreeLayout.contraction`) and reconstruction are here;
+the ALS refinement is :func:`~.tree_als.tree_als`. Counts, contractions and reconstruction hold for any network of
 one layout, a cycle included: ``tr`` is a ring of this kind and each block of ``bt`` a Tucker star (their ALS
 is :func:`~.network_als.network_sum_als`).
 """
@@ -55,7 +55,7 @@ def volume(sizes: dict[str, int], labels: Iterable[str]) -> int:
 
 @dataclass(frozen=True)
 class Step:
-    """One step of a :class:`MultiplyPlan`: the state ``(B, *shape)``, its axes reordered by ``permutation``
+    """One step of a :class:`TreeContraction`: the state ``(B, *shape)``, its axes reordered by ``permutation``
     (batch axis included; ``None``: already in place), viewed as ``(B·pre, contracted, post)``, is multiplied
     by node ``node`` arranged by ``node_permutation`` as a ``(new, contracted)`` matrix: ``(B·pre, new, post)``."""
 
@@ -73,7 +73,7 @@ class Step:
         return self.pre * self.contracted * self.post * self.new
 
 
-class MultiplyPlan:
+class TreeContraction:
     """``x (B, n_1, …, n_d)`` absorbs the nodes one at a time in ``order``; W is never built.
 
     The axes a node consumes (its input mode, bonds to absorbed nodes) are contracted as one block and its new
@@ -195,8 +195,8 @@ class TreeLayout:
         unbounded = math.prod(tensorization.out_modes) * math.prod(tensorization.in_modes)
         return self.feasible(tensorization, [unbounded] * len(self.bonds))
 
-    def plan(self, tensorization: Tensorization, ranks: list[int]) -> MultiplyPlan:
-        """The multiplication plan whose absorption order costs the least MACs plus elements read and written
+    def contraction(self, tensorization: Tensorization, ranks: list[int]) -> TreeContraction:
+        """The multiplication contraction whose absorption order costs the least MACs plus elements read and written
         (dynamic programming over the sets of absorbed nodes; each step absorbs a node sharing an axis with
         the state: its input mode or a bond to an absorbed node)."""
         sizes = self.sizes(tensorization, ranks)
@@ -227,7 +227,7 @@ class TreeLayout:
                         following[key] = candidate
             layer = following
         ((_, order),) = layer.values()
-        return MultiplyPlan(self, sizes, order)
+        return TreeContraction(self, sizes, order)
 
     def holder(self, label: str) -> int:
         """The node with axis ``label`` (the first one for a bond)."""
@@ -296,7 +296,7 @@ class TreeFactorization(Factorization):
     """A format whose factors are the nodes of a tree network (``tt``, ``ht``; ``tr``'s ring); ranks are per bond.
 
     Subclasses give the tree (:meth:`layout`) and the SVD start (:meth:`_initial_nodes`). The nodes are
-    stored in ``getattr(self, node_attribute)``; ``plan`` is the :class:`MultiplyPlan` (:meth:`TreeLayout.plan`).
+    stored in ``getattr(self, node_attribute)``; ``contraction`` is the :class:`TreeContraction` (:meth:`TreeLayout.contraction`).
     """
 
     #: name of the ``nn.ParameterList`` holding the nodes in layout order
@@ -350,9 +350,9 @@ class TreeFactorization(Factorization):
 
     @classmethod
     def macs(cls, tensorization: Tensorization, rank: Rank, options: Optional[FormatOptions] = None) -> int:
-        """MACs of the cheapest absorption order (:meth:`TreeLayout.plan`)."""
+        """MACs of the cheapest absorption order (:meth:`TreeLayout.contraction`)."""
         ranks = cls.normalize_rank(tensorization, rank)
-        return cls.layout(tensorization.order).plan(tensorization, ranks).macs
+        return cls.layout(tensorization.order).contraction(tensorization, ranks).macs
 
     # ------------------------------------------------------------------ module
     @property
@@ -362,7 +362,7 @@ class TreeFactorization(Factorization):
     def _allocate(self) -> None:
         shapes = self.layout(self.tensorization.order).shapes(self.tensorization, self.rank)
         setattr(self, self.node_attribute, nn.ParameterList(nn.Parameter(torch.empty(shape)) for shape in shapes))
-        self.plan = self.layout(self.tensorization.order).plan(self.tensorization, self.rank)
+        self.contraction = self.layout(self.tensorization.order).contraction(self.tensorization, self.rank)
 
     def _fit(self, weight: Tensor, seed: int, progress: Optional[ProgressFn]) -> tuple[int, list[float]]:
         """SVD start, then ALS sweeps; deterministic (``seed`` is unused). Bonds above what they can use
@@ -381,7 +381,7 @@ class TreeFactorization(Factorization):
         return len(curve), curve
 
     def _multiply(self, x: Tensor) -> Tensor:
-        return self.plan.run(x, list(self.node_params))
+        return self.contraction.run(x, list(self.node_params))
 
     def _reconstruct(self) -> Tensor:
         layout = self.layout(self.tensorization.order)

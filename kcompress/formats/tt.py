@@ -7,7 +7,7 @@ ranks ``[r_1, …, r_{d-1}]``.
 Fit: TT-SVD of the ``(m_k n_k)``-merged tensor through ``tensorly.decomposition.tensor_train`` (with the
 Gram-based :func:`~kcompress.formats.linalg.gram_svd`), then ALS sweeps (:func:`~.tree_als.tree_als`).
 Parameters: ``Σ_k r_{k-1} m_k n_k r_k``. Multiplication contracts the input with one core at a time, in the
-order that needs the fewest MACs (left to right, right to left, or from the middle out; :meth:`TreeLayout.plan`).
+order that needs the fewest MACs (left to right, right to left, or from the middle out; :meth:`TreeLayout.contraction`).
 """
 
 from __future__ import annotations

@@ -33,8 +33,8 @@ from kcompress.io.quantized import pack, unpack
 from kcompress.io.recognize import LayerSpec, _join
 from kcompress.io.standalone import StandaloneModel, _load_exact, _module_at, _place
 from kcompress.io.validate import check_architecture, check_layers, check_values, fit_to_model
-from kcompress.nn import COMPRESSED_TYPES, CompressedLSTM, rebuild, replan
-from kcompress.nn.quantize import quantization_plan
+from kcompress.nn import COMPRESSED_TYPES, CompressedLSTM, choose_paths, rebuild
+from kcompress.nn.quantize import quantization_rules
 from kcompress.report.record import Report
 
 #: key of the JSON description in an artifact's safetensors metadata
@@ -97,7 +97,7 @@ def save_artifact(
     """Write ``model`` (compressed) and its ``report`` as one safetensors artifact, atomically.
 
     Every tensor of ``model.state_dict()`` is stored (contiguous CPU copies), those that ``report.quantize``
-    plans (:func:`kcompress.nn.quantize.quantization_plan`) as integers and scales (:mod:`.quantized`); the
+    plans (:func:`kcompress.nn.quantize.quantization_rules`) as integers and scales (:mod:`.quantized`); the
     header's ``"kcompress"`` metadata holds the JSON description (see :func:`artifact_description`). With
     ``source_path``, the output may not be that file, and its path and sha256 are recorded (also in
     ``report.source`` when it has none yet). ``options`` defaults to ``report.options``. Nothing is left behind on failure.
@@ -106,7 +106,7 @@ def save_artifact(
     if source_path is not None and not report.source.get("sha256"):
         report.source = {**report.source, "path": str(source_path), "sha256": _source_digest(Path(source_path))}
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in model.state_dict().items()}
-    tensors, quantized = pack(tensors, quantization_plan(model, report.quantize))
+    tensors, quantized = pack(tensors, quantization_rules(model, report.quantize))
     description = artifact_description(model, report, options, quantized)
     text = json.dumps(description, sort_keys=True, default=str)
     metadata = {METADATA_KEY: _packed(text) if quantized else text}
@@ -228,7 +228,7 @@ def _restore(path: Path, description: Mapping[str, Any], tensors: Mapping[str, T
         for name, layer in layers.items():
             model = _place(model, name, _on_device_of(layer, _module_at(model, name)))
         _load_exact(model, tensors)
-        replan(model)
+        choose_paths(model)
     except KCompressError as error:
         raise KCompressError(f"{path}: {_shortened(str(error))}") from None
     except Exception as error:  # noqa: BLE001 - the description is file content: damaged in any way

@@ -19,12 +19,12 @@ from kcompress.nn.quantize import TensorQuantization
 SCALE_SUFFIX = ":scale"
 
 
-def pack(tensors: Mapping[str, Tensor], plan: Mapping[str, TensorQuantization]) -> tuple[dict[str, Tensor],
+def pack(tensors: Mapping[str, Tensor], rules: Mapping[str, TensorQuantization]) -> tuple[dict[str, Tensor],
                                                                                             dict[str, Any]]:
     """``(tensors to store, description)``: every tensor of ``tensors``, the planned ones as integers and
     scales; the description maps each planned key to ``{"bits", "axis", "shape", "dtype"}``."""
     stored, described = dict(tensors), {}
-    for key, spec in plan.items():
+    for key, spec in rules.items():
         original = tensors[key]
         quantized = quantize(original, spec.bits, spec.axis)
         stored[key] = pack_int4(quantized.values) if spec.bits == 4 else quantized.values

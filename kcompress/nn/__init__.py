@@ -5,7 +5,7 @@ torch's).
 Each holds its matrices in ``self.matrices`` (keyed by torch's parameter names) and torch's biases as
 parameters. ``Cls.from_dense(dense, build)`` builds one from the dense module; :func:`rebuild` recreates
 an unfitted one from ``layer.layer_config()`` and the matrices' ``config()`` (to load a state dict into),
-with the execution plan the config records (:mod:`kcompress.nn.execution`).
+with the execution paths the config records (:mod:`kcompress.nn.execution`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from kcompress.nn.conv import CompressedConv1d, CompressedConv2d
 from kcompress.nn.embedding import CompressedEmbedding
 from kcompress.nn.execution import FACTORIZED, MATERIALIZED, MODES
 from kcompress.nn.linear import CompressedLinear
-from kcompress.nn.plan import auto_plan, closed_form, executed, execution_of, replan, set_execution, trained
+from kcompress.nn.paths import auto_paths, choose_paths, closed_form, executed, execution_of, set_execution, trained
 from kcompress.nn.recurrent import CompressedGRU, CompressedLSTM
 
 #: torch layer type -> its compressed drop-in
@@ -60,12 +60,12 @@ def rebuild(layer_config: Mapping[str, Any], matrix_configs: Mapping[str, Mappin
     layer = cls.from_dense(dense, lambda name, weight, gates: formats.build(dict(matrix_configs[name])))
     for name, bias in list(layer.named_parameters(recurse=False)):
         setattr(layer, name, nn.Parameter(torch.empty(bias.shape, dtype=bias.dtype, device="cpu")))
-    plan = layer_config.get("execution", {})
-    if not isinstance(plan, Mapping):
-        raise KCompressError(f"{kind}: execution must map matrix names to paths, got {plan!r}")
+    paths = layer_config.get("execution", {})
+    if not isinstance(paths, Mapping):
+        raise KCompressError(f"{kind}: execution must map matrix names to paths, got {paths!r}")
     # "auto" entries: the closed form for now (never slower than dense); load() measures once weights are in
     layer.set_execution({name: closed_form(layer.matrices[name]) or MATERIALIZED if mode == "auto" else mode
-                         for name, mode in plan.items()}, requested=plan)
+                         for name, mode in paths.items()}, requested=paths)
     return layer
 
 
@@ -84,11 +84,11 @@ __all__ = [
     "MATERIALIZED",
     "MODES",
     "MatrixBuilder",
-    "auto_plan",
+    "auto_paths",
     "executed",
     "trained",
     "execution_of",
-    "replan",
+    "choose_paths",
     "rebuild",
     "set_execution",
 ]

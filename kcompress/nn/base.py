@@ -3,7 +3,7 @@ construction from the dense module (:meth:`CompressedLayer.from_dense`) and :met
 
 A *matrix module* is anything with ``multiply(x)``: ``(..., in) -> (..., out)`` and ``reconstruct()``
 (a format's ``Factorization``, ``formats.Stack`` or ``formats.Dense``); the :data:`MatrixBuilder` handed
-to ``from_dense`` decides the format. Each layer holds an execution plan, ``layer.execution``:
+to ``from_dense`` decides the format. Each layer holds an execution paths, ``layer.execution``:
 ``{matrix name: "factorized" | "materialized"}`` (see :mod:`kcompress.nn.execution`), and multiplies only
 through :meth:`CompressedLayer.product` / :meth:`CompressedLayer.weight`, never asking which format it holds.
 """
@@ -60,14 +60,14 @@ class CompressedLayer(nn.Module):
         self._weights = WeightCache()
         self.set_execution({name: FACTORIZED for name in matrix_names})
 
-    def set_execution(self, plan: Mapping[str, str], requested: Optional[Mapping[str, str]] = None) -> None:
-        """Set the path of the matrices named in ``plan`` (``"factorized"`` or ``"materialized"``); a
+    def set_execution(self, paths: Mapping[str, str], requested: Optional[Mapping[str, str]] = None) -> None:
+        """Set the path of the matrices named in ``paths`` (``"factorized"`` or ``"materialized"``); a
         ``formats.Dense`` matrix is always materialized. ``requested``: ``"auto"`` for the matrices whose
         path the planner chose (default: the path itself is what was asked)."""
-        unknown = sorted(set(plan) - set(self.matrices))
+        unknown = sorted(set(paths) - set(self.matrices))
         if unknown:
             raise KCompressError(f"{type(self).__name__} has no matrix {', '.join(unknown)}")
-        for name, mode in plan.items():
+        for name, mode in paths.items():
             mode = check_mode(mode, name)
             self.execution[name] = MATERIALIZED if is_dense(self.matrices[name]) else mode
             self.requested[name] = (requested or {}).get(name, self.execution[name])
@@ -121,7 +121,7 @@ class CompressedLayer(nn.Module):
         return cls(config, matrices, biases)
 
     def layer_config(self) -> dict[str, Any]:
-        """``{"type": torch class name, "kwargs": its constructor kwargs, "execution": the plan as requested}``
+        """``{"type": torch class name, "kwargs": its constructor kwargs, "execution": the paths as requested}``
         (``"auto"`` where the planner chose; see :func:`kcompress.nn.rebuild`)."""
         return {"type": self.dense_type.__name__, "kwargs": dict(self._config), "execution": dict(self.requested)}
 

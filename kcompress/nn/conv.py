@@ -5,7 +5,7 @@ The kernel ``(out_channels, in_channels, *kernel_size)`` is compressed as the ma
 first, then the kernel positions row-major, which is also the order of :func:`patches` (``F.unfold``'s). So
 ``y[:, :, p] = W · patch_p + b``, one matrix-vector product per output position ``p``.
 
-Execution paths (the layer's plan, :mod:`kcompress.nn.execution`):
+Execution paths (the layer's paths, :mod:`kcompress.nn.execution`):
 
 * ``materialized``: the reconstructed kernel through torch's convolution (``F.conv1d``/``F.conv2d``, as the
   dense module calls it): the kernel is cached as every materialized weight.

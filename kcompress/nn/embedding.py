@@ -1,6 +1,6 @@
 """Drop-in ``nn.Embedding`` whose table is a matrix module (``matrices["weight"]``, ``(num_embeddings, dim)``).
 
-A lookup runs on the layer's execution plan (:mod:`kcompress.nn.execution`): ``materialized`` gathers from
+A lookup runs on the layer's execution paths (:mod:`kcompress.nn.execution`): ``materialized`` gathers from
 the reconstructed table (cached while no gradient can reach the factors, as for every other matrix);
 ``factorized`` gathers the rows from the factors (``matrix.rows``, e.g. ``left[i] @ right`` for SVD, one
 core slice per digit of ``i`` for TT as in TT-Rec) and never builds the table.

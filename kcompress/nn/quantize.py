@@ -1,4 +1,4 @@
-"""Which tensors of a compressed model are stored as integers, and how (:func:`quantization_plan`), the model
+"""Which tensors of a compressed model are stored as integers, and how (:func:`quantization_rules`), the model
 run on exactly the values its artifact stores (:func:`quantize_model`), and the artifact's tensor bytes
 (:func:`tensor_bytes`).
 
@@ -53,25 +53,25 @@ def check_quantize(mode: object) -> Optional[str]:
     return mode
 
 
-def quantization_plan(model: nn.Module, mode: Optional[str]) -> dict[str, TensorQuantization]:
+def quantization_rules(model: nn.Module, mode: Optional[str]) -> dict[str, TensorQuantization]:
     """``{state-dict key: TensorQuantization}`` of the tensors stored as integers (see the module docs)."""
     if check_quantize(mode) is None:
         return {}
     assert mode is not None  # check_quantize returns mode itself
     bits = QUANTIZE_BITS[mode]
     factors = _factor_keys(model)
-    plan = {}
+    rules = {}
     for key, tensor in model.state_dict().items():
         if not tensor.is_floating_point():
             continue
         if key in factors:
-            plan[key] = factor_quantization(tensor, bits)
+            rules[key] = factor_quantization(tensor, bits)
         elif tensor.dim() >= 2:
             per_row = tensor.shape[0] * MIN_PER_SCALE <= tensor.numel()
-            plan[key] = TensorQuantization(bits, 0 if per_row else None)
+            rules[key] = TensorQuantization(bits, 0 if per_row else None)
         elif tensor.dim() == 1 and key.rpartition(".")[2].startswith("bias"):
-            plan[key] = TensorQuantization(BIAS_BITS, None)
-    return plan
+            rules[key] = TensorQuantization(BIAS_BITS, None)
+    return rules
 
 
 def _factor_keys(model: nn.Module) -> set[str]:
@@ -92,21 +92,21 @@ def _slice_axis(tensor: Tensor) -> Optional[int]:
     return min(axes, key=lambda axis: tensor.shape[axis]) if axes else None
 
 
-def quantize_model(model: nn.Module, plan: Mapping[str, TensorQuantization]) -> None:
+def quantize_model(model: nn.Module, rules: Mapping[str, TensorQuantization]) -> None:
     """Replace, in place, each planned tensor's values by their dequantized integers: the model then computes
     exactly what the artifact will store (quantizing again changes nothing)."""
     state = model.state_dict(keep_vars=True)
     with torch.no_grad():
-        for key, spec in plan.items():
+        for key, spec in rules.items():
             tensor = state[key]
             tensor.copy_(quantize(tensor, spec.bits, spec.axis).dequantize().to(tensor.dtype))
 
 
-def tensor_bytes(model: nn.Module, plan: Optional[Mapping[str, TensorQuantization]] = None) -> int:
+def tensor_bytes(model: nn.Module, rules: Optional[Mapping[str, TensorQuantization]] = None) -> int:
     """Bytes of the tensors an artifact of ``model`` stores: each state-dict tensor's, the planned ones as
     integers and scales (:func:`kcompress.formats.quantize.stored_bytes`)."""
-    plan = plan or {}
-    return sum(stored_tensor_bytes(tensor, plan.get(key)) for key, tensor in model.state_dict().items())
+    rules = rules or {}
+    return sum(stored_tensor_bytes(tensor, rules.get(key)) for key, tensor in model.state_dict().items())
 
 
 def stored_tensor_bytes(tensor: Tensor, spec: Optional[TensorQuantization]) -> int:
@@ -119,7 +119,7 @@ def stored_tensor_bytes(tensor: Tensor, spec: Optional[TensorQuantization]) -> i
 
 def factor_bytes(matrix: nn.Module, mode: Optional[str]) -> int:
     """Bytes of a compressed matrix's factors (its state dict) as an artifact with storage ``mode`` stores them
-    (the factors' rule of :func:`quantization_plan`)."""
+    (the factors' rule of :func:`quantization_rules`)."""
     bits = QUANTIZE_BITS.get(check_quantize(mode) or "")
     return sum(stored_tensor_bytes(tensor, factor_quantization(tensor, bits)
                                    if bits is not None and tensor.is_floating_point() else None)

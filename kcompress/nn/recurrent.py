@@ -4,7 +4,7 @@ Every input is run in torch's packed layout: ``data (N, features)`` holding the 
 one after the other, and ``sizes[t]`` rows at step ``t`` (a padded ``(T, B, F)`` tensor is ``N = T·B``
 with ``B`` rows at every step; a ``PackedSequence`` gives its ``batch_sizes``, sorted longest first).
 
-Each layer takes the fastest path its execution plan allows (:meth:`CompressedRNN.layer_path`): with every
+Each layer takes the fastest path its execution paths allows (:meth:`CompressedRNN.layer_path`): with every
 matrix materialized, torch's fused kernel (``_VF.lstm``/``_VF.gru``) on the reconstructed weights; with
 ``W_hh`` materialized and ``W_ih`` factorized, the input pre-activations of all steps in one factorized
 product, then the fused kernel fed them through an identity ``W_ih`` (exact in IEEE arithmetic); with a

@@ -2,7 +2,7 @@
 
 MAC counts mislead on CPUs: a factorized multiply runs several small kernels whose fixed cost and memory
 traffic dominate on small matrices (KCP rank 8 needs 5x fewer MACs than a 2048x512 matrix and still runs
-slower). So the execution planner (``kcompress.nn.plan``) and the report time the alternatives on this
+slower). So the execution planner (``kcompress.nn.paths``) and the report time the alternatives on this
 machine. One noisy sample (another process, a frequency change) must not decide, so
 :func:`time_interleaved` runs the candidates in turn, round after round, until each has at least
 ``min_runs`` samples and the budget is spent, and reports each candidate's median with its spread. Timings

@@ -33,8 +33,8 @@ from kcompress.errors import KCompressError, KCompressWarning
 from kcompress.fitting.layers import fit_layers
 from kcompress.fitting.planning import plan_compression
 from kcompress.names import DEFAULT_SAMPLES
-from kcompress.nn.plan import Plan, compressed_layers, set_execution
-from kcompress.nn.quantize import quantization_plan, quantize_model, tensor_bytes
+from kcompress.nn.paths import Execution, compressed_layers, set_execution
+from kcompress.nn.quantize import quantization_rules, quantize_model, tensor_bytes
 from kcompress.nn.speed import CHECK_BATCH, measured_speedup
 from kcompress.progress import ProgressCallback, ProgressEvent, ProgressLike, progress_callback
 from kcompress.report.checks import result_warnings
@@ -70,7 +70,7 @@ def compress(
     calibrate_samples: int = DEFAULT_SAMPLES,
     calibrate_options: Optional[Mapping[str, Any]] = None,
     distill_epochs: Union[int, str] = "auto",
-    execution: Plan = "auto",
+    execution: Execution = "auto",
     quantize: Optional[Union[str, Sequence[str]]] = None,
     config: Optional[CompressConfig] = None,
 ) -> tuple[nn.Module, Report]:
@@ -259,9 +259,9 @@ def _allocate(model: nn.Module, config: CompressConfig, prepared: Prepared) -> t
 def _store(model: nn.Module, report: Report, quantize: Optional[str], size: Optional[int]) -> None:
     """Quantize the model as its artifact will store it (``quantize`` None: as it is) and record the bytes
     (and the ``size`` budget, which they must meet)."""
-    plan = quantization_plan(model, quantize)
-    quantize_model(model, plan)
-    report.quantize, report.model_bytes_after, report.size_budget = quantize, tensor_bytes(model, plan), size
+    rules = quantization_rules(model, quantize)
+    quantize_model(model, rules)
+    report.quantize, report.model_bytes_after, report.size_budget = quantize, tensor_bytes(model, rules), size
     if size is not None and report.model_bytes_after > size:
         raise KCompressError(f"the artifact's {report.model_bytes_after:,} tensor bytes exceed the size budget of "
                              f"{size:,} bytes (allocated {report.allocation.get('used', 0):,})")
@@ -272,7 +272,7 @@ def _emit_step(progress: Optional[ProgressCallback], name: str, message: str) ->
         progress(ProgressEvent("step", name, message=message))
 
 
-def _check_speed(model: nn.Module, report: Report, execution: Plan, measure: bool) -> None:
+def _check_speed(model: nn.Module, report: Report, execution: Execution, measure: bool) -> None:
     """Record each matrix's execution path; with ``measure``, fill ``measured_speedup`` of factorized
     matrices and warn where the dense product is faster, saying why the matrix runs factorized."""
     layers = compressed_layers(model)

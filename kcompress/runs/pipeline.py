@@ -3,7 +3,7 @@
 ::
 
     check outputs -> load -> [evaluation: load it, measure the dense baseline]
-        -> select -> [calibrate] -> fit -> [refine] -> plan execution      (kcompress.compress)
+        -> select -> [calibrate] -> fit -> [refine] -> execution paths     (kcompress.compress)
         -> [measure] -> [fine-tune -> measure] -> metrics -> write
 
 Every entry point runs these stages with one :class:`~kcompress.config.CompressConfig` built at its edge: the
@@ -237,7 +237,7 @@ def prepare_evaluation(run: CompressionRun, spec: EvalSpec, progress: Optional[P
 
 def fit(run: CompressionRun, config: CompressConfig, *, calibration: Any = None,
         progress: Optional[ProgressCallback] = None, prepared: Optional[Prepared] = None) -> None:
-    """Select, fit and plan execution: :func:`compress_checked` on the dense model."""
+    """Select, fit and choose the execution paths: :func:`compress_checked` on the dense model."""
     run.compressed, run.report = compress_checked(run.dense, config, calibration=calibration, progress=progress,
                                                   where=run.source.get("path"), prepared=prepared)
     run.report.source = dict(run.source)

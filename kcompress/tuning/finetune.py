@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from kcompress.config.calibration import learning_rates
 from kcompress.errors import KCompressError
 from kcompress.names import LOSSES, TASK_METRICS
-from kcompress.nn.plan import compressed_layers, trained
+from kcompress.nn.paths import compressed_layers, trained
 from kcompress.progress import ProgressCallback, ProgressEvent, ProgressLike, progress_callback, silent
 from kcompress.tuning.agreement import better, output_agreement
 from kcompress.tuning.data import Batch, SequenceData

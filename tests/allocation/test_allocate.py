@@ -25,7 +25,6 @@ from kcompress.runs.convert import compress_model
 from kcompress.runs.pipeline import CompressionRun
 from kcompress.runs.search import search_budget
 from kcompress.tuning.evaluate import Budget, EvalSpec, Evaluation
-
 from tests.conftest import trained_like
 from tests.runs.test_sweep import save_tiny_model, write_param_evaluator
 

@@ -17,7 +17,6 @@ from kcompress.formats import DataFitSettings, get_format, output_error, whitene
 from kcompress.io.models import SequenceClassifier
 from kcompress.tuning.agreement import best_index
 from kcompress.tuning.data import SequenceData
-
 from tests.calibration.test_gate_sensitivity import autograd_gru, autograd_lstm
 
 

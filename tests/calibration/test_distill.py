@@ -14,7 +14,7 @@ from kcompress.calibration.moments import calibration_set
 from kcompress.config.calibration import Augmentation
 from kcompress.errors import KCompressError
 from kcompress.io.models import SequenceClassifier
-from kcompress.nn.plan import compressed_layers, trained
+from kcompress.nn.paths import compressed_layers, trained
 from kcompress.tuning.agreement import best_index
 from kcompress.tuning.data import SequenceData
 from kcompress.tuning.evaluate import run_model

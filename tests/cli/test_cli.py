@@ -23,7 +23,6 @@ from kcompress.cli.options import COMPRESSION_FORMATS
 from kcompress.io import default_output_path
 from kcompress.progress import PlainProgress, ProgressEvent
 from kcompress.report.record import validate_report_dict
-
 from tests.conftest import EXAMPLE_LSTM, ROOT
 from tests.runs.test_sweep import save_tiny_data, save_tiny_model, write_param_evaluator
 

@@ -34,7 +34,6 @@ from kcompress.cli.main import app
 from kcompress.io import atomic_write, load, save_artifact
 from kcompress.io.models import SequenceClassifier
 from kcompress.runs.executors import TrialExecutor, open_executor, scheduler_address
-
 from tests.conftest import EXAMPLE_LSTM, ROOT
 from tests.runs.test_sweep import save_tiny_data, save_tiny_model
 

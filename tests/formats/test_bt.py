@@ -13,7 +13,6 @@ from kcompress.formats.network_refine import EnvironmentPreconditioned
 from kcompress.formats.tensorize import Tensorization, choose_tensorization
 from kcompress.io.artifact import load, save_artifact
 from kcompress.io.models import SequenceClassifier
-
 from tests.conftest import trained_like
 from tests.formats.test_tr import correlated_moment, relative
 

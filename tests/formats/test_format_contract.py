@@ -15,7 +15,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from kcompress.errors import KCompressError
 from kcompress.formats import FORMATS, Factorization, KCPOptions, TreeOptions, build, compression_formats, get_format
-
 from tests.conftest import trained_like
 
 #: small matrices: (rows, cols, order for factored formats)

@@ -22,7 +22,6 @@ from kcompress.io.models import SequenceClassifier
 from kcompress.runs.sweep import expand_grid
 from kcompress.runs.trials import TrialJob, TrialSpec, run_trial
 from kcompress.tuning.evaluate import EvalSpec
-
 from tests.runs.test_sweep import save_tiny_data, save_tiny_model
 
 pytestmark = pytest.mark.usefixtures("steady_speed")

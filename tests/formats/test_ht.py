@@ -8,7 +8,6 @@ import torch
 from kcompress.errors import KCompressError
 from kcompress.formats.ht import HT
 from kcompress.formats.tensorize import Tensorization, choose_tensorization
-
 from tests.conftest import trained_like
 from tests.formats.test_tt import relative
 
@@ -106,8 +105,8 @@ def test_multiply_equals_dense_product(rows: int, cols: int, order: int, rank: i
     out = module.multiply(x)
     assert out.shape == (2, 3, rows)
     assert relative(out, x @ module.reconstruct().T) < 1e-5
-    assert module.macs_per_vector() == sum(step.macs for step in module.plan.steps)
-    assert sorted(step.node for step in module.plan.steps) == list(range(2 * order - 1))
+    assert module.macs_per_vector() == sum(step.macs for step in module.contraction.steps)
+    assert sorted(step.node for step in module.contraction.steps) == list(range(2 * order - 1))
 
 
 def test_macs_of_a_two_mode_tree() -> None:
@@ -117,7 +116,7 @@ def test_macs_of_a_two_mode_tree() -> None:
     by_right = n1 * n2 * m2 * r + n1 * m2 * r * r + n1 * m2 * r * m1
     by_left = n1 * n2 * m1 * r + m1 * n2 * r * r + m1 * n2 * r * m2
     assert module.macs_per_vector() == min(by_right, by_left)
-    assert [step.node for step in module.plan.steps] == [2, 0, 1]
+    assert [step.node for step in module.contraction.steps] == [2, 0, 1]
 
 
 def test_parameter_counts_match_formula_and_storage() -> None:

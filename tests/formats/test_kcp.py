@@ -5,9 +5,8 @@ import torch
 
 from kcompress.errors import KCompressError
 from kcompress.formats.kcp import KCP
-from kcompress.formats.kcp_plan import ContractionPlan, kcp_step_costs
+from kcompress.formats.kcp_contraction import Contraction, kcp_step_costs
 from kcompress.formats.tensorize import Tensorization, choose_tensorization, mode_orders
-
 from tests.conftest import trained_like
 
 
@@ -56,13 +55,13 @@ def test_both_algorithms_equal_dense_product(rows: int, cols: int, order: int, a
 def test_every_mode_order_is_correct(order: tuple) -> None:
     tz = Tensorization(1024, 960, (4, 4, 4, 16), (4, 10, 6, 4))
     factors = [torch.randn(2, m, n) for m, n in zip(tz.out_modes, tz.in_modes)]
-    plan = ContractionPlan(tz.in_modes, tz.out_modes, order)
+    contraction = Contraction(tz.in_modes, tz.out_modes, order)
     module = KCP(tz, 2, mode_order=list(order))
     with torch.no_grad():
         for param, value in zip(module.factors, factors):
             param.copy_(value)
     x = torch.randn(3, 960)
-    assert relative(plan.run(x, factors), x @ module.reconstruct().detach().T) < 1e-5
+    assert relative(contraction.run(x, factors), x @ module.reconstruct().detach().T) < 1e-5
 
 
 def test_large_batches_are_chunked_and_still_exact() -> None:

@@ -6,9 +6,8 @@ import torch
 from kcompress.errors import KCompressError
 from kcompress.formats.kcp import KCP
 from kcompress.formats.kcp_chain import GemmChain, chain_suits
-from kcompress.formats.kcp_plan import best_plan, kcp_step_costs
+from kcompress.formats.kcp_contraction import best_contraction, kcp_step_costs
 from kcompress.formats.tensorize import Tensorization, choose_tensorization
-
 from tests.formats.test_kcp import relative
 
 PAPER = Tensorization(1024, 57600, (16, 4, 4, 4), (8, 20, 20, 18))
@@ -36,7 +35,7 @@ def random_kcp(tz: Tensorization, rank: int, dtype: torch.dtype = torch.float32,
 def test_chain_equals_dense_product(rows: int, cols: int, out_modes: tuple, in_modes: tuple, rank: int,
                                     batch: int) -> None:
     module = random_kcp(Tensorization(rows, cols, out_modes, in_modes), rank, algorithm="chain")
-    assert isinstance(module.plan, GemmChain) and module.algorithm_for(batch) == "chain"
+    assert isinstance(module.contraction, GemmChain) and module.algorithm_for(batch) == "chain"
     x = torch.randn(batch, 2, cols)
     with torch.no_grad():
         out = module.multiply(x)
@@ -72,7 +71,7 @@ def test_chunked_batches_and_per_rank_run_the_chain_exactly() -> None:
     per_rank = random_kcp(PAPER, 8, algorithm="per_rank")
     per_rank.load_state_dict(module.state_dict())
     assert module.algorithm_for(40) == "chain" and module._chunk_rows("chain") < 40
-    assert isinstance(per_rank.plan, GemmChain) and per_rank.algorithm_for(40) == "per_rank"
+    assert isinstance(per_rank.contraction, GemmChain) and per_rank.algorithm_for(40) == "per_rank"
     x = torch.randn(40, 57600)
     with torch.no_grad():
         dense = x @ module.reconstruct().T
@@ -90,21 +89,21 @@ def test_chain_macs_and_plan_interface() -> None:
 
 
 def test_auto_takes_the_chain_where_it_suits() -> None:
-    assert isinstance(KCP(PAPER, 8).plan, GemmChain)
+    assert isinstance(KCP(PAPER, 8).contraction, GemmChain)
     for hidden in (128, 256, 512, 1024):  # the LSTM(H, H) matrices of bench_exec's grid
         tz = KCP.default_tensorization(4 * hidden, hidden, out_group=4)
-        assert isinstance(KCP(tz, 4).plan, GemmChain), tz
+        assert isinstance(KCP(tz, 4).contraction, GemmChain), tz
     gates_last = Tensorization(1024, 57600, (4, 4, 4, 16), (8, 20, 20, 18))  # the chain's order costs 2.4x the MACs
     wide = Tensorization(1024, 512, (256, 4), (2, 256))  # equal MACs, but a 256-wide mode
     for tz in (gates_last, wide):
-        assert not chain_suits(tz, None, kcp_step_costs(tz, best_plan(tz).order)[0])
+        assert not chain_suits(tz, None, kcp_step_costs(tz, best_contraction(tz).order)[0])
         assert KCP(tz, 4).algorithm_for(16) == "rank_batch"
     assert KCP(PAPER, 8, algorithm="rank_batch").algorithm_for(16) == "rank_batch"
 
 
 def test_mode_order_selects_or_excludes_the_chain() -> None:
-    assert isinstance(KCP(PAPER, 2, mode_order=[3, 2, 1, 0]).plan, GemmChain)
-    assert KCP(PAPER, 2, mode_order=[1, 2, 3, 0]).plan.order == (1, 2, 3, 0)
+    assert isinstance(KCP(PAPER, 2, mode_order=[3, 2, 1, 0]).contraction, GemmChain)
+    assert KCP(PAPER, 2, mode_order=[1, 2, 3, 0]).contraction.order == (1, 2, 3, 0)
     with pytest.raises(KCompressError, match="chain"):
         KCP(PAPER, 2, algorithm="chain", mode_order=[1, 2, 3, 0])
 

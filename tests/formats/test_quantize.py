@@ -12,7 +12,7 @@ from kcompress.errors import KCompressError
 from kcompress.formats.quantize import pack_int4, quantize, unpack_int4
 from kcompress.io.quantized import SCALE_SUFFIX
 from kcompress.nn import CompressedEmbedding, CompressedLinear
-from kcompress.nn.quantize import quantization_plan
+from kcompress.nn.quantize import quantization_rules
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "steady_speed")
 
@@ -75,9 +75,9 @@ def test_dequantized_factors_within_half_a_step_of_the_fitted_ones() -> None:
     fitted, _ = _compressed(dense)
     quantized, report = _compressed(dense, quantize="int8")
     assert report.quantize == "int8" and report.model_bytes_ratio > 3.5
-    plan = quantization_plan(fitted, "int8")
+    contraction = quantization_rules(fitted, "int8")
     state, dequantized = fitted.state_dict(), quantized.state_dict()
-    for key, spec in plan.items():
+    for key, spec in contraction.items():
         scale = quantize(state[key], spec.bits, spec.axis).scale
         shape = [1] * state[key].dim()
         if spec.axis is not None:

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from kcompress.formats import Dense, Stack, build, get_format
-
 from tests.conftest import trained_like
 
 SVD = get_format("svd")

@@ -9,7 +9,6 @@ from tensorly.tt_matrix import tt_matrix_to_tensor
 from kcompress.errors import KCompressError
 from kcompress.formats.tensorize import Tensorization, choose_tensorization
 from kcompress.formats.tt import TT
-
 from tests.conftest import trained_like
 
 

@@ -50,7 +50,7 @@ def test_state_dict_artifact_from_the_cli_loads_into_the_users_model(tmp_path: p
     expected, _ = compress(trained, "svd", rank=2, targets="ih,hh", include=["*"], seed=3, check_speed=False)
     assert restored.state_dict().keys() == expected.state_dict().keys()
     assert all(torch.equal(value, expected.state_dict()[key]) for key, value in restored.state_dict().items())
-    tokens = torch.randint(0, 20, (3, 7))  # the execution plans may differ (measured): equal up to rounding
+    tokens = torch.randint(0, 20, (3, 7))  # the execution paths may differ (measured): equal up to rounding
     torch.testing.assert_close(restored(tokens), expected.eval()(tokens), rtol=0, atol=1e-6)
 
 

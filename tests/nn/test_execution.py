@@ -1,4 +1,4 @@
-"""Execution plans: every path (factorized loop, fused kernel, fused kernel fed the input pre-activations,
+"""Execution paths: every path (factorized loop, fused kernel, fused kernel fed the input pre-activations,
 materialized cells and Linear) computes what ``nn.LSTM``/``nn.GRU``/cells/Linear compute with the
 reconstructed weights; gradients agree between paths; the weight cache follows the factors; ``auto``
 follows the closed forms; plans survive an artifact round trip."""
@@ -17,7 +17,7 @@ import kcompress
 from kcompress import formats
 from kcompress.errors import KCompressError
 from kcompress.formats.rows import in_row_chunks
-from kcompress.nn import COMPRESSED_TYPES, CompressedLayer, auto_plan, set_execution
+from kcompress.nn import COMPRESSED_TYPES, CompressedLayer, auto_paths, set_execution
 from kcompress.nn.execution import chunked_multiply
 
 HIDDEN, STEPS, BATCH = 3, 5, 4
@@ -206,21 +206,21 @@ def test_auto_materializes_a_kcp_matrix_with_more_macs_than_dense() -> None:
     assert all(m.macs_per_vector() >= 64 * 16 for m in layer.matrices.values())
     for measure in (False, True):
         set_execution(layer, "factorized")
-        assert set(auto_plan(layer, measure=measure).values()) == {"materialized"}
+        assert set(auto_paths(layer, measure=measure).values()) == {"materialized"}
 
 
 def test_auto_keeps_a_clearly_cheaper_product_factorized() -> None:
     unfitted = lambda name, w, g: formats.KCP(formats.KCP.default_tensorization(*w.shape, order=2), 1)  # noqa: E731
     layer = COMPRESSED_TYPES[nn.Linear].from_dense(nn.Linear(2048, 1024, device="meta"), unfitted)
     assert layer.matrices["weight"].macs_per_vector() * 16 <= 2048 * 1024
-    assert auto_plan(layer, measure=False) == {"weight": "factorized"}
+    assert auto_paths(layer, measure=False) == {"weight": "factorized"}
 
 
 def test_auto_measures_unclear_layers_and_returns_a_valid_plan() -> None:
     layer = COMPRESSED_TYPES[nn.GRU].from_dense(nn.GRU(16, 8, bidirectional=True), kcp_at(1))
     plan = set_execution(layer, "auto")[""]
     assert set(plan) == set(layer.matrices) and set(plan.values()) <= {"factorized", "materialized"}
-    assert auto_plan(layer, measure=False) == dict.fromkeys(layer.matrices, "materialized")
+    assert auto_paths(layer, measure=False) == dict.fromkeys(layer.matrices, "materialized")
 
 
 def test_set_execution_globs_and_errors() -> None:

@@ -21,7 +21,6 @@ from kcompress.errors import KCompressError  # noqa: E402
 from kcompress.runs.sweep import TRIALS_FILE, expand_grid, run_sweep  # noqa: E402
 from kcompress.runs.trials import read_records  # noqa: E402
 from kcompress.tuning.evaluate import EvalSpec  # noqa: E402
-
 from tests.cli.test_cli import one_error_line, run  # noqa: E402
 from tests.runs.test_sweep import save_tiny_data, save_tiny_model  # noqa: E402
 

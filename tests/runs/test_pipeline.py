@@ -16,7 +16,6 @@ from kcompress.formats import Factorization
 from kcompress.io import default_output_path, file_sha256, load
 from kcompress.io.models import SequenceClassifier
 from kcompress.runs.pipeline import compress_file
-
 from tests.io.test_io import BAD_FILES, INCONSISTENT, PNG_HEADER, _broken, one_line
 
 # warnings are asserted with pytest.warns where they matter (it records them whatever the filters say)

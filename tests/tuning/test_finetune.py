@@ -14,7 +14,6 @@ from kcompress.progress import ProgressEvent
 from kcompress.tuning.data import SequenceData, load_builtin
 from kcompress.tuning.evaluate import evaluate
 from kcompress.tuning.finetune import FinetuneResult, finetune
-
 from tests.conftest import EXAMPLE_LSTM
 
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from kcompress.io.models import SequenceClassifier
-
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow  # examples, subprocesses or exports: seconds each

@@ -25,7 +25,6 @@ from kcompress.cli.render import Display, PlainProgress
 from kcompress.formats.svd import SVD
 from kcompress.io import model_from_state_dict
 from kcompress.progress import ProgressEvent
-
 from tests.runs.test_sweep import save_tiny_data, save_tiny_model
 
 

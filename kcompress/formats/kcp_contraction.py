@@ -1,7 +1,7 @@
-"""The KCP multiplication plan: the mode order and, per step, the cheapest contraction (``kcp``'s ``multiply``).
+"""The KCP multiplication contraction: the mode order and, per step, the cheapest contraction (``kcp``'s ``multiply``).
 
-Both of the paper's fast algorithms (module :mod:`kcompress.formats.kcp`) run a :class:`ContractionPlan`,
-chosen over all d! mode orders by a cost of MACs plus memory traffic (:func:`best_plan`).
+Both of the paper's fast algorithms (module :mod:`kcompress.formats.kcp`) run a :class:`Contraction`,
+chosen over all d! mode orders by a cost of MACs plus memory traffic (:func:`best_contraction`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ RANK_AXIS = 0
 
 @dataclass(frozen=True)
 class Step:
-    """One mode contraction of a :class:`ContractionPlan`.
+    """One mode contraction of a :class:`Contraction`.
 
     ``kind``: ``"first"`` (one GEMM creating the rank axis), ``"right"`` (a batched GEMM for a mode right of
     the rank axis) or ``"einsum"`` (small late tensors; ``equation`` given). ``shape`` is the state's shape
@@ -50,7 +50,7 @@ class Step:
     equation: str = ""
 
 
-class ContractionPlan:
+class Contraction:
     """A mode order and, per step, the cheapest way to run it for the layout reached so far.
 
     The layout starts as ``(batch, n_1, …, n_d)``. The first step multiplies the stacked factors
@@ -147,9 +147,9 @@ class ContractionPlan:
 
 
 @lru_cache(maxsize=None)
-def best_plan(tensorization: Tensorization) -> ContractionPlan:
-    """The plan of least :meth:`ContractionPlan.cost` over all mode orders (ties keep the earlier order);
-    cached per tensorization (plans are never modified)."""
+def best_contraction(tensorization: Tensorization) -> Contraction:
+    """The contraction of least :meth:`Contraction.cost` over all mode orders (ties keep the earlier order);
+    cached per tensorization (contractions are never modified)."""
     tz = tensorization
-    plans = [ContractionPlan(tz.in_modes, tz.out_modes, order) for order in mode_orders(tz.order)]
-    return min(plans, key=ContractionPlan.cost)
+    contractions = [Contraction(tz.in_modes, tz.out_modes, order) for order in mode_orders(tz.order)]
+    return min(contractions, key=Contraction.cost)

@@ -10,12 +10,12 @@ faster (step 2 only):
    :data:`CLEAR_MACS` MACs per row (where fixed kernel costs no longer matter) stays factorized.
 2. Otherwise a short measurement (:func:`kcompress.nn.speed.time_interleaved`, interleaved runs, medians) of
    the whole layer's forward on random input of :data:`MEASURE_STEPS` steps at each of
-   :data:`MEASURE_BATCHES` sequences under each candidate plan; a factorized candidate must beat the
+   :data:`MEASURE_BATCHES` sequences under each candidate paths; a factorized candidate must beat the
    all-materialized one by :data:`MARGIN` at every batch, in the median of per-round time ratios (robust
    to load changes between rounds on a shared machine), in each of :data:`CONFIRMATIONS` measurements.
    Without measuring (``measure=False``) the unclear matrices are materialized: never slower than dense.
 
-Timings decide the plan but are kept nowhere: the plan (names and paths) is all that is stored.
+Timings decide the paths but are kept nowhere: the paths (names and paths) is all that is stored.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from kcompress.nn.speed import CHECK_BATCH, paired, time_interleaved
 from kcompress.progress import ProgressCallback, ProgressEvent
 
 #: ``"auto"``, one mode for every matrix, or ``{glob over "layer.matrix" names: mode}`` (later globs win)
-Plan = Union[str, Mapping[str, str]]
+Execution = Union[str, Mapping[str, str]]
 CLEAR_FRACTION = 1 / 16
 CLEAR_MACS = 2**20
 MEASURE_STEPS = 16
@@ -59,65 +59,65 @@ DECISION_SECONDS = 2.0
 MIN_ROUNDS = 3
 
 
-def set_execution(model: nn.Module, plan: Plan = "auto", *, measure: bool = True,
+def set_execution(model: nn.Module, paths: Execution = "auto", *, measure: bool = True,
                   progress: Optional[ProgressCallback] = None) -> dict[str, dict[str, str]]:
-    """Set the execution path of every compressed matrix of ``model``; returns ``{layer path: its plan}``.
+    """Set the execution path of every compressed matrix of ``model``; returns ``{layer path: its paths}``.
 
-    ``plan``: ``"factorized"``, ``"materialized"``, ``"auto"`` (see the module docs; ``measure=False``
+    ``paths``: ``"factorized"``, ``"materialized"``, ``"auto"`` (see the module docs; ``measure=False``
     decides by closed forms only) or ``{glob: mode}`` matched against ``"layer.matrix"`` names (the layer
     alone also matches), later globs winning; matrices no glob names keep their path. ``progress`` hears a
     ``"step"`` event before each layer that ``"auto"`` measures.
     """
-    check_plan(plan)
+    check_execution(paths)
     layers = compressed_layers(model)
-    if isinstance(plan, str):
+    if isinstance(paths, str):
         for index, (name, layer) in enumerate(layers.items()):
-            if plan == "auto" and measure and progress is not None and _measured(layer):
+            if paths == "auto" and measure and progress is not None and _measured(layer):
                 progress(ProgressEvent("step", "execution", index, len(layers),
                                        message=f"timing the execution paths of {name or 'the model'} "
                                                f"({index + 1}/{len(layers)}) ..."))
-            if plan == "auto":
-                layer.set_execution(auto_plan(layer, measure), requested=dict.fromkeys(layer.matrices, "auto"))
+            if paths == "auto":
+                layer.set_execution(auto_paths(layer, measure), requested=dict.fromkeys(layer.matrices, "auto"))
             else:
-                layer.set_execution(dict.fromkeys(layer.matrices, check_mode(plan, "set_execution")))
-    elif isinstance(plan, Mapping):
-        _set_by_globs(layers, plan, measure)
+                layer.set_execution(dict.fromkeys(layer.matrices, check_mode(paths, "set_execution")))
+    elif isinstance(paths, Mapping):
+        _set_by_globs(layers, paths, measure)
     else:
-        raise KCompressError(f"execution must be a mode name or a mapping of glob -> mode, got {plan!r}")
+        raise KCompressError(f"execution must be a mode name or a mapping of glob -> mode, got {paths!r}")
     return {name: dict(layer.execution) for name, layer in layers.items()}
 
 
-def check_plan(plan: object) -> None:
-    """A one-line :class:`KCompressError` unless ``plan`` is a valid :data:`Plan` (before any work starts)."""
-    if isinstance(plan, str):
-        if plan != "auto" and plan not in MODES:
-            raise KCompressError(f"execution must be 'auto', 'factorized' or 'materialized', got {plan!r}")
+def check_execution(paths: object) -> None:
+    """A one-line :class:`KCompressError` unless ``paths`` is a valid :data:`Execution` (before any work starts)."""
+    if isinstance(paths, str):
+        if paths != "auto" and paths not in MODES:
+            raise KCompressError(f"execution must be 'auto', 'factorized' or 'materialized', got {paths!r}")
         return
-    if not isinstance(plan, Mapping) or not all(isinstance(glob, str) for glob in plan):
-        raise KCompressError(f"execution must be 'auto', a path name or a mapping of glob -> path, got {plan!r}")
-    for glob, mode in plan.items():
+    if not isinstance(paths, Mapping) or not all(isinstance(glob, str) for glob in paths):
+        raise KCompressError(f"execution must be 'auto', a path name or a mapping of glob -> path, got {paths!r}")
+    for glob, mode in paths.items():
         if mode != "auto":
             check_mode(mode, f"execution {glob!r}")
 
 
 @contextlib.contextmanager
-def executed(model: nn.Module, plan: Plan) -> Iterator[None]:
-    """Run the block with ``plan`` set (``measure=False`` for ``"auto"``), then restore every layer's plan."""
-    with _plans_restored(model):
-        set_execution(model, plan, measure=False)
+def executed(model: nn.Module, paths: Execution) -> Iterator[None]:
+    """Run the block with ``paths`` set (``measure=False`` for ``"auto"``), then restore every layer's paths."""
+    with _paths_restored(model):
+        set_execution(model, paths, measure=False)
         yield
 
 
 @contextlib.contextmanager
 def trained(model: nn.Module) -> Iterator[None]:
-    """Run the block on the paths for training, then restore every layer's plan.
+    """Run the block on the paths for training, then restore every layer's paths.
 
     A matrix that ``"auto"`` left factorized (its product clearly cheaper, or measured faster) stays
     factorized: a training step then needs no reconstruction of ``W``. Every other matrix is materialized
     (torch's fused kernels, ``W`` rebuilt from the factors on each step so gradients reach them; at small
     batches that rebuild, e.g. ``R·M·N`` MACs for KCP, can cost more than the dense step itself).
     """
-    with _plans_restored(model):
+    with _paths_restored(model):
         for layer in compressed_layers(model).values():
             kept = {name for name, mode in layer.execution.items()
                     if mode == FACTORIZED and layer.requested.get(name) == "auto"}
@@ -127,7 +127,7 @@ def trained(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _plans_restored(model: nn.Module) -> Iterator[None]:
+def _paths_restored(model: nn.Module) -> Iterator[None]:
     saved = {name: (dict(layer.execution), dict(layer.requested)) for name, layer in compressed_layers(model).items()}
     try:
         yield
@@ -142,13 +142,13 @@ def compressed_layers(model: nn.Module) -> dict[str, CompressedLayer]:
     return {name: module for name, module in model.named_modules() if isinstance(module, CompressedLayer)}
 
 
-def replan(model: nn.Module, measure: bool = True) -> None:
+def choose_paths(model: nn.Module, measure: bool = True) -> None:
     """Decide, on this machine, the path of every matrix whose requested path is ``"auto"`` (an artifact
     stores the request, so :func:`kcompress.load` calls this once the tensors are loaded)."""
     for layer in compressed_layers(model).values():
         automatic = [name for name, mode in layer.requested.items() if mode == "auto"]
         if automatic:
-            chosen = auto_plan(layer, measure)
+            chosen = auto_paths(layer, measure)
             layer.set_execution({name: chosen[name] for name in automatic}, dict.fromkeys(automatic, "auto"))
 
 
@@ -157,19 +157,19 @@ def execution_of(model: nn.Module) -> dict[str, dict[str, str]]:
     return {name: dict(layer.execution) for name, layer in compressed_layers(model).items()}
 
 
-def _set_by_globs(layers: Mapping[str, CompressedLayer], plan: Mapping[str, str], measure: bool) -> None:
-    unused = set(plan)
+def _set_by_globs(layers: Mapping[str, CompressedLayer], paths: Mapping[str, str], measure: bool) -> None:
+    unused = set(paths)
     for path, layer in layers.items():
         chosen: dict[str, str] = {}
         for matrix in layer.matrices:
             qualified = f"{path}.{matrix}" if path else matrix
-            for glob, mode in plan.items():
+            for glob, mode in paths.items():
                 if fnmatch.fnmatchcase(qualified, glob) or fnmatch.fnmatchcase(path, glob):
                     chosen[matrix] = mode if mode == "auto" else check_mode(mode, glob)
                     unused.discard(glob)
         requested = dict(chosen)
         if "auto" in chosen.values():
-            automatic = auto_plan(layer, measure)
+            automatic = auto_paths(layer, measure)
             chosen = {name: automatic[name] if mode == "auto" else mode for name, mode in chosen.items()}
         layer.set_execution(chosen, requested)
     if unused:
@@ -177,17 +177,17 @@ def _set_by_globs(layers: Mapping[str, CompressedLayer], plan: Mapping[str, str]
 
 
 # ---------------------------------------------------------------------- the auto planner
-def auto_plan(layer: CompressedLayer, measure: bool = True) -> dict[str, str]:
+def auto_paths(layer: CompressedLayer, measure: bool = True) -> dict[str, str]:
     """``{matrix: path}`` for one layer (see the module docs)."""
     if isinstance(layer, CompressedEmbedding):
         return {"weight": _auto_lookup(layer, measure)}
     if isinstance(layer, CompressedConv):
         return {"weight": _auto_conv(layer, measure)}
     if isinstance(layer, CompressedRNN):
-        plan: dict[str, str] = {}
+        paths: dict[str, str] = {}
         for index in range(layer.num_layers):
-            plan.update(_auto_rnn_layer(layer, index, measure))
-        return plan
+            paths.update(_auto_rnn_layer(layer, index, measure))
+        return paths
     return {name: _auto_matrix(layer, name, measure) for name in layer.matrices}
 
 
@@ -278,25 +278,25 @@ def _auto_rnn_layer(layer: CompressedRNN, index: int, measure: bool) -> dict[str
 
 
 def _candidates(clear: Mapping[str, Optional[str]]) -> list[dict[str, str]]:
-    """Plans to try: clear matrices fixed; the unclear ones grouped by kind (``weight_ih*``, ``weight_hh*``,
-    any other name) with each group materialized or factorized. The all-materialized plan comes first."""
+    """Path choices to try: clear matrices fixed; the unclear ones grouped by kind (``weight_ih*``,
+    ``weight_hh*``, any other name) with each group materialized or factorized. All materialized comes first."""
     groups: dict[str, list[str]] = {}
     for name, mode in clear.items():
         if mode is None:
             groups.setdefault(name[:9] if name.startswith("weight_") else name, []).append(name)
-    plans = []
+    candidates = []
     for choice in itertools.product((MATERIALIZED, FACTORIZED), repeat=len(groups)):
-        plan = {name: mode or MATERIALIZED for name, mode in clear.items()}
+        paths = {name: mode or MATERIALIZED for name, mode in clear.items()}
         for members, mode in zip(groups.values(), choice):
-            plan.update(dict.fromkeys(members, mode))
-        plans.append(plan)
-    return plans
+            paths.update(dict.fromkeys(members, mode))
+        candidates.append(paths)
+    return candidates
 
 
 def _fastest(
     layer: CompressedLayer, candidates: list[dict[str, str]], runs: Sequence[Callable[[], object]]
 ) -> dict[str, str]:
-    """The candidate plan that is fastest at every one of ``runs`` (one per batch size): the first (most
+    """The candidate paths that is fastest at every one of ``runs`` (one per batch size): the first (most
     materialized) candidate wins unless another takes at most :data:`MARGIN` of its time in every run, in
     each of :data:`CONFIRMATIONS` separate measurements (one disturbed measurement must not pick a slower path).
     A measurement ends after :data:`MIN_ROUNDS` rounds once :data:`DECISION_SECONDS` have passed."""
@@ -306,14 +306,14 @@ def _fastest(
     begin = time.perf_counter()
     try:
         with torch.no_grad():
-            for plan in candidates:  # build the cached weights and warm the kernels, outside the timing
-                layer.set_execution(plan)
+            for paths in candidates:  # build the cached weights and warm the kernels, outside the timing
+                layer.set_execution(paths)
                 for run in runs:
                     run()
             for _ in range(CONFIRMATIONS):
                 for run in runs:
                     late = time.perf_counter() - begin > DECISION_SECONDS
-                    timings = time_interleaved({k: _under(layer, plan, run) for k, plan in enumerate(candidates)},
+                    timings = time_interleaved({k: _under(layer, paths, run) for k, paths in enumerate(candidates)},
                                                budget=0.0 if late else BUDGET / len(runs), min_runs=MIN_ROUNDS)
                     for k, timing in timings.items():
                         worst[k] = max(worst[k], paired(timing, timings[0]).ratio)
@@ -326,11 +326,11 @@ def _fastest(
     return candidates[best if worst[best] <= MARGIN else 0]
 
 
-def _under(layer: CompressedLayer, plan: dict[str, str], run: Callable[[], object]) -> Callable[[], None]:
-    """``run()`` under ``plan``, keeping the layer's weight cache (``set_execution`` would drop it)."""
+def _under(layer: CompressedLayer, paths: dict[str, str], run: Callable[[], object]) -> Callable[[], None]:
+    """``run()`` under ``paths``, keeping the layer's weight cache (``set_execution`` would drop it)."""
 
     def call() -> None:
-        layer.execution.update(plan)
+        layer.execution.update(paths)
         run()
 
     return call
