@@ -1,11 +1,11 @@
 """The typed settings of a compression, built once at the edge and passed down unchanged
-(:class:`CompressConfig` and its groups; :mod:`kcompress.config.checks` holds every check)."""
+(:class:`CompressConfig` in :mod:`.compress`, its option groups in :mod:`.groups` and :mod:`.calibration`;
+:mod:`.checks` holds the checks)."""
 
 from kcompress.config.calibration import Augmentation, CalibrationOptions
-from kcompress.config.compress import (
-    CONFIG_VERSION,
+from kcompress.config.compress import CONFIG_VERSION, CompressConfig
+from kcompress.config.groups import (
     BudgetOptions,
-    CompressConfig,
     ExecutionOptions,
     FinetuneOptions,
     RecoveryOptions,

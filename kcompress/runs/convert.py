@@ -28,7 +28,7 @@ from kcompress.allocation.choose import Allocation
 from kcompress.allocation.size import allocate_size
 from kcompress.calibration.run import CalibrationRun
 from kcompress.config import CompressConfig
-from kcompress.config.compress import DEFAULT_TARGETS, Modes, Rank
+from kcompress.config.groups import DEFAULT_TARGETS, Modes, Rank
 from kcompress.errors import KCompressError, KCompressWarning
 from kcompress.fitting.layers import fit_layers
 from kcompress.fitting.planning import plan_compression
