@@ -144,7 +144,7 @@ class Report:
 
     def to_json(self, indent: Optional[int] = 2) -> str:
         """Stable, strict JSON: sorted keys; NaN and infinities (e.g. a diverged metric) written as null."""
-        return json.dumps(_finite(self.to_dict()), indent=indent, sort_keys=True, allow_nan=False)
+        return json.dumps(json_finite(self.to_dict()), indent=indent, sort_keys=True, allow_nan=False)
 
     # ------------------------------------------------------------------ rendering
     def rich_table(self) -> Table:
@@ -222,14 +222,14 @@ TABLE_HEADERS = ["layer", "matrix", "shape", "format", "modes", "rank", "params"
 NUMERIC_HEADERS = {"params", "ratio", "MACs ratio", "speed", "rel. error", "fit time"}
 
 
-def _finite(value: Any) -> Any:
-    """``value`` with every non-finite float inside it replaced by None."""
+def json_finite(value: Any) -> Any:
+    """``value`` with every NaN or infinity inside it replaced by None (strict JSON)."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, Mapping):
+        return {key: json_finite(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
+        return [json_finite(item) for item in value]
     return value
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import pathlib
 import socket
@@ -28,6 +27,7 @@ from kcompress.config import CompressConfig, FinetuneOptions, RecoveryOptions
 from kcompress.errors import error_line
 from kcompress.formats import FORMATS, get_format
 from kcompress.io import PathLike, atomic_write
+from kcompress.report.record import json_finite
 from kcompress.runs.executors import worker_name
 from kcompress.runs.pipeline import CompressionRun, compress_stages, load_input, measure
 from kcompress.tuning.evaluate import EvalSpec, Evaluation, load_evaluation
@@ -199,7 +199,7 @@ def _local_copy(path: str, data: bytes) -> str:
 # ---------------------------------------------------------------------- the trials log
 def append_record(path: PathLike, record: Mapping[str, Any]) -> None:
     """Append one JSON line with a single ``os.write`` on an ``O_APPEND`` descriptor, then fsync."""
-    line = (json.dumps(_finite(record), sort_keys=True, allow_nan=False, default=str) + "\n").encode()
+    line = (json.dumps(json_finite(record), sort_keys=True, allow_nan=False, default=str) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         written = os.write(fd, line)
@@ -208,17 +208,6 @@ def append_record(path: PathLike, record: Mapping[str, Any]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with every NaN or infinity inside it replaced by None (strict JSON)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value
 
 
 def read_records(path: PathLike) -> dict[str, dict[str, Any]]:
