@@ -39,14 +39,12 @@ from kcompress.formats.linalg import leading_vectors
 from kcompress.formats.network_als import best_of_starts
 from kcompress.formats.network_refine import network_dense, refine_network
 from kcompress.formats.options import FormatOptions, option
-from kcompress.formats.rows import in_row_chunks
+from kcompress.formats.rows import chunk_rows, in_row_chunks
 from kcompress.formats.tensorize import Tensorization
 from kcompress.formats.treenet import TreeLayout, take_letters
 
 #: the Tucker rank of every mode when the rank is one int (the number of blocks)
 DEFAULT_TUCKER_RANK = 2
-#: the batch is cut into chunks whose intermediates stay within this many bytes (as ``kcp``)
-CHUNK_BYTES = 8 * 2**20
 
 
 @lru_cache(maxsize=None)
@@ -218,7 +216,7 @@ class BT(Factorization):
 
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             return run(x)
-        return in_row_chunks(run, x, max(1, CHUNK_BYTES // (self.contraction.elements_per_vector * nodes[0].element_size())))
+        return in_row_chunks(run, x, chunk_rows(self.contraction.elements_per_vector * nodes[0].element_size()))
 
     def _reconstruct(self) -> Tensor:
         return network_dense(self.layout, self.block_nodes(), self.tensorization)

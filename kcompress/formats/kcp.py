@@ -21,7 +21,7 @@ both implemented (see ``docs/concepts.md``):
 ``rank_batch`` and ``per_rank`` run a :class:`~.kcp_contraction.Contraction` (:mod:`kcompress.formats.kcp_contraction`),
 chosen over all d! mode orders by a cost of MACs plus memory traffic, or the chain where it suits
 (:func:`~.kcp_chain.chain_suits`). Large batches are cut into chunks whose intermediates fit in
-:data:`CHUNK_BYTES` (measured: the first step at batch 128 writes 47 MB and runs at a quarter of its in-cache
+:data:`~kcompress.formats.rows.CHUNK_BYTES` (measured: the first step at batch 128 writes 47 MB and runs at a quarter of its in-cache
 speed). ``algorithm="auto"`` uses the chain where it suits, else ``rank_batch``, and ``per_rank`` (of
 whichever contraction) when one vector's rank-batched intermediates exceed that budget.
 """
@@ -45,12 +45,9 @@ from kcompress.formats.kcp_chain import GemmChain, chain_suits
 from kcompress.formats.kcp_contraction import Contraction, best_contraction, kcp_step_costs
 from kcompress.formats.linalg import gram_svd
 from kcompress.formats.options import FormatOptions, option
-from kcompress.formats.rows import in_row_chunks
+from kcompress.formats.rows import CHUNK_BYTES, chunk_rows, in_row_chunks
 from kcompress.formats.tensorize import Tensorization
 
-#: the batch is cut into chunks whose intermediates stay within this many bytes (cache-sized); ``"auto"``
-#: picks ``per_rank`` when a single vector's rank-batched intermediates exceed it
-CHUNK_BYTES = 8 * 2**20
 ALGORITHMS = ("auto", "chain", "rank_batch", "per_rank")
 #: how ``multiply`` contracts the modes (both have ``order``, ``run``, ``cost`` and ``elements_per_vector``)
 Multiply = Union[Contraction, GemmChain]
@@ -203,8 +200,7 @@ class KCP(Factorization):
     def _chunk_rows(self, algorithm: str) -> int:
         """Rows per chunk so that one chunk's intermediates stay within :data:`CHUNK_BYTES`."""
         ranks_at_once = 1 if algorithm == "per_rank" else self.rank
-        per_vector = self.contraction.elements_per_vector(ranks_at_once) * self.factors[0].element_size()
-        return max(1, CHUNK_BYTES // per_vector)
+        return chunk_rows(self.contraction.elements_per_vector(ranks_at_once) * self.factors[0].element_size())
 
     def _multiply_per_rank(self, x: Tensor, factors: list[Tensor]) -> Tensor:
         """Algorithm 1: the contraction run for one rank at a time; memory of one rank's intermediates."""

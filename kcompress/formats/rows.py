@@ -7,6 +7,14 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+#: a factorized product cuts its batch into chunks whose intermediates stay within this many bytes (cache-sized)
+CHUNK_BYTES = 8 * 2**20
+
+
+def chunk_rows(bytes_per_row: int) -> int:
+    """Rows per chunk so that one chunk's intermediates (``bytes_per_row`` each) stay within :data:`CHUNK_BYTES`."""
+    return max(1, CHUNK_BYTES // bytes_per_row)
+
 
 def in_row_chunks(run: Callable[[Tensor], Tensor], rows: Tensor, chunk: int) -> Tensor:
     """``run(rows)`` computed ``chunk`` rows at a time: ``rows (B, N)`` -> ``(B, M)``.

@@ -33,13 +33,11 @@ from kcompress.formats.linalg import gram_svd
 from kcompress.formats.network_als import best_of_starts
 from kcompress.formats.network_refine import refine_network
 from kcompress.formats.options import option
-from kcompress.formats.rows import in_row_chunks
+from kcompress.formats.rows import chunk_rows, in_row_chunks
 from kcompress.formats.tensorize import Tensorization
 from kcompress.formats.treenet import TreeFactorization, TreeLayout, TreeOptions, take_letters
 from kcompress.formats.tt import TT
 
-#: the batch is cut into chunks whose intermediates stay within this many bytes (as ``kcp``)
-CHUNK_BYTES = 8 * 2**20
 #: a bond grown from a smaller start is filled with Gaussian values of this relative size (ALS cannot grow zeros)
 GROWTH_SCALE = 1e-2
 INITS = ("auto", "tr_svd", "tt_svd")
@@ -127,7 +125,7 @@ class TR(TreeFactorization):
         nodes = list(self.node_params)
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             return self.contraction.run(x, nodes)
-        rows = max(1, CHUNK_BYTES // (self.contraction.elements_per_vector * nodes[0].element_size()))
+        rows = chunk_rows(self.contraction.elements_per_vector * nodes[0].element_size())
         return in_row_chunks(lambda part: self.contraction.run(part, nodes), x, rows)
 
 

@@ -104,7 +104,7 @@ def test_multiply_equals_dense_product(rows: int, cols: int, order: int, rank: o
     assert relative(module.multiply(x), expected) < 1e-5
     traced = torch.jit.trace(module.eval(), (x.reshape(6, cols),))
     assert relative(traced(x.reshape(6, cols)), expected.reshape(6, rows)) < 1e-5
-    monkeypatch.setattr("kcompress.formats.bt.CHUNK_BYTES", 1)  # one row per chunk: the same result
+    monkeypatch.setattr("kcompress.formats.rows.CHUNK_BYTES", 1)  # one row per chunk: the same result
     assert relative(module.multiply(x), expected) < 1e-5
 
 
